@@ -1,0 +1,1 @@
+"""Fused Triton kernels of the MGG optimizer step (installed as ``mgg_fast.kernels``)."""

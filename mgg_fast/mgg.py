@@ -1,0 +1,190 @@
+"""The MGG module: learned parameters under the published names, the memory state, save/load."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from mgg_fast.reference import MGGWeights, memory_layer
+
+PUBLISHED_PREFIX = "seq_modeling_block."
+CHECKPOINT_FORMAT = "mgg_fast.mgg/v1"
+
+
+class MGGState(NamedTuple):
+    """Per-coordinate fast-weight memory carried between MGG calls."""
+
+    W1: Tensor  # [N, nh, f, f]
+    b1: Tensor  # [N, nh, f]
+
+
+class MGG(nn.Module):
+    """Meta Gradient Generator: a TTT-Linear gradient memory layer applied per coordinate.
+
+    ``updates, state = mgg(features, state)`` maps ``[m̃, g̃]`` features ``[N, 2]`` to updates
+    ``[N]`` (in (-1, 1)) and the new per-coordinate memory. Parameter names match the published
+    checkpoint without its ``seq_modeling_block.`` prefix.
+    """
+
+    def __init__(self, hidden_size: int = 8, num_heads: int = 1):
+        super().__init__()
+        if not (isinstance(hidden_size, int) and isinstance(num_heads, int)):
+            raise TypeError("hidden_size and num_heads must be ints")
+        if hidden_size < 1 or num_heads < 1 or hidden_size % num_heads:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be a positive multiple of num_heads ({num_heads})"
+            )
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.head_dim = f = hidden_size // num_heads
+        nh, h = num_heads, hidden_size
+        # Initialisation as published: default nn.Linear projections, N(0, 0.02) W1 and eta gate,
+        # zero b1 / eta bias / token offset, identity layer norms.
+        self.q_proj = nn.Linear(2, h, bias=False)
+        self.k_proj = nn.Linear(2, h, bias=False)
+        self.v_proj = nn.Linear(2, h, bias=False)
+        self.o_proj = nn.Linear(h, 1, bias=False)
+        self.post_norm = nn.LayerNorm(h, eps=1e-6)
+        self.W1 = nn.Parameter(torch.normal(0.0, 0.02, size=(nh, f, f)))
+        self.b1 = nn.Parameter(torch.zeros(nh, 1, f))
+        self.ttt_norm_weight = nn.Parameter(torch.ones(nh, f))
+        self.ttt_norm_bias = nn.Parameter(torch.zeros(nh, f))
+        self.learnable_ttt_lr_weight = nn.Parameter(torch.normal(0.0, 0.02, size=(nh, 1, 2)))
+        self.learnable_ttt_lr_bias = nn.Parameter(torch.zeros(nh, 1))
+        self.learnable_token_idx = nn.Parameter(torch.zeros(1))
+
+    @property
+    def config(self) -> dict[str, int]:
+        return {"hidden_size": self.hidden_size, "num_heads": self.num_heads}
+
+    def weights(self) -> MGGWeights:
+        """The learned tensors one step reads, in the reference's calling convention."""
+        return MGGWeights(
+            self.q_proj.weight,
+            self.k_proj.weight,
+            self.v_proj.weight,
+            self.o_proj.weight,
+            self.post_norm.weight,
+            self.post_norm.bias,
+            self.ttt_norm_weight,
+            self.ttt_norm_bias,
+            self.learnable_ttt_lr_weight,
+            self.learnable_ttt_lr_bias,
+            self.learnable_token_idx,
+        )
+
+    def initial_state(self, n: int) -> MGGState:
+        """A detached copy of the learned memory for ``n`` coordinates (what a first call uses)."""
+        with torch.no_grad():
+            W = self.W1.detach().unsqueeze(0).expand(n, -1, -1, -1).clone()
+            b = self.b1.detach()[:, 0, :].unsqueeze(0).expand(n, -1, -1).clone()
+        return MGGState(W, b)
+
+    def forward(self, features: Tensor, state: MGGState | None = None) -> tuple[Tensor, MGGState]:
+        """Run one memory step on every coordinate; the returned state is detached.
+
+        Without ``state`` the learned ``W1``/``b1`` are tiled (gradients reach them); with a
+        state, the carried memory is used, detached.
+        """
+        x = self._check_features(features)
+        n = x.shape[0]
+        if state is None:
+            W = self.W1.unsqueeze(0).expand(n, -1, -1, -1)
+            b = self.b1[:, 0, :].unsqueeze(0).expand(n, -1, -1)
+        else:
+            W, b = self._check_state(state, n, x)
+            W, b = W.detach(), b.detach()
+        out, W_new, b_new = memory_layer(x, W, b, self.weights())
+        return out, MGGState(W_new.detach(), b_new.detach())
+
+    def _check_features(self, features: Tensor) -> Tensor:
+        if not isinstance(features, Tensor):
+            raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+        if features.dim() == 3 and features.shape[1] == 1:
+            features = features[:, 0, :]
+        if features.dim() != 2 or features.shape[1] != 2:
+            raise ValueError(f"features must have shape [N, 2] or [N, 1, 2], got {list(features.shape)}")
+        ref = self.W1
+        if features.device != ref.device or features.dtype != ref.dtype:
+            raise ValueError(
+                f"features are {features.dtype} on {features.device} but the MGG is "
+                f"{ref.dtype} on {ref.device}"
+            )
+        return features
+
+    def _check_state(self, state: MGGState, n: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        W, b = state
+        nh, f = self.num_heads, self.head_dim
+        if b.dim() == 4 and b.shape[2] == 1:  # published layout [N, nh, 1, f]
+            b = b[:, :, 0, :]
+        if tuple(W.shape) != (n, nh, f, f) or tuple(b.shape) != (n, nh, f):
+            raise ValueError(
+                f"state shapes {list(W.shape)}, {list(b.shape)} do not match "
+                f"[{n}, {nh}, {f}, {f}] and [{n}, {nh}, {f}]"
+            )
+        for t in (W, b):
+            if t.device != x.device or t.dtype != x.dtype:
+                raise ValueError(f"state is {t.dtype} on {t.device}, features {x.dtype} on {x.device}")
+        return W, b
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Accepts our own names and the published ones (``seq_modeling_block.`` prefix)."""
+        stripped = {
+            (k[len(PUBLISHED_PREFIX) :] if k.startswith(PUBLISHED_PREFIX) else k): v
+            for k, v in state_dict.items()
+        }
+        return super().load_state_dict(stripped, strict=strict, assign=assign)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write config + weights atomically (temporary file in the same folder, then rename)."""
+        path = Path(path)
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config,
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(payload, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> MGG:
+        """Load an MGG saved by :meth:`save` (``weights_only=True``); clear errors on bad files."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no MGG checkpoint at {path}")
+        try:
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:  # corrupt / truncated / not a torch file
+            raise ValueError(f"{path} is not a readable MGG checkpoint: {exc}") from exc
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not an mgg_fast MGG checkpoint (format {CHECKPOINT_FORMAT!r})")
+        config = payload.get("config", {})
+        try:
+            mgg = cls(int(config["hidden_size"]), int(config["num_heads"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path} has an invalid MGG config {config!r}: {exc}") from exc
+        sd = payload.get("state_dict", {})
+        dtype = next(iter(sd.values())).dtype if sd else torch.float32
+        mgg.to(dtype)
+        try:
+            mgg.load_state_dict(sd)
+        except RuntimeError as exc:
+            raise ValueError(f"{path} does not match its config {config}: {exc}") from exc
+        return mgg

@@ -1,0 +1,345 @@
+"""MGGOptimizer: the published MGTTA step as a ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mgg_fast.flat_state import STATE_KEYS, FlatState
+from mgg_fast.mgg import MGG
+from mgg_fast.reference import bias_corrections, memory_layer, moment_features_
+
+BACKENDS = ("auto", "triton", "reference")
+NONFINITE_POLICIES = ("skip", "raise")
+STATE_DICT_FORMAT = "mgg_fast.optimizer/v1"
+STATE_DTYPES = (torch.float32, torch.float64)
+PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Whether the fused kernels can run on ``device`` (CUDA, or any device under the interpreter)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class MGGOptimizer(torch.optim.Optimizer):
+    """Learned optimizer: Adam-like moments feed an MGG whose output is the update.
+
+    Per step and parameter group: ``m, v`` moments (with the published ``t + 1`` bias
+    correction), features ``[m̃, g̃]``, one MGG memory step with the carried per-coordinate
+    memory, then ``p -= lr * update``. The group's parameters are concatenated in order.
+
+    Args:
+        params: parameters or parameter groups, as for any torch optimizer.
+        mgg: the (trained) MGG; its dtype (float32/float64) is the dtype of the state.
+        lr, betas, eps: as published (``adapt_lr``, ``beta1``/``beta2``, the 1e-8 in m̃/g̃).
+        backend: ``"auto"`` (fused kernels on CUDA, reference elsewhere), ``"triton"`` or
+            ``"reference"``.
+        nonfinite: ``"skip"`` (default) drops a step whose gradients hold NaN/Inf, leaving
+            everything unchanged and counting it in :attr:`num_skipped_steps`; ``"raise"``
+            raises ``FloatingPointError`` instead.
+        capturable: keep the step count on the device and never synchronise with the host, so
+            ``step()`` can be captured in a CUDA graph (fused backend only).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        mgg: MGG,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.99),
+        eps: float = 1e-8,
+        *,
+        backend: str = "auto",
+        nonfinite: str = "skip",
+        capturable: bool = False,
+    ):
+        if not isinstance(mgg, MGG):
+            raise TypeError(f"mgg must be an mgg_fast.MGG, got {type(mgg).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if capturable and nonfinite == "raise":
+            raise ValueError("nonfinite='raise' needs a host synchronisation; it cannot be capturable")
+        if capturable and backend == "reference":
+            raise ValueError("capturable=True needs the fused backend ('auto' on CUDA or 'triton')")
+        if mgg.W1.dtype not in STATE_DTYPES:
+            raise TypeError(
+                f"the MGG must be float32 or float64 (it holds the state dtype), got {mgg.W1.dtype}"
+            )
+        self.mgg = mgg
+        self.backend = backend
+        self.nonfinite = nonfinite
+        self.capturable = capturable
+        self._flat: list[FlatState | None] = []
+        self._skipped = torch.zeros((), dtype=torch.int64)
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    # ---- groups and state ----------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyperparams(group)
+        for p in group["params"]:
+            if p.dtype not in PARAM_DTYPES:
+                raise TypeError(f"MGGOptimizer supports {PARAM_DTYPES} parameters, got {p.dtype}")
+        if len({p.device for p in group["params"]}) > 1:
+            raise ValueError("all parameters of one group must be on the same device")
+        self._flat.append(None)
+
+    @property
+    def num_skipped_steps(self) -> int:
+        """Steps dropped because a gradient was not finite (reads the device counter)."""
+        return int(self._skipped.item())
+
+    def _state_dtype(self) -> torch.dtype:
+        return self.mgg.W1.dtype
+
+    def _flat_state(self, gi: int) -> FlatState:
+        flat = self._flat[gi]
+        if flat is None:
+            params = self.param_groups[gi]["params"]
+            flat = FlatState.zeros(params, self.mgg.W1, self.mgg.b1[:, 0, :], self._state_dtype())
+            self._install(gi, flat)
+        return flat
+
+    def _install(self, gi: int, flat: FlatState) -> None:
+        self._flat[gi] = flat
+        for i, p in enumerate(flat.params):
+            self.state[p] = flat.views(i)
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One MGG step over every parameter that has a gradient; see the class docstring."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._collect()  # validates everything before anything changes
+        if not work:
+            return loss
+        grads = [g for _, gs in work for g in gs if g is not None]
+        found_inf = _nonfinite_flag(grads)
+        if self.capturable:
+            self._skipped += found_inf.to(self._skipped.device, torch.int64).view(())
+        elif bool(found_inf.item()):
+            if self.nonfinite == "raise":
+                raise FloatingPointError("non-finite gradient: the MGG step was not taken")
+            self._skipped += 1
+            return loss
+        for gi, group_grads in work:
+            group = self.param_groups[gi]
+            flat = self._flat_state(gi)
+            beta1, beta2 = group["betas"]
+            if self._use_triton(flat.params[0].device):
+                from mgg_fast.kernels import fused_group_step
+
+                fused_group_step(
+                    flat,
+                    group_grads,
+                    self.mgg,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    found_inf=found_inf,
+                    capturable=self.capturable,
+                )
+            else:
+                reference_group_step(
+                    flat, group_grads, self.mgg, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"]
+                )
+        return loss
+
+    def _use_triton(self, device: torch.device) -> bool:
+        if self.backend == "reference":
+            return False
+        if self.backend == "triton":
+            if not triton_usable(device):
+                raise RuntimeError(
+                    f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1); parameters are on {device}"
+                )
+            return True
+        return device.type == "cuda"
+
+    def _collect(self) -> list[tuple[int, list[Tensor | None]]]:
+        """Per group with any gradient: its gradients aligned with its params (None = skip)."""
+        mgg_device, mgg_dtype = self.mgg.W1.device, self.mgg.W1.dtype
+        if mgg_dtype not in STATE_DTYPES:
+            raise TypeError(f"the MGG dtype must be float32 or float64, got {mgg_dtype}")
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            grads = []
+            for p in group["params"]:
+                g = p.grad
+                if g is not None:
+                    _check_grad(p, g)
+                    if p.device != mgg_device:
+                        raise ValueError(f"parameter on {p.device} but the MGG is on {mgg_device}")
+                grads.append(g)
+            if any(g is not None for g in grads):
+                flat = self._flat[gi]
+                if flat is not None and flat.exp_avg.device != group["params"][0].device:
+                    raise ValueError("optimizer state and parameters are on different devices")
+                if flat is not None and flat.exp_avg.dtype != mgg_dtype:
+                    raise TypeError(f"optimizer state is {flat.exp_avg.dtype} but the MGG is now {mgg_dtype}")
+                if (
+                    self.capturable
+                    and group["params"][0].device.type != "cuda"
+                    and not triton_usable(group["params"][0].device)
+                ):
+                    raise ValueError("capturable=True needs CUDA parameters")
+                work.append((gi, grads))
+        if self.capturable and self._skipped.device != mgg_device:
+            self._skipped = self._skipped.to(mgg_device)
+        return work
+
+    # ---- state dict ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["mgg_fast"] = {
+            "format": STATE_DICT_FORMAT,
+            "skipped_steps": self.num_skipped_steps,
+            "mgg_config": self.mgg.config,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore moments, memory, step counts and hyper-parameters; validated before any change."""
+        groups = state_dict.get("param_groups")
+        saved_state = state_dict.get("state")
+        if not isinstance(groups, list) or not isinstance(saved_state, dict):
+            raise ValueError("not an optimizer state dict (needs 'state' and 'param_groups')")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"state dict has {len(groups)} parameter groups, optimizer has {len(self.param_groups)}"
+            )
+        extra = state_dict.get("mgg_fast", {})
+        if extra.get("mgg_config", self.mgg.config) != self.mgg.config:
+            raise ValueError(
+                f"state dict was made for MGG {extra['mgg_config']}, this one is {self.mgg.config}"
+            )
+        new_flats: list[FlatState | None] = []
+        for group, saved in zip(self.param_groups, groups, strict=True):
+            ids = saved.get("params", [])
+            if len(ids) != len(group["params"]):
+                raise ValueError("parameter group sizes of the state dict do not match the optimizer")
+            entries = [saved_state.get(i) for i in ids]
+            if all(e is None for e in entries):
+                new_flats.append(None)
+                continue
+            flat = FlatState.zeros(group["params"], self.mgg.W1, self.mgg.b1[:, 0, :], self._state_dtype())
+            for i, entry in enumerate(entries):
+                if entry is None:
+                    continue
+                views = flat.views(i)
+                for key in STATE_KEYS:
+                    if key not in entry:
+                        raise ValueError(f"state of parameter {ids[i]} lacks {key!r}")
+                    value = torch.as_tensor(entry[key])
+                    if value.shape != views[key].shape:
+                        raise ValueError(
+                            f"state {key!r} of parameter {ids[i]} has shape {list(value.shape)}, "
+                            f"expected {list(views[key].shape)}"
+                        )
+                    views[key].copy_(value)
+            new_flats.append(flat)
+        # validated: commit
+        for group, saved in zip(self.param_groups, groups, strict=True):
+            for key, value in saved.items():
+                if key != "params":
+                    group[key] = value
+        self.state.clear()
+        for gi, flat in enumerate(new_flats):
+            self._flat[gi] = None
+            if flat is not None:
+                self._install(gi, flat)
+        self._skipped.fill_(int(extra.get("skipped_steps", 0)))
+
+
+def _check_hyperparams(group: dict[str, Any]) -> None:
+    lr, betas, eps = group["lr"], group["betas"], group["eps"]
+    if not isinstance(lr, (int, float)) or not lr >= 0.0:
+        raise ValueError(f"invalid learning rate {lr!r}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"invalid betas {betas!r}: each must be in [0, 1)")
+    if not eps >= 0.0:
+        raise ValueError(f"invalid eps {eps!r}")
+
+
+def _check_grad(p: Tensor, g: Tensor) -> None:
+    if g.is_sparse:
+        raise RuntimeError("MGGOptimizer does not support sparse gradients")
+    if g.shape != p.shape:
+        raise ValueError(f"gradient shape {list(g.shape)} does not match parameter shape {list(p.shape)}")
+    if g.device != p.device:
+        raise ValueError(f"gradient on {g.device} but parameter on {p.device}")
+    if g.dtype != p.dtype:
+        raise TypeError(f"gradient dtype {g.dtype} does not match parameter dtype {p.dtype}")
+
+
+def _nonfinite_flag(grads: list[Tensor]) -> Tensor:
+    """A 1-element float tensor on the gradients' device: 1.0 if any holds NaN/Inf (no host sync)."""
+    device = grads[0].device
+    found = torch.zeros(1, device=device)
+    # One fused pass over all gradients; "unscaling" by 1.0 leaves their values as they are.
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=device))
+    return found
+
+
+def reference_group_step(
+    flat: FlatState,
+    grads: list[Tensor | None],
+    mgg: MGG,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
+    """One MGG optimizer step of a group in plain PyTorch (the ground truth for the kernels)."""
+    active = [i for i, g in enumerate(grads) if g is not None]
+    numels = [flat.numels[i] for i in active]
+    dtype = flat.exp_avg.dtype
+    g = torch.cat([grads[i].reshape(-1) for i in active]).to(dtype)
+    flat.steps[active] += 1
+    steps = flat.steps[active].tolist()
+    corrections = [bias_corrections(s, beta1, beta2) for s in steps]
+    if len(set(steps)) == 1:
+        bc1, bc2 = corrections[0]
+    else:
+        reps = torch.tensor(numels, device=g.device)
+        bc1, bc2 = (
+            torch.tensor(c, dtype=dtype, device=g.device).repeat_interleave(reps)
+            for c in zip(*corrections, strict=True)
+        )
+    if len(active) == len(flat.params):
+        m, v, W, b, coords = flat.exp_avg, flat.exp_avg_sq, flat.memory_W, flat.memory_b, None
+    else:
+        offsets = flat.offsets
+        coords = torch.cat(
+            [torch.arange(offsets[i], offsets[i] + flat.numels[i], device=g.device) for i in active]
+        )
+        m, v = flat.exp_avg[coords], flat.exp_avg_sq[coords]
+        W, b = flat.memory_W[coords], flat.memory_b[coords]
+    x = moment_features_(g, m, v, bc1, bc2, beta1, beta2, eps)
+    out, W_new, b_new = memory_layer(x, W, b, mgg.weights(), inplace=True)
+    if coords is not None:
+        for buf, val in (
+            (flat.exp_avg, m),
+            (flat.exp_avg_sq, v),
+            (flat.memory_W, W_new),
+            (flat.memory_b, b_new),
+        ):
+            buf.index_copy_(0, coords, val)
+    params = [flat.params[i] for i in active]
+    new = torch.cat([p.reshape(-1).to(dtype) for p in params]) - out * lr
+    torch._foreach_copy_(params, [c.view(p.shape) for c, p in zip(new.split(numels), params, strict=True)])

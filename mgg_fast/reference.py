@@ -1,0 +1,120 @@
+"""Pure-PyTorch reference of the MGG math: the single source of truth.
+
+Everything here is differentiable and vectorised over coordinates. The fused Triton kernels in
+``mgg_fast.kernels`` are tested against these functions, and these functions are tested against
+the parity vectors made with the published MGTTA code (``tests/data/parity``).
+
+Notation (see ``tests/data/parity/README.md``): ``N`` coordinates, hidden size ``H``, ``nh``
+heads of dimension ``f = H / nh``. Per coordinate the memory is ``W [nh, f, f]``, ``b [nh, f]``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LN_EPS = 1e-6  # eps of the inner (TTT) layer norm and of the post-norm, as published
+TTT_BASE_LR = 1.0
+
+
+class MGGWeights(NamedTuple):
+    """The learned parameters an MGG step reads (shapes as published, minus W1/b1)."""
+
+    q_proj: Tensor  # [H, 2]
+    k_proj: Tensor  # [H, 2]
+    v_proj: Tensor  # [H, 2]
+    o_proj: Tensor  # [1, H]
+    post_norm_weight: Tensor  # [H]
+    post_norm_bias: Tensor  # [H]
+    ttt_norm_weight: Tensor  # [nh, f]
+    ttt_norm_bias: Tensor  # [nh, f]
+    ttt_lr_weight: Tensor  # [nh, 1, 2]
+    ttt_lr_bias: Tensor  # [nh, 1]
+    token_idx: Tensor  # [1]
+
+
+def _normalize(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Layer-norm statistics over the last dim: (z_hat, std), biased variance, eps LN_EPS."""
+    centered = z - z.mean(dim=-1, keepdim=True)
+    std = torch.sqrt((centered * centered).mean(dim=-1, keepdim=True) + LN_EPS)
+    return centered / std, std
+
+
+def inner_lr(x: Tensor, w: MGGWeights) -> Tensor:
+    """Per-coordinate, per-head inner learning rate eta ``[N, nh]`` (with the published clamp)."""
+    f = w.ttt_norm_weight.shape[-1]
+    gate = torch.sigmoid(x @ w.ttt_lr_weight[:, 0, :].T + w.ttt_lr_bias[:, 0])
+    token_eta = torch.clamp_min(1.0 + w.token_idx[0], 0.0)
+    return token_eta * (TTT_BASE_LR * gate / f)
+
+
+def memory_layer(
+    x: Tensor, W: Tensor, b: Tensor, w: MGGWeights, *, inplace: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One gradient-memory-layer step for every coordinate.
+
+    Args:
+        x: features ``[N, 2]`` (m̃, g̃).
+        W: memory ``[N, nh, f, f]`` (or a broadcastable expand of the learned W1).
+        b: memory ``[N, nh, f]``.
+        inplace: write the new memory into ``W`` and ``b`` (saves a copy; not differentiable).
+    Returns:
+        ``(out [N], W' [N, nh, f, f], b' [N, nh, f])`` where ``out`` is already tanh'ed.
+    """
+    n = x.shape[0]
+    nh, f = w.ttt_norm_weight.shape
+    qkv = x @ torch.cat((w.q_proj, w.k_proj, w.v_proj)).T
+    q, k, v = qkv.view(n, 3, nh, f).unbind(1)
+    eta = inner_lr(x, w).unsqueeze(-1)  # [N, nh, 1]
+    gamma, beta = w.ttt_norm_weight, w.ttt_norm_bias
+
+    # Inner reconstruction loss 0.5*||LN(kW + b) - (v - k)||^2 and its gradient wrt Z (LN fused).
+    z = torch.matmul(k.unsqueeze(-2), W).squeeze(-2) + b
+    z_hat, std = _normalize(z)
+    e = (gamma * z_hat + beta - (v - k)) * gamma
+    grad_z = (f * e - e.sum(-1, keepdim=True) - z_hat * (e * z_hat).sum(-1, keepdim=True)) / (f * std)
+
+    # Dual-form output q W' + b' = q W - eta (q.k) G + b', then the rank-1 memory update.
+    qW = torch.matmul(q.unsqueeze(-2), W).squeeze(-2)
+    eta_grad = eta * grad_z
+    if inplace:
+        W_new = W.addcmul_(k.unsqueeze(-1), eta_grad.unsqueeze(-2), value=-1.0)
+        b_new = b.sub_(eta_grad)
+    else:
+        W_new = torch.addcmul(W, k.unsqueeze(-1), eta_grad.unsqueeze(-2), value=-1.0)
+        b_new = b - eta_grad
+    z_bar = qW - (q * k).sum(-1, keepdim=True) * eta_grad + b_new
+    z_bar_hat, _ = _normalize(z_bar)
+    heads = q + (gamma * z_bar_hat + beta)
+
+    u = F.layer_norm(heads.reshape(n, nh * f), (nh * f,), w.post_norm_weight, w.post_norm_bias, LN_EPS)
+    out = torch.tanh(u @ w.o_proj[0])
+    return out, W_new, b_new
+
+
+def bias_corrections(step: float, beta1: float, beta2: float) -> tuple[float, float]:
+    """Published bias corrections of step ``step`` (1-based): the exponent is ``step + 1``."""
+    return 1.0 - beta1 ** (step + 1), 1.0 - beta2 ** (step + 1)
+
+
+def moment_features_(
+    grad: Tensor,
+    m: Tensor,
+    v: Tensor,
+    bc1: Tensor | float,
+    bc2: Tensor | float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> Tensor:
+    """Update the moments ``m``, ``v`` in place and return the MGG input ``[N, 2]`` = [m̃, g̃].
+
+    ``bc1``/``bc2`` are the bias corrections (scalars, or per-coordinate tensors).
+    """
+    m.mul_(beta1).add_((1 - beta1) * grad)
+    v.mul_(beta2).add_((1 - beta2) * grad * grad)
+    denom = torch.sqrt(v / bc2) + eps
+    return torch.stack(((m / bc1) / denom, grad / denom), dim=-1)

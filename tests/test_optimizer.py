@@ -1,0 +1,237 @@
+"""MGGOptimizer behaviour: state round-trip, skipped parameters, non-finite gradients, bad input."""
+
+import copy
+import io
+
+import pytest
+import torch
+from conftest import F64
+from torch.testing import assert_close
+
+from mgg_fast import MGG, MGGOptimizer
+
+SHAPES = [(6,), (3, 4), (5,), ()]
+
+
+def make(dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    mgg = MGG().to(dtype)
+    params = [torch.randn(s, dtype=dtype, requires_grad=True) for s in SHAPES]
+    return mgg, params, MGGOptimizer(params, mgg, lr=0.01, backend="reference", **kw)
+
+
+def set_grads(params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, dtype=p.dtype, generator=gen)
+
+
+def snapshot(params, opt):
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+
+
+def assert_unchanged(params, opt, snap):
+    old_params, old_sd = snap
+    for p, q in zip(params, old_params, strict=True):
+        assert torch.equal(p.detach(), q)
+    new_sd = opt.state_dict()
+    for i, st in old_sd["state"].items():
+        for k, v in st.items():
+            assert torch.equal(new_sd["state"][i][k], v), k
+
+
+def test_state_exposes_moments_and_memory():
+    _mgg, params, opt = make()
+    set_grads(params, 1)
+    opt.step()
+    st = opt.state[params[1]]
+    assert st["exp_avg"].shape == (3, 4) and st["exp_avg_sq"].shape == (3, 4)
+    assert st["memory_W"].shape == (12, 1, 8, 8) and st["memory_b"].shape == (12, 1, 8)
+    assert st["step"].item() == 1
+    assert_close(st["exp_avg"], 0.1 * params[1].grad, **F64)
+
+
+def test_state_dict_round_trip_continues_identically():
+    _mgg, params, opt = make()
+    mgg2, params2, _ = make()
+    for step in range(3):
+        set_grads(params, step)
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    for p, q in zip(params2, params, strict=True):
+        p.data.copy_(q.detach())
+    opt2 = MGGOptimizer(params2, mgg2, lr=0.5, backend="reference")  # lr comes back from the state
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    assert opt2.param_groups[0]["lr"] == 0.01
+    for step in range(3, 6):
+        set_grads(params, step)
+        set_grads(params2, step)
+        opt.step()
+        opt2.step()
+    for p, q in zip(params, params2, strict=True):
+        assert torch.equal(p.detach(), q.detach())
+    assert torch.equal(opt2.state[params2[0]]["memory_W"], opt.state[params[0]]["memory_W"])
+    assert opt2.state[params2[0]]["step"].item() == 6
+
+
+def test_load_state_dict_rejects_mismatch_without_change():
+    _mgg, params, opt = make()
+    set_grads(params, 0)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][1]["exp_avg"] = torch.zeros(7, dtype=torch.float64)
+    snap = snapshot(params, opt)
+    with pytest.raises(ValueError, match="shape"):
+        opt.load_state_dict(sd)
+    assert_unchanged(params, opt, snap)
+    with pytest.raises(ValueError, match="parameter groups"):
+        opt.load_state_dict({"state": {}, "param_groups": []})
+    other = MGGOptimizer([torch.zeros(3, requires_grad=True)], MGG(16, 2).double())
+    with pytest.raises(ValueError):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_params_without_grad_are_skipped():
+    mgg, params, opt = make()
+    subset = [params[i].detach().clone().requires_grad_(True) for i in (0, 1, 3)]
+    opt_subset = MGGOptimizer(subset, copy.deepcopy(mgg), lr=0.01, backend="reference")
+    set_grads(params, 0)
+    params[2].grad = None
+    for q, i in zip(subset, (0, 1, 3), strict=True):
+        q.grad = params[i].grad.clone()
+    before = params[2].detach().clone()
+    opt.step()
+    opt_subset.step()
+    assert torch.equal(params[2].detach(), before)
+    assert opt.state[params[2]]["step"].item() == 0
+    assert torch.all(opt.state[params[2]]["exp_avg"] == 0)
+    for q, i in zip(subset, (0, 1, 3), strict=True):
+        assert_close(params[i].detach(), q.detach(), **F64)
+    # next step: every tensor moves, each with its own step count (bias correction)
+    set_grads(params, 1)
+    opt.step()
+    assert opt.state[params[2]]["step"].item() == 1
+    assert opt.state[params[0]]["step"].item() == 2
+    assert not torch.equal(params[2].detach(), before)
+
+
+def test_nonfinite_gradient_skips_whole_step():
+    _mgg, params, opt = make()
+    set_grads(params, 0)
+    opt.step()
+    snap = snapshot(params, opt)
+    set_grads(params, 1)
+    params[3].grad = torch.tensor(float("nan"), dtype=torch.float64)
+    opt.step()
+    assert opt.num_skipped_steps == 1
+    assert_unchanged(params, opt, snap)
+    params[3].grad = torch.tensor(float("inf"), dtype=torch.float64)
+    opt.step()
+    assert opt.num_skipped_steps == 2
+    assert opt.state_dict()["mgg_fast"]["skipped_steps"] == 2
+
+
+def test_nonfinite_raise_policy():
+    _mgg, params, opt = make(nonfinite="raise")
+    set_grads(params, 0)
+    params[0].grad[2] = float("-inf")
+    snap = snapshot(params, opt)
+    with pytest.raises(FloatingPointError):
+        opt.step()
+    assert_unchanged(params, opt, snap)
+
+
+def test_bad_inputs_raise_before_any_change():
+    _mgg, params, opt = make()
+    set_grads(params, 0)
+    opt.step()
+    snap = snapshot(params, opt)
+    set_grads(params, 1)
+    params[0].grad_dtype = None  # torch allows a differing gradient dtype only when asked
+    params[0].grad = params[0].grad.float()
+    with pytest.raises(TypeError, match="dtype"):
+        opt.step()
+    assert_unchanged(params, opt, snap)
+    set_grads(params, 1)
+    opt.mgg.float()
+    with pytest.raises((TypeError, ValueError)):
+        opt.step()
+    opt.mgg.double()
+    assert_unchanged(params, opt, snap)
+
+
+def test_constructor_validation():
+    mgg = MGG()
+    p = [torch.zeros(3, requires_grad=True)]
+    with pytest.raises(TypeError, match="MGG"):
+        MGGOptimizer(p, torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="backend"):
+        MGGOptimizer(p, mgg, backend="cuda")
+    with pytest.raises(ValueError, match="learning rate"):
+        MGGOptimizer(p, mgg, lr=-1.0)
+    with pytest.raises(ValueError, match="betas"):
+        MGGOptimizer(p, mgg, betas=(0.9, 1.0))
+    with pytest.raises(TypeError):
+        MGGOptimizer([torch.zeros(3, dtype=torch.int64)], mgg)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        MGGOptimizer(p, MGG().half())
+
+
+def test_low_precision_params_use_fp32_state():
+    torch.manual_seed(0)
+    mgg = MGG()
+    p32 = torch.randn(10, requires_grad=True)
+    pbf = p32.detach().bfloat16().requires_grad_(True)
+    o32 = MGGOptimizer([p32], mgg, backend="reference")
+    obf = MGGOptimizer([pbf], mgg, backend="reference")
+    g = torch.randn(10)
+    p32.grad, pbf.grad = g.bfloat16().float(), g.bfloat16()
+    o32.step()
+    obf.step()
+    assert obf.state[pbf]["exp_avg"].dtype == torch.float32
+    assert pbf.dtype == torch.bfloat16
+    assert_close(pbf.detach().float(), p32.detach().bfloat16().float(), rtol=0, atol=0.02)
+
+
+def test_mgg_load_accepts_published_names_and_init():
+    mgg = MGG(16, 2)
+    names = dict(mgg.named_parameters())
+    assert set(names) == {
+        "W1",
+        "b1",
+        "q_proj.weight",
+        "k_proj.weight",
+        "v_proj.weight",
+        "o_proj.weight",
+        "post_norm.weight",
+        "post_norm.bias",
+        "ttt_norm_weight",
+        "ttt_norm_bias",
+        "learnable_ttt_lr_weight",
+        "learnable_ttt_lr_bias",
+        "learnable_token_idx",
+    }
+    assert names["W1"].shape == (2, 8, 8) and names["b1"].shape == (2, 1, 8)
+    assert torch.all(names["b1"] == 0) and torch.all(names["ttt_norm_weight"] == 1)
+    assert 0.005 < names["W1"].std().item() < 0.05
+    published = {"seq_modeling_block." + k: v + 1 for k, v in mgg.state_dict().items()}
+    other = MGG(16, 2)
+    other.load_state_dict(published)
+    assert torch.equal(other.W1, mgg.W1 + 1)
+    with pytest.raises(ValueError, match="multiple"):
+        MGG(10, 3)
+
+
+def test_mgg_rejects_bad_features_and_state():
+    mgg = MGG()
+    with pytest.raises(ValueError, match="shape"):
+        mgg(torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="float64"):
+        mgg(torch.zeros(5, 2, dtype=torch.float64))
+    with pytest.raises(TypeError):
+        mgg([[0.0, 1.0]])
+    _, state = mgg(torch.zeros(5, 2))
+    with pytest.raises(ValueError, match="state"):
+        mgg(torch.zeros(4, 2), state)
