@@ -1,0 +1,38 @@
+"""CPU benchmark of the reference MGG optimizer step at ViT-B/16 norm scale, beside torch's Adam.
+
+ViT-B/16 has 50 LayerNorm affine tensors of 768 = 38,400 coordinates. Run with
+``pytest bench/test_bench_reference.py --benchmark-only``; compare the two means of one run.
+"""
+
+import pytest
+import torch
+
+from mgg_fast import MGG, MGGOptimizer
+
+NUM_TENSORS, DIM = 50, 768
+
+
+def _tensors(seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(DIM, generator=gen).requires_grad_(True) for _ in range(NUM_TENSORS)]
+    for p in params:
+        p.grad = torch.randn(DIM, generator=gen)
+    return params
+
+
+@pytest.mark.benchmark(group="cpu-step-38400")
+def test_adam_foreach_step(benchmark):
+    params = _tensors()
+    opt = torch.optim.Adam(params, lr=1e-3, foreach=True)
+    benchmark.extra_info["coords"] = NUM_TENSORS * DIM
+    benchmark(opt.step)
+
+
+@pytest.mark.benchmark(group="cpu-step-38400")
+def test_mgg_reference_step(benchmark):
+    torch.manual_seed(0)
+    params = _tensors()
+    opt = MGGOptimizer(params, MGG(hidden_size=8), lr=1e-3, backend="reference")
+    benchmark.extra_info["coords"] = NUM_TENSORS * DIM
+    benchmark(opt.step)
+    assert torch.isfinite(torch.cat([p.detach() for p in params])).all()
