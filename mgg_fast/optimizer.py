@@ -127,18 +127,20 @@ class MGGOptimizer(torch.optim.Optimizer):
             return loss
         grads = [g for _, gs in work for g in gs if g is not None]
         found_inf = _nonfinite_flag(grads)
-        if self.capturable:
-            self._skipped += found_inf.to(self._skipped.device, torch.int64).view(())
+        fused = [self._use_triton(self.param_groups[gi]["params"][0].device) for gi, _ in work]
+        if self.nonfinite == "skip" and all(fused):
+            # The kernels read found_inf and write nothing when it is set: no host sync.
+            self._skipped += found_inf.to(torch.int64).view(())
         elif bool(found_inf.item()):
             if self.nonfinite == "raise":
                 raise FloatingPointError("non-finite gradient: the MGG step was not taken")
             self._skipped += 1
             return loss
-        for gi, group_grads in work:
+        for (gi, group_grads), use_fused in zip(work, fused, strict=True):
             group = self.param_groups[gi]
             flat = self._flat_state(gi)
             beta1, beta2 = group["betas"]
-            if self._use_triton(flat.params[0].device):
+            if use_fused:
                 from mgg_fast.kernels import fused_group_step
 
                 fused_group_step(
@@ -197,7 +199,7 @@ class MGGOptimizer(torch.optim.Optimizer):
                 ):
                     raise ValueError("capturable=True needs CUDA parameters")
                 work.append((gi, grads))
-        if self.capturable and self._skipped.device != mgg_device:
+        if self._skipped.device != mgg_device:
             self._skipped = self._skipped.to(mgg_device)
         return work
 
