@@ -1,0 +1,184 @@
+"""Test-time adaptation of a model's norm layers with the MGG optimizer (MGTTA) or baselines."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mgg_fast.losses import AdaptationLoss, SourceStats
+from mgg_fast.mgg import MGG
+from mgg_fast.norm_params import configure_for_adaptation, select_norm_params
+from mgg_fast.optimizer import MGGOptimizer
+
+OPTIMIZERS = ("mgg", "sgd", "adam")
+DEFAULT_LR = {"mgg": 1e-3, "sgd": 1e-3, "adam": 1e-3}
+SGD_MOMENTUM = 0.9
+
+
+class MGTTA(nn.Module):
+    """Online test-time adaptation: ``logits = adapter(x)`` predicts, then adapts on ``x``.
+
+    The affine parameters of the model's LayerNorm/BatchNorm/GroupNorm layers are updated by one
+    optimizer step per batch on an unsupervised loss; BatchNorm uses test-batch statistics. The
+    baselines share the parameters and the loss, so only the optimizer differs:
+
+    * ``"mgg"``: the learned MGG optimizer (:class:`MGGOptimizer`; published ``adapt_lr`` 1e-3).
+    * ``"sgd"``: Tent (SGD, momentum 0.9, lr 1e-3).
+    * ``"adam"``: Adam (lr 1e-3, ``betas``).
+
+    Args:
+        model: the model to adapt; configured in place (train mode, only norm params trainable).
+        optimizer: ``"mgg"``, ``"sgd"`` or ``"adam"``.
+        mgg: the trained MGG (``None``: an untrained ``MGG()``, with a warning). It is never
+            modified; if it lives on another device than the model, a copy is moved there.
+        lr: step size; ``None`` takes the default above.
+        loss: ``"foa"`` (entropy + source-statistics discrepancy; needs ``source_stats`` from
+            :func:`fit_source_stats`) or ``"entropy"`` (Tent).
+        episodic: reset before every batch (each batch adapts from the original model);
+            otherwise adaptation is continual.
+        class_mask: class indices (or a boolean mask) to keep from the logits before the loss and
+            in the returned logits (ImageNet-R/A style subsets).
+        backend: MGG step backend (``"auto"``, ``"triton"``, ``"reference"``).
+        betas: moment coefficients of the MGG features and of Adam.
+
+    Attributes:
+        num_updates: optimizer steps since construction or the last :meth:`reset`.
+        total_updates: optimizer steps since construction.
+        last_loss: the (detached) loss of the latest batch, or ``None``.
+        param_names: qualified names of the adapted parameters, in order.
+
+    Raises ``ValueError`` for a model without norm params, ``loss="foa"`` without statistics,
+    and (per call) a batch holding NaN/Inf or living on another device than the model; nothing
+    changes in those cases.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: str = "mgg",
+        mgg: MGG | None = None,
+        lr: float | None = None,
+        loss: str = "foa",
+        source_stats: SourceStats | None = None,
+        episodic: bool = False,
+        class_mask: Sequence[int] | Tensor | None = None,
+        backend: str = "auto",
+        betas: tuple[float, float] = (0.9, 0.99),
+    ):
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        named = select_norm_params(model)  # raises for models without norm params
+        self.device = named[0][1].device
+        self.loss_fn = AdaptationLoss(model, loss, source_stats, _class_index(class_mask, self.device))
+        self.model = model
+        self.optimizer_name = optimizer
+        self.episodic = episodic
+        self.lr = DEFAULT_LR[optimizer] if lr is None else lr
+        self._config = configure_for_adaptation(model)
+        self.param_names = [name for name, _ in named]
+        params = [p for _, p in named]
+        if optimizer == "mgg":
+            self.optimizer: torch.optim.Optimizer = MGGOptimizer(
+                params, _mgg_on(mgg, self.device), lr=self.lr, betas=betas, backend=backend
+            )
+        elif optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=SGD_MOMENTUM)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=self.lr, betas=betas)
+        self._model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self._optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+        self.num_updates = 0
+        self.total_updates = 0
+        self.last_loss: Tensor | None = None
+        self._released = False
+
+    @property
+    def mgg(self) -> MGG | None:
+        """The MGG that the ``"mgg"`` optimizer reads (``None`` for the baselines)."""
+        return self.optimizer.mgg if isinstance(self.optimizer, MGGOptimizer) else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Predict on ``x`` with the current parameters, adapt on it, return the detached logits."""
+        self._check_input(x)
+        if self.episodic:
+            self.reset()
+        logits = self.forward_backward(x)
+        self.step()
+        return logits
+
+    def forward_backward(self, x: Tensor) -> Tensor:
+        """The model part of :meth:`forward` (no input checks): loss and gradients; returns logits."""
+        logits, loss = self.loss_fn(lambda: self.model(x))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.last_loss = loss.detach()
+        return logits.detach()
+
+    def step(self) -> None:
+        """The optimizer part of :meth:`forward`: one step on the gradients left by ``forward_backward``."""
+        self.optimizer.step()
+        self.num_updates += 1
+        self.total_updates += 1
+
+    def reset(self) -> None:
+        """Restore the model's parameters and buffers and the optimizer state (moments, MGG memory)
+        to their values at construction, bitwise."""
+        self.model.load_state_dict(self._model_state)
+        self.optimizer.load_state_dict(copy.deepcopy(self._optimizer_state))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.num_updates = 0
+        self.last_loss = None
+
+    def restore_model(self) -> nn.Module:
+        """Reset, then undo the adaptation configuration (modes, ``requires_grad``, BatchNorm
+        running statistics). The adapter cannot be used afterwards; returns the model."""
+        self.reset()
+        self._config.restore()
+        self._released = True
+        return self.model
+
+    def extra_repr(self) -> str:
+        n = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
+        return (
+            f"optimizer={self.optimizer_name!r}, lr={self.lr}, params={n} in {len(self.param_names)} "
+            f"tensors, episodic={self.episodic}, total_updates={self.total_updates}"
+        )
+
+    def _check_input(self, x: Tensor) -> None:
+        if self._released:
+            raise RuntimeError("restore_model() was called: this adapter no longer owns the model")
+        if not isinstance(x, Tensor):
+            raise TypeError(f"the batch must be a torch.Tensor, got {type(x).__name__}")
+        if x.device != self.device:
+            raise ValueError(f"the batch is on {x.device} but the model is on {self.device}; move it first")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError("the batch holds NaN or Inf values: nothing was adapted")
+
+
+def _class_index(class_mask: Sequence[int] | Tensor | None, device: torch.device) -> Tensor | None:
+    if class_mask is None:
+        return None
+    index = torch.as_tensor(class_mask, device=device)
+    if index.dtype == torch.bool:
+        index = index.nonzero().flatten()
+    if index.dim() != 1 or index.numel() == 0 or index.is_floating_point():
+        raise ValueError("class_mask must be a non-empty 1-D list of class indices or a boolean mask")
+    return index.long()
+
+
+def _mgg_on(mgg: MGG | None, device: torch.device) -> MGG:
+    if mgg is None:
+        warnings.warn(
+            "MGTTA(optimizer='mgg') without a trained MGG: using an untrained MGG(); meta-train one "
+            "with mgg_fast.train_mgg or load one with MGG.load",
+            stacklevel=3,
+        )
+        return MGG().to(device)
+    if not isinstance(mgg, MGG):
+        raise TypeError(f"mgg must be an mgg_fast.MGG, got {type(mgg).__name__}")
+    return mgg if mgg.W1.device == device else copy.deepcopy(mgg).to(device)

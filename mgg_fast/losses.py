@@ -1,0 +1,219 @@
+"""Unsupervised test-time losses: entropy, and the published FOA-style loss with source statistics.
+
+``foa_loss`` = mean softmax entropy + λ · (Σ MSE(batch std, source std) + Σ MSE(batch mean,
+source mean)) / 64, over per-layer features of the batch (the MGTTA objective, λ = 0.4).
+
+Features (one vector per sample, the per-layer parts concatenated, taken by forward hooks):
+
+* ViTs with a class token (timm ``VisionTransformer``: ``model.blocks`` and ``model.cls_token``):
+  the CLS token after each block, ``blocks[i](...)[:, 0]``, as published.
+* Models without a CLS token: the globally average-pooled (over H, W of an NCHW output)
+  feature of each stage: ``layer1 .. layerN`` (ResNets), else ``stages[i]`` (timm ConvNeXt
+  style), else every top-level child whose output is 4-D (plain CNNs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+FOA_LAMBDA = 0.4
+FOA_SCALE = 64.0
+LOSSES = ("foa", "entropy")
+
+
+def softmax_entropy(logits: Tensor) -> Tensor:
+    """Per-sample entropy ``[B]`` of the softmax of ``logits [B, C]`` (computed in float32+)."""
+    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    return -(x.softmax(1) * x.log_softmax(1)).sum(1)
+
+
+@dataclass(frozen=True)
+class SourceStats:
+    """Per-feature std and mean of the source (clean) data, and which features they describe.
+
+    ``layers`` are qualified module names; ``mode`` is ``"cls"`` (token 0 of a ``[B, T, D]``
+    output) or ``"pooled"`` (mean over H, W of an NCHW output).
+    """
+
+    std: Tensor
+    mean: Tensor
+    layers: tuple[str, ...]
+    mode: str
+
+    def to(self, device: torch.device | str) -> SourceStats:
+        return SourceStats(self.std.to(device), self.mean.to(device), self.layers, self.mode)
+
+
+def _candidate_layers(model: nn.Module) -> tuple[list[str], str]:
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and getattr(model, "cls_token", None) is not None:
+        return [f"blocks.{i}" for i in range(len(blocks))], "cls"
+    resnet_stages = [
+        f"layer{i}" for i in range(1, 10) if isinstance(getattr(model, f"layer{i}", None), nn.Module)
+    ]
+    if resnet_stages:
+        return resnet_stages, "pooled"
+    stages = getattr(model, "stages", None)
+    if isinstance(stages, (nn.Sequential, nn.ModuleList)):
+        return [f"stages.{i}" for i in range(len(stages))], "pooled"
+    return [name for name, _ in model.named_children()], "pooled"
+
+
+def _extract(output: Any, mode: str) -> Tensor | None:
+    if not isinstance(output, Tensor):
+        return None
+    if mode == "cls" and output.dim() == 3:
+        return output[:, 0]
+    if mode == "pooled" and output.dim() == 4:
+        return output.mean(dim=(2, 3))
+    return None
+
+
+@contextmanager
+def feature_tap(model: nn.Module, layers: Sequence[str], mode: str) -> Iterator[dict[str, Tensor]]:
+    """Collect ``{layer: [B, D] feature}`` of the named layers during forwards inside the block."""
+    modules = dict(model.named_modules())
+    missing = [name for name in layers if name not in modules]
+    if missing:
+        raise ValueError(f"the model has no layers {missing} (source statistics from another model?)")
+    found: dict[str, Tensor] = {}
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            feature = _extract(output, mode)
+            if feature is not None:
+                found[name] = feature
+
+        return hook
+
+    handles = [modules[name].register_forward_hook(hook_for(name)) for name in layers]
+    try:
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def concat_features(found: dict[str, Tensor], layers: Sequence[str]) -> Tensor:
+    """The per-layer features in ``layers`` order, as one float32 ``[B, D]`` tensor."""
+    missing = [name for name in layers if name not in found]
+    if missing:
+        raise ValueError(f"layers {missing} produced no {list(found)} features in this forward")
+    return torch.cat([found[name].float() for name in layers], dim=1)
+
+
+def _batch_inputs(batch: Tensor | Sequence[Any]) -> Tensor:
+    """The inputs of a batch given as a tensor or as an ``(x, y, ...)`` tuple (labels ignored)."""
+    if isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    if not isinstance(batch, Tensor):
+        raise TypeError(f"a batch must be a tensor or an (x, y) tuple, got {type(batch).__name__}")
+    return batch
+
+
+@torch.no_grad()
+def fit_source_stats(
+    model: nn.Module, batches: Iterable[Tensor | Sequence[Any]], max_batches: int | None = None
+) -> SourceStats:
+    """Per-feature std (unbiased) and mean over a few unlabeled source batches, for ``foa_loss``.
+
+    The model runs in eval mode (restored afterwards) on its own device; batches may be tensors
+    or ``(x, y)`` tuples. See the module docstring for which features are used. Raises
+    ``ValueError`` when no usable feature layer exists (use ``loss="entropy"`` then).
+    """
+    candidates, mode = _candidate_layers(model)
+    device = next(model.parameters()).device
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    chunks: list[Tensor] = []
+    layers: list[str] | None = None
+    try:
+        with feature_tap(model, candidates, mode) as found:
+            for i, batch in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                found.clear()
+                model(_batch_inputs(batch).to(device))
+                if layers is None:
+                    layers = [name for name in candidates if name in found]
+                    if not layers:
+                        raise ValueError(
+                            f"loss='foa' needs per-layer features, but no layer of {type(model).__name__} "
+                            f"gave a {'[B, T, D]' if mode == 'cls' else 'NCHW'} output; use loss='entropy'"
+                        )
+                chunks.append(concat_features(found, layers))
+    finally:
+        for m, training in was_training.items():
+            m.training = training
+    if layers is None:
+        raise ValueError("fit_source_stats got no batches")
+    features = torch.cat(chunks)
+    if features.shape[0] < 2:
+        raise ValueError("fit_source_stats needs at least 2 samples to estimate a std")
+    std, mean = torch.std_mean(features, dim=0)
+    return SourceStats(std, mean, tuple(layers), mode)
+
+
+def foa_loss(logits: Tensor, features: Tensor, stats: SourceStats, lam: float = FOA_LAMBDA) -> Tensor:
+    """Mean entropy + ``lam`` · (Σ (std_b − std_s)² + Σ (mean_b − mean_s)²) / 64.
+
+    ``features [B, D]`` are the batch's features (the layers of ``stats``); ``B`` must be ≥ 2.
+    """
+    if features.dim() != 2 or features.shape[1] != stats.mean.numel():
+        raise ValueError(
+            f"features of shape {list(features.shape)} do not match source statistics of "
+            f"{stats.mean.numel()} features"
+        )
+    if features.shape[0] < 2:
+        raise ValueError("loss='foa' needs batches of at least 2 samples (batch std); use loss='entropy'")
+    std, mean = torch.std_mean(features.float(), dim=0)
+    discrepancy = ((std - stats.std) ** 2).sum() + ((mean - stats.mean) ** 2).sum()
+    return softmax_entropy(logits).mean() + lam * discrepancy / FOA_SCALE
+
+
+class AdaptationLoss:
+    """The loss an adapter or meta-trainer minimises: runs the forward and returns (logits, loss).
+
+    ``loss`` is ``"foa"`` (needs ``source_stats``), ``"entropy"``, or a callable
+    ``outputs -> scalar`` (the raw model output; for custom objectives and tests).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: str | Callable[[Tensor], Tensor],
+        source_stats: SourceStats | None = None,
+        class_mask: Tensor | None = None,
+    ):
+        if not callable(loss) and loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES} or a callable, got {loss!r}")
+        if loss == "foa" and source_stats is None:
+            raise ValueError(
+                "loss='foa' needs source statistics: pass source_stats=fit_source_stats(model, "
+                "source_batches), or use loss='entropy'"
+            )
+        self.model = model
+        self.loss = loss
+        device = next(model.parameters()).device
+        self.stats = source_stats.to(device) if loss == "foa" else None
+        self.class_mask = class_mask
+
+    def __call__(self, forward: Callable[[], Tensor]) -> tuple[Tensor, Tensor]:
+        """Run ``forward()`` (the model on the batch) and return ``(logits, loss)``."""
+        if self.stats is None:
+            logits = self._mask(forward())
+            loss = self.loss(logits) if callable(self.loss) else softmax_entropy(logits).mean()
+            return logits, loss
+        with feature_tap(self.model, self.stats.layers, self.stats.mode) as found:
+            logits = self._mask(forward())
+        features = concat_features(found, self.stats.layers)
+        return logits, foa_loss(logits, features, self.stats)
+
+    def _mask(self, logits: Tensor) -> Tensor:
+        return logits if self.class_mask is None else logits[:, self.class_mask]
