@@ -1,0 +1,207 @@
+"""The gradient-memory-layer math of one MGG call as a ``@triton.jit`` helper, shared by the fused
+optimizer step (``mgg_step.py``) and the fused forward (``mgg_forward.py``).
+
+Naive reference: :func:`mgg_fast.reference.memory_layer`. The helper works on a block of
+``BLOCK`` coordinates held in registers: features ``x0, x1 [BLOCK]``, per head a memory tile
+``W [BLOCK, F, F]`` and ``b [BLOCK, F]`` (broadcast-multiply-and-sum, no ``tl.dot``: F = 8 is
+below its minimum). Nothing per coordinate goes to memory except the new ``W``/``b``.
+
+The post-norm over ``H = NH * F`` is accumulated head by head (Chan's parallel mean/variance
+merge, the o_proj sum shifted by the first head's mean), so a single head is computed exactly
+two-pass and several heads stay numerically stable without holding all of ``u`` at once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from mgg_fast.reference import LN_EPS, TTT_BASE_LR, MGGWeights
+
+SUPPORTED_HEAD_DIMS = (8, 16, 32)
+MAX_HIDDEN = 64
+_LN_EPS = tl.constexpr(LN_EPS)
+_TTT_BASE_LR = tl.constexpr(TTT_BASE_LR)
+
+
+def check_mgg_shape(num_heads: int, head_dim: int) -> None:
+    """Raise ``ValueError`` for MGG sizes the kernels do not compile for."""
+    if head_dim not in SUPPORTED_HEAD_DIMS or num_heads * head_dim > MAX_HIDDEN:
+        raise ValueError(
+            f"the fused MGG kernels support head dim f in {SUPPORTED_HEAD_DIMS} and hidden size "
+            f"nh*f <= {MAX_HIDDEN}; got nh={num_heads}, f={head_dim}. Use backend='reference'."
+        )
+
+
+INTERPRET_BLOCK = 128  # few, fat programs: each costs ~1 ms in the interpreter
+
+
+def launch_config(n: int, f: int) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` for ``n`` coordinates of head dim ``f``.
+
+    A fixed table rather than ``triton.autotune``: the step kernel updates its buffers in place
+    through pointers held in a table, so autotuning (which re-runs the kernel) would apply the
+    step several times. Tiles hold ``BLOCK * f * f`` floats; about 32-64 per thread keeps them in
+    registers. Small ``n`` (ViT norm scale) gets smaller blocks for more programs per SM.
+    Under ``TRITON_INTERPRET=1`` every program costs ~1 ms, so few fat ones.
+    """
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return INTERPRET_BLOCK, 1
+    block, num_warps = {8: (32, 4), 16: (16, 4), 32: (8, 4)}[f]
+    if n < 1 << 18:
+        return block // 2, max(num_warps // 2, 1)
+    return block, num_warps
+
+
+def weight_args(w: MGGWeights) -> list[torch.Tensor]:
+    """The learned tensors in the order :func:`memory_layer_block` takes them (contiguous fp32)."""
+    tensors = [
+        w.q_proj,
+        w.k_proj,
+        w.v_proj,
+        w.o_proj,
+        w.post_norm_weight,
+        w.post_norm_bias,
+        w.ttt_norm_weight,
+        w.ttt_norm_bias,
+        w.ttt_lr_weight,
+        w.ttt_lr_bias,
+        w.token_idx,
+    ]
+    for t in tensors:
+        if t.dtype != torch.float32:
+            raise TypeError(
+                f"the fused MGG kernels compute with float32 weights, got {t.dtype}; use backend='reference'"
+            )
+    return [t.detach().contiguous() for t in tensors]
+
+
+@triton.jit
+def _layer_norm_hat(z, F: tl.constexpr):
+    """Rows of ``z [BLOCK, F]`` normalised (biased variance, eps LN_EPS), and their std."""
+    mean = tl.sum(z, axis=1) / F
+    centered = z - mean[:, None]
+    std = tl.sqrt(tl.sum(centered * centered, axis=1) / F + _LN_EPS)
+    return centered / std[:, None], std
+
+
+@triton.jit
+def _tanh(r):
+    e = tl.exp(-2.0 * tl.abs(r))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(r < 0, -t, t)
+
+
+@triton.jit
+def memory_layer_block(
+    x0,
+    x1,
+    coords,
+    mask,
+    W_in,
+    b_in,
+    W_out,
+    b_out,
+    q_w,
+    k_w,
+    v_w,
+    o_w,
+    pn_w,
+    pn_b,
+    ln_w,
+    ln_b,
+    lr_w,
+    lr_b,
+    token,
+    NH: tl.constexpr,
+    F: tl.constexpr,
+    TILED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One memory step for ``BLOCK`` coordinates; returns the tanh'ed output ``[BLOCK]``.
+
+    ``coords [BLOCK]`` (int64) index the state rows ``W [N, NH, F, F]``/``b [N, NH, F]``; with
+    ``TILED`` the incoming memory is the learned ``W1 [NH, F, F]``/``b1 [NH, 1, F]`` for every
+    coordinate. The new memory is stored (where ``mask``) to ``W_out``/``b_out`` (which may alias
+    ``W_in``/``b_in``: each element is read before it is written by the same program).
+    """
+    fi = tl.arange(0, F)
+    fj = fi
+    eta_scale = tl.maximum(1.0 + tl.load(token), 0.0) * (_TTT_BASE_LR / F)
+    tile_off = fi[None, :, None] * F + fj[None, None, :]  # [1, F, F]
+    row_W = coords[:, None, None] * (NH * F * F)
+    row_b = coords[:, None] * (NH * F)
+    for h in tl.static_range(NH):
+        feat = h * F + fi
+        q = (
+            x0[:, None] * tl.load(q_w + feat * 2)[None, :]
+            + x1[:, None] * tl.load(q_w + feat * 2 + 1)[None, :]
+        )
+        k = (
+            x0[:, None] * tl.load(k_w + feat * 2)[None, :]
+            + x1[:, None] * tl.load(k_w + feat * 2 + 1)[None, :]
+        )
+        v = (
+            x0[:, None] * tl.load(v_w + feat * 2)[None, :]
+            + x1[:, None] * tl.load(v_w + feat * 2 + 1)[None, :]
+        )
+        gate = tl.sigmoid(x0 * tl.load(lr_w + 2 * h) + x1 * tl.load(lr_w + 2 * h + 1) + tl.load(lr_b + h))
+        eta = eta_scale * gate  # [BLOCK]
+        gamma = tl.load(ln_w + feat)[None, :]
+        beta = tl.load(ln_b + feat)[None, :]
+
+        if TILED:
+            W = tl.broadcast_to(tl.load(W_in + h * F * F + tile_off), (BLOCK, F, F))
+            b = tl.broadcast_to(tl.load(b_in + feat)[None, :], (BLOCK, F))
+        else:
+            W = tl.load(W_in + row_W + h * F * F + tile_off, mask=mask[:, None, None], other=0.0)
+            b = tl.load(b_in + row_b + feat[None, :], mask=mask[:, None], other=0.0)
+
+        # Inner loss 0.5*||LN(kW + b) - (v - k)||^2: its gradient wrt Z with the LN fused in.
+        z = tl.sum(k[:, :, None] * W, axis=1) + b
+        z_hat, std = _layer_norm_hat(z, F)
+        e = (gamma * z_hat + beta - (v - k)) * gamma
+        grad_z = (F * e - tl.sum(e, axis=1)[:, None] - z_hat * tl.sum(e * z_hat, axis=1)[:, None]) / (
+            F * std[:, None]
+        )
+
+        # Dual form: q W' + b' = q W - eta (q.k) G + b', then the rank-1 memory update.
+        qW = tl.sum(q[:, :, None] * W, axis=1)
+        eta_grad = eta[:, None] * grad_z
+        W_new = W - k[:, :, None] * eta_grad[:, None, :]
+        b_new = b - eta_grad
+        tl.store(W_out + row_W + h * F * F + tile_off, W_new, mask=mask[:, None, None])
+        tl.store(b_out + row_b + feat[None, :], b_new, mask=mask[:, None])
+        z_bar = qW - tl.sum(q * k, axis=1)[:, None] * eta_grad + b_new
+        z_bar_hat, _ = _layer_norm_hat(z_bar, F)
+        u = q + gamma * z_bar_hat + beta  # this head's slice of the post-norm input
+
+        # Post-norm + o_proj, merged head by head: mean/M2 (Chan), sum_j o_j w_j (u_j - shift).
+        o = tl.load(o_w + feat)
+        og = o * tl.load(pn_w + feat)
+        ob_h = tl.sum(o * tl.load(pn_b + feat), axis=0)
+        og_h = tl.sum(og, axis=0)
+        mean_h = tl.sum(u, axis=1) / F
+        d = u - mean_h[:, None]
+        m2_h = tl.sum(d * d, axis=1)
+        proj_h = tl.sum(d * og[None, :], axis=1)
+        if h == 0:
+            shift = mean_h
+            mean = mean_h
+            m2 = m2_h
+            proj = proj_h
+            og_sum = og_h
+            ob_sum = ob_h
+        else:
+            delta = mean_h - mean
+            mean = mean + delta * (F / ((h + 1) * F))
+            m2 = m2 + m2_h + delta * delta * (h * F * F / ((h + 1) * F))
+            proj = proj + proj_h + (mean_h - shift) * og_h
+            og_sum = og_sum + og_h
+            ob_sum = ob_sum + ob_h
+    s = tl.sqrt(m2 / (NH * F) + _LN_EPS)
+    r = (proj - (mean - shift) * og_sum) / s + ob_sum
+    return _tanh(r)

@@ -1,0 +1,264 @@
+"""Fused MGG optimizer step: moments, MGG memory step and parameter update in one pass.
+
+Naive reference: :func:`mgg_fast.optimizer.reference_group_step` (built on
+:mod:`mgg_fast.reference`). Per active coordinate the kernel reads grad, param, m, v, W, b once
+and writes param, m, v, W, b once (604 bytes for fp32, H=8, nh=1); features, projections, the
+memory update, post-norm, o_proj and tanh stay in registers.
+
+Layout: the group's parameters are cut into chunks of ``BLOCK`` coordinates that never straddle
+two tensors; one program per chunk, one launch per group (per parameter dtype, if a group mixes
+them). A cached int64 table holds per chunk ``[param ptr, grad ptr, flat start, start in the
+tensor, valid count, parameter index]``; pointers are cast in-kernel, so parameters and
+gradients stay separate tensors (no gather). The per-parameter step counts are advanced first by
+a tiny kernel (the chunks of one tensor all read the advanced count: advancing it inside the main
+kernel would race with those reads).
+
+Skipping: ``found_inf`` is a 1-element device tensor read by both kernels; when nonzero they
+write nothing. No host synchronisation happens in a step (MGG weights and step counts are read
+in-kernel), so with the table cached a step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mgg_fast.flat_state import FlatState
+from mgg_fast.mgg import MGG
+
+from .memory_layer import check_mgg_shape, launch_config, memory_layer_block, weight_args
+
+TABLE_COLUMNS = 6  # param ptr, grad ptr, flat start, start in the tensor, count, parameter index
+TABLE_CACHE_KEY = "triton_step_tables"
+TABLE_CACHE_SIZE = 8  # gradient addresses may alternate (set_to_none=True); keep a few tables
+STEP_BLOCK = 1024
+PARAM_DTYPES = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float64: tl.float64,
+}
+
+
+@triton.jit
+def _one_minus_pow(ln_beta, e):
+    """``1 - beta**e`` from ``ln(beta)`` in fp32, without cancellation for ``beta**e`` near 1."""
+    x = e * ln_beta
+    series = -x * (
+        1.0 + x / 2 * (1.0 + x / 3 * (1.0 + x / 4 * (1.0 + x / 5 * (1.0 + x / 6 * (1.0 + x / 7)))))
+    )
+    return tl.where(x > -0.25, series, 1.0 - tl.exp(x))
+
+
+@triton.jit
+def _advance_steps_kernel(steps, idx, n, found_inf, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < tl.where(tl.load(found_inf) == 0, n, 0)  # found_inf: nothing is valid
+    rows = tl.load(idx + offs, mask=mask, other=0)
+    tl.store(steps + rows, tl.load(steps + rows, mask=mask, other=0.0) + 1.0, mask=mask)
+
+
+@triton.jit
+def _mgg_step_kernel(
+    table,
+    steps,
+    found_inf,
+    m_ptr,
+    v_ptr,
+    W_ptr,
+    b_ptr,
+    lr,
+    beta1,
+    one_minus_beta1,
+    ln_beta1,
+    beta2,
+    one_minus_beta2,
+    ln_beta2,
+    eps,
+    q_w,
+    k_w,
+    v_w,
+    o_w,
+    pn_w,
+    pn_b,
+    ln_w,
+    ln_b,
+    lr_w,
+    lr_b,
+    token,
+    NH: tl.constexpr,
+    F: tl.constexpr,
+    P_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = table + tl.program_id(0).to(tl.int64) * 6
+    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
+    lane = tl.arange(0, BLOCK)
+    coords = tl.load(row + 2) + lane
+    offs = tl.load(row + 3) + lane
+    mask = lane < tl.where(tl.load(found_inf) == 0, tl.load(row + 4), 0)  # found_inf: nothing is valid
+    t = tl.load(steps + tl.load(row + 5))  # already advanced: 1 on the first step
+    bc1 = _one_minus_pow(ln_beta1, t + 1.0)  # published quirk: exponent t + 1
+    bc2 = _one_minus_pow(ln_beta2, t + 1.0)
+
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = beta1 * tl.load(m_ptr + coords, mask=mask, other=0.0) + one_minus_beta1 * g
+    v = beta2 * tl.load(v_ptr + coords, mask=mask, other=0.0) + one_minus_beta2 * g * g
+    denom = tl.sqrt(v / bc2) + eps
+    out = memory_layer_block(
+        (m / bc1) / denom, g / denom, coords, mask, W_ptr, b_ptr, W_ptr, b_ptr,
+        q_w, k_w, v_w, o_w, pn_w, pn_b, ln_w, ln_b, lr_w, lr_b, token,
+        NH, F, False, BLOCK,
+    )  # fmt: skip
+    tl.store(m_ptr + coords, m, mask=mask)
+    tl.store(v_ptr + coords, v, mask=mask)
+    tl.store(p_ptr + offs, (p - lr * out).to(P_DTYPE), mask=mask)
+
+
+class _StepTable:
+    """Device tables of one launch: chunk rows and the indices of the parameters it advances."""
+
+    def __init__(self, chunks: Tensor, param_idx: Tensor):
+        self.chunks = chunks
+        self.param_idx = param_idx
+
+    @classmethod
+    def build(
+        cls,
+        params: list[Tensor],
+        grads: list[Tensor],
+        index: list[int],
+        flat: FlatState,
+        block: int,
+    ) -> _StepTable:
+        device = flat.exp_avg.device
+        offsets = flat.offsets
+        numels = torch.tensor([flat.numels[i] for i in index], dtype=torch.int64)
+        per_param = torch.tensor(
+            [
+                [p.data_ptr(), g.data_ptr(), offsets[i], i]
+                for p, g, i in zip(params, grads, index, strict=True)
+            ],
+            dtype=torch.int64,
+        ).reshape(-1, 4)
+        n_chunks = (numels + block - 1) // block
+        owner = torch.repeat_interleave(torch.arange(len(index)), n_chunks)
+        first = torch.cumsum(n_chunks, 0) - n_chunks
+        start = (torch.arange(owner.numel()) - first[owner]) * block
+        count = torch.clamp(numels[owner] - start, max=block)
+        rows = per_param[owner]
+        chunks = torch.stack((rows[:, 0], rows[:, 1], rows[:, 2] + start, start, count, rows[:, 3]), dim=1)
+        param_idx = torch.tensor(index, dtype=torch.int64)
+        return cls(chunks.contiguous().to(device), param_idx.to(device))
+
+
+def _lookup_table(
+    flat: FlatState,
+    params: list[Tensor],
+    grads: list[Tensor],
+    index: list[int],
+    block: int,
+    capturable: bool,
+) -> _StepTable:
+    """The cached table for these addresses (a small LRU in ``flat.cache``), built on a miss."""
+    cache: OrderedDict = flat.cache.setdefault(TABLE_CACHE_KEY, OrderedDict())
+    key = (block, tuple(index), tuple(p.data_ptr() for p in params), tuple(g.data_ptr() for g in grads))
+    table = cache.get(key)
+    if table is not None:
+        cache.move_to_end(key)
+        return table
+    device = flat.exp_avg.device
+    if capturable and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "the fused MGG step needs its pointer table before CUDA-graph capture: run one step "
+            "with the same parameter and gradient tensors before capturing"
+        )
+    table = _StepTable.build(params, grads, index, flat, block)
+    cache[key] = table
+    if len(cache) > TABLE_CACHE_SIZE:
+        cache.popitem(last=False)
+    return table
+
+
+def _ln(beta: float) -> float:
+    return math.log(beta) if beta > 0.0 else -math.inf
+
+
+def fused_group_step(
+    flat: FlatState,
+    grads: list[Tensor | None],
+    mgg: MGG,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    found_inf: Tensor | None,
+    capturable: bool,
+) -> None:
+    """One MGG optimizer step of a parameter group, fused (same semantics as ``reference_group_step``).
+
+    ``grads`` is aligned with ``flat.params``; a ``None`` gradient leaves that parameter, its
+    state and its step count untouched. ``found_inf`` (1-element float32 on the device, or
+    ``None``): when nonzero nothing at all is written. No host synchronisation; with
+    ``capturable=True`` a missing pointer table during CUDA-graph capture raises (warm up first).
+
+    Supported: float32 optimizer state only (float64 state raises ``TypeError``: use
+    ``backend="reference"``); float32/bfloat16/float16/float64 parameters (computed in fp32,
+    rounded once on store); head dim 8/16/32 with hidden size <= 64 (``ValueError`` otherwise).
+    Non-contiguous gradients are copied; non-contiguous parameters are updated through a
+    contiguous copy that is copied back.
+    """
+    if flat.exp_avg.dtype != torch.float32:
+        raise TypeError(
+            f"the fused MGG step keeps float32 state, the MGG is {flat.exp_avg.dtype}; "
+            "use backend='reference' for float64"
+        )
+    check_mgg_shape(mgg.num_heads, mgg.head_dim)
+    weights = weight_args(mgg.weights())
+    if len(grads) != len(flat.params):
+        raise ValueError(f"{len(grads)} gradients for {len(flat.params)} parameters")
+    device = flat.exp_avg.device
+    if found_inf is None:
+        found_inf = torch.zeros(1, device=device, dtype=torch.float32)
+
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, g in enumerate(grads):
+        if g is None:
+            continue
+        p = flat.params[i]
+        if p.dtype not in PARAM_DTYPES:
+            raise TypeError(f"the fused MGG step supports {list(PARAM_DTYPES)} parameters, got {p.dtype}")
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != device:
+            raise ValueError(f"gradient {i} ({g.dtype}, {list(g.shape)}) does not match its parameter")
+        by_dtype.setdefault(p.dtype, []).append(i)
+    if not by_dtype:
+        return
+    block, num_warps = launch_config(flat.num_coords, mgg.head_dim)
+    scalars = (lr, beta1, 1.0 - beta1, _ln(beta1), beta2, 1.0 - beta2, _ln(beta2), eps)
+    for dtype, index in by_dtype.items():
+        params = [flat.params[i] for i in index]
+        work = [p if p.is_contiguous() else p.contiguous() for p in params]
+        g_work = [grads[i] if grads[i].is_contiguous() else grads[i].contiguous() for i in index]
+        table = _lookup_table(flat, work, g_work, index, block, capturable)
+        _advance_steps_kernel[(triton.cdiv(len(index), STEP_BLOCK),)](
+            flat.steps, table.param_idx, len(index), found_inf, BLOCK=STEP_BLOCK
+        )
+        if table.chunks.shape[0]:
+            _mgg_step_kernel[(table.chunks.shape[0],)](
+                table.chunks, flat.steps, found_inf,
+                flat.exp_avg, flat.exp_avg_sq, flat.memory_W, flat.memory_b,
+                *scalars, *weights,
+                NH=mgg.num_heads, F=mgg.head_dim, P_DTYPE=PARAM_DTYPES[dtype], BLOCK=block,
+                num_warps=num_warps,
+            )  # fmt: skip
+        for p, w in zip(params, work, strict=True):
+            if w is not p:
+                p.copy_(w)
