@@ -56,6 +56,18 @@ def _one_minus_pow(ln_beta, e):
 
 
 @triton.jit
+def _to_param_dtype(x, P_DTYPE: tl.constexpr):
+    """Round fp32 to the parameter dtype to nearest-even (as torch does). For bf16 the rounding is
+    explicit bit arithmetic, after which the cast is exact: the interpreter's fp32->bf16 cast
+    truncates, the GPU's rounds, so both now give torch's result."""
+    if tl.bfloat16 == P_DTYPE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        x = tl.where(x == x, ((bits >> 16) << 16).to(tl.float32, bitcast=True), x)  # NaN stays NaN
+    return x.to(P_DTYPE)
+
+
+@triton.jit
 def _advance_steps_kernel(steps, idx, n, found_inf, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < tl.where(tl.load(found_inf) == 0, n, 0)  # found_inf: nothing is valid
@@ -119,7 +131,7 @@ def _mgg_step_kernel(
     )  # fmt: skip
     tl.store(m_ptr + coords, m, mask=mask)
     tl.store(v_ptr + coords, v, mask=mask)
-    tl.store(p_ptr + offs, (p - lr * out).to(P_DTYPE), mask=mask)
+    tl.store(p_ptr + offs, _to_param_dtype(p - lr * out, P_DTYPE), mask=mask)
 
 
 class _StepTable:

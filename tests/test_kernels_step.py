@@ -1,0 +1,341 @@
+"""The fused optimizer step (``backend="triton"``) against the parity vectors and the reference step.
+
+Runs on CPU through TRITON_INTERPRET=1 (tests/conftest.py); every program costs ~0.1 s there,
+so tensors are small (a few chunks of 128 coordinates per step).
+"""
+
+import copy
+import io
+
+import pytest
+import torch
+from conftest import F32
+from mgg_fast.kernels import fused_group_step
+from mgg_fast.kernels.mgg_step import TABLE_CACHE_KEY
+from torch.testing import assert_close
+
+from mgg_fast import MGG, MGGOptimizer
+
+SHAPES = [(0,), (), (1,), (3, 5), (130,), (2, 4)]  # 130 spans two chunks, not a block multiple
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "memory_W", "memory_b", "step")
+DTYPE_TOL = {  # parameters: one rounding of an fp32 result to the storage dtype may differ
+    torch.float32: F32,
+    torch.bfloat16: {"rtol": 2**-7, "atol": 1e-5},
+    torch.float16: {"rtol": 2**-10, "atol": 1e-5},
+}
+
+
+def random_mgg(hidden: int = 8, heads: int = 1, seed: int = 0) -> MGG:
+    torch.manual_seed(seed)
+    mgg = MGG(hidden, heads)
+    with torch.no_grad():
+        for p in mgg.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return mgg
+
+
+def make_params(shapes, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen).to(dtype).requires_grad_(True) for s in shapes]
+
+
+def twin_optimizers(mgg, shapes, dtype=torch.float32, **kw):
+    """Identical parameters under the reference and the fused backend (state: float32)."""
+    params = make_params(shapes, dtype)
+    fused = [p.detach().clone().requires_grad_(True) for p in params]
+    ref_opt = MGGOptimizer(params, copy.deepcopy(mgg), lr=0.05, backend="reference", **kw)
+    fused_opt = MGGOptimizer(fused, copy.deepcopy(mgg), lr=0.05, backend="triton", **kw)
+    return params, ref_opt, fused, fused_opt
+
+
+def set_grads(params, seed, scale=2.0, none=()):
+    gen = torch.Generator().manual_seed(seed)
+    for i, p in enumerate(params):
+        g = (torch.randn(p.shape, generator=gen) * scale).to(p.dtype)
+        p.grad = None if i in none else g
+
+
+def copy_grads(src, dst):
+    for p, q in zip(src, dst, strict=True):
+        q.grad = None if p.grad is None else p.grad.clone()
+
+
+def assert_same_step(ref_params, ref_opt, params, opt, tol=F32):
+    for p, q in zip(ref_params, params, strict=True):
+        assert_close(q.detach().float(), p.detach().float(), **tol)
+        for key in STATE_KEYS:
+            assert_close(opt.state[q][key], ref_opt.state[p][key], **F32, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def snapshot(params, opt):
+    return [p.detach().clone() for p in params], {
+        id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params if p in opt.state
+    }
+
+
+def assert_unchanged(params, opt, snap):
+    old_params, old_state = snap
+    for p, old in zip(params, old_params, strict=True):
+        assert torch.equal(p.detach(), old)
+    for p in params:
+        for k, v in old_state.get(id(p), {}).items():
+            assert torch.equal(opt.state[p][k], v), k
+
+
+@pytest.mark.parametrize("case", ["hetero", "official_homog"])
+def test_optimizer_steps_parity(step_vectors, case):
+    d = step_vectors
+    c = d["cases"][case]
+    mgg = MGG(d["config"]["hidden_size"], d["config"]["num_heads"])
+    mgg.load_state_dict(d["state_dict"])
+    params = [p.float().clone().requires_grad_(True) for p in c["params_init"]]
+    opt = MGGOptimizer(
+        params, mgg, lr=d["adapt_lr"], betas=(d["beta1"], d["beta2"]), eps=d["eps"], backend="triton"
+    )
+    for t in range(d["T"]):
+        for p, g in zip(params, c["grads"][t], strict=True):
+            p.grad = g.float()
+        opt.step()
+        for i, p in enumerate(params):
+            assert_close(p.detach().double(), c["params_f64"][t][i], **F32)
+            assert_close(opt.state[p]["exp_avg"].double(), c["m_f64"][t][i], **F32)
+            assert_close(opt.state[p]["exp_avg_sq"].double(), c["v_f64"][t][i], **F32)
+            assert opt.state[p]["step"].item() == t + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_matches_reference_param_dtypes(dtype):
+    mgg = random_mgg(seed=1)
+    ref_params, ref_opt, params, opt = twin_optimizers(mgg, SHAPES, dtype)
+    for step in range(3):
+        set_grads(ref_params, step)
+        copy_grads(ref_params, params)
+        ref_opt.step()
+        opt.step()
+        assert_same_step(ref_params, ref_opt, params, opt, DTYPE_TOL[dtype])
+        assert all(p.dtype == dtype for p in params)
+    assert opt.state[params[0]]["exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.parametrize(("hidden", "heads"), [(16, 2), (24, 3), (32, 1), (64, 2)])
+def test_fused_matches_reference_mgg_sizes(hidden, heads):
+    mgg = random_mgg(hidden, heads, seed=hidden)
+    shapes = [(5, 7), (60,), ()]
+    ref_params, ref_opt, params, opt = twin_optimizers(mgg, shapes, betas=(0.8, 0.999))
+    for step in range(2):
+        set_grads(ref_params, 10 + step, scale=5.0)
+        copy_grads(ref_params, params)
+        ref_opt.step()
+        opt.step()
+        assert_same_step(ref_params, ref_opt, params, opt)
+
+
+def test_mixed_param_dtypes_in_one_group():
+    mgg = random_mgg(seed=2)
+    ref_params, ref_opt, params, opt = twin_optimizers(mgg, [(6,), (9,)])
+    for p in (ref_params[1], params[1]):
+        p.data = p.data.bfloat16()
+    set_grads(ref_params, 0)
+    copy_grads(ref_params, params)
+    ref_opt.step()
+    opt.step()
+    assert_same_step(ref_params, ref_opt, params, opt, DTYPE_TOL[torch.bfloat16])
+
+
+def test_params_without_grad_are_untouched_and_keep_their_step():
+    mgg = random_mgg(seed=3)
+    ref_params, ref_opt, params, opt = twin_optimizers(mgg, SHAPES)
+    set_grads(ref_params, 0)
+    copy_grads(ref_params, params)
+    ref_opt.step()
+    opt.step()
+    set_grads(ref_params, 1, none=(3, 4))
+    copy_grads(ref_params, params)
+    snap = snapshot([params[3], params[4]], opt)
+    ref_opt.step()
+    opt.step()
+    assert_unchanged([params[3], params[4]], opt, snap)
+    assert opt.state[params[3]]["step"].item() == 1 and opt.state[params[0]]["step"].item() == 2
+    assert_same_step(ref_params, ref_opt, params, opt)
+    # next step: per-parameter step counts (and bias corrections) now differ
+    set_grads(ref_params, 2)
+    copy_grads(ref_params, params)
+    ref_opt.step()
+    opt.step()
+    assert_same_step(ref_params, ref_opt, params, opt)
+
+
+def test_non_contiguous_params_and_grads():
+    mgg = random_mgg(seed=4)
+    base = torch.randn(6, 9)
+    ref_params = [torch.nn.Parameter(base.clone().t()), torch.nn.Parameter(torch.randn(20))]
+    params = [torch.nn.Parameter(base.clone().t()), torch.nn.Parameter(ref_params[1].detach().clone())]
+    assert not params[0].is_contiguous()
+    ref_opt = MGGOptimizer(ref_params, copy.deepcopy(mgg), lr=0.05, backend="reference")
+    opt = MGGOptimizer(params, copy.deepcopy(mgg), lr=0.05, backend="triton")
+    for _ in range(2):
+        g0 = torch.randn(6, 9).t()  # non-contiguous gradient
+        g1 = torch.randn(40)[::2]
+        ref_params[0].grad, ref_params[1].grad = g0.clone(), g1.clone()
+        params[0].grad, params[1].grad = g0, g1
+        ref_opt.step()
+        opt.step()
+        assert_same_step(ref_params, ref_opt, params, opt)
+    assert params[0].stride() == (1, 9), "the parameter keeps its layout"
+
+
+def test_nonfinite_grad_skips_with_triton_backend():
+    mgg = random_mgg(seed=5)
+    params = make_params(SHAPES)
+    opt = MGGOptimizer(params, mgg, lr=0.05, backend="triton")
+    set_grads(params, 0)
+    opt.step()
+    snap = snapshot(params, opt)
+    set_grads(params, 1)
+    params[4].grad[7] = float("nan")
+    opt.step()
+    assert opt.num_skipped_steps == 1
+    assert_unchanged(params, opt, snap)
+
+
+def test_capturable_found_inf_writes_nothing():
+    """capturable=True: the skip decision stays on the device; the kernels read found_inf."""
+    mgg = random_mgg(seed=6)
+    ref_params, ref_opt, params, opt = twin_optimizers(mgg, [(7,), (130,)])
+    opt = MGGOptimizer(params, opt.mgg, lr=0.05, backend="triton", capturable=True)
+    set_grads(ref_params, 0)
+    copy_grads(ref_params, params)
+    ref_opt.step()
+    opt.step()
+    snap = snapshot(params, opt)
+    set_grads(params, 1)
+    params[1].grad[100] = float("inf")
+    opt.step()
+    assert opt.num_skipped_steps == 1
+    assert_unchanged(params, opt, snap)
+    set_grads(ref_params, 2)
+    copy_grads(ref_params, params)
+    ref_opt.step()
+    opt.step()
+    assert_same_step(ref_params, ref_opt, params, opt)
+
+
+def test_direct_call_with_found_inf_set_writes_nothing():
+    mgg = random_mgg(seed=7)
+    params = make_params([(10,), (3, 3)])
+    opt = MGGOptimizer(params, mgg, lr=0.05, backend="triton")
+    set_grads(params, 0)
+    opt.step()
+    flat = opt._flat_state(0)
+    snap = snapshot(params, opt)
+    grads = [p.grad for p in params]
+    kw = {"lr": 0.05, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
+    fused_group_step(flat, grads, mgg, **kw, found_inf=torch.ones(1), capturable=True)
+    assert_unchanged(params, opt, snap)
+    fused_group_step(flat, grads, mgg, **kw, found_inf=torch.zeros(1), capturable=True)
+    assert opt.state[params[0]]["step"].item() == 2
+    assert not torch.equal(params[0].detach(), snap[0][0])
+
+
+def test_fused_step_is_deterministic_and_caches_its_table():
+    mgg = random_mgg(seed=8)
+    runs = []
+    for _ in range(2):
+        params = make_params(SHAPES)
+        opt = MGGOptimizer(params, copy.deepcopy(mgg), lr=0.05, backend="triton")
+        for step in range(2):
+            set_grads(params, step)
+            opt.step()
+            tables = opt._flat_state(0).cache[TABLE_CACHE_KEY]
+            assert len(tables) == step + 1  # fresh gradient tensors: new addresses, a new table
+        for p in params:  # gradients updated in place: same addresses, the table is reused
+            p.grad.mul_(0.5)
+        opt.step()
+        assert len(opt._flat_state(0).cache[TABLE_CACHE_KEY]) == 2
+        runs.append(([p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())))
+    (p1, sd1), (p2, sd2) = runs
+    for a, b in zip(p1, p2, strict=True):
+        assert torch.equal(a, b)
+    for i, st in sd1["state"].items():
+        for k, v in st.items():
+            assert torch.equal(sd2["state"][i][k], v), k
+
+
+def test_state_dict_round_trip_continues_identically():
+    mgg = random_mgg(seed=9)
+    params = make_params(SHAPES)
+    opt = MGGOptimizer(params, copy.deepcopy(mgg), lr=0.05, backend="triton")
+    for step in range(2):
+        set_grads(params, step, none=(3,) if step == 0 else ())
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    params2 = [p.detach().clone().requires_grad_(True) for p in params]
+    opt2 = MGGOptimizer(params2, copy.deepcopy(mgg), lr=0.5, backend="triton")
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    for step in range(2, 4):
+        set_grads(params, step)
+        set_grads(params2, step)
+        opt.step()
+        opt2.step()
+    for p, q in zip(params, params2, strict=True):
+        assert torch.equal(p.detach(), q.detach())
+        for key in STATE_KEYS:
+            assert torch.equal(opt.state[p][key], opt2.state[q][key]), key
+    assert opt2.state[params2[3]]["step"].item() == 3
+
+
+def test_unsupported_state_and_sizes_raise_clearly():
+    params = make_params([(4,)], torch.float64)
+    params[0].grad = torch.ones(4, dtype=torch.float64)
+    opt = MGGOptimizer(params, MGG().double(), backend="triton")
+    with pytest.raises(TypeError, match="backend='reference'"):
+        opt.step()
+    params = make_params([(4,)])
+    params[0].grad = torch.ones(4)
+    opt = MGGOptimizer(params, MGG(12, 1), backend="triton")
+    with pytest.raises(ValueError, match="head dim"):
+        opt.step()
+    assert opt.state[params[0]]["step"].item() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA GPU")
+def test_cuda_graph_capture_of_capturable_step():
+    mgg = random_mgg(seed=10).cuda()
+    shapes = [(768,)] * 4 + [(100,)]
+    params = [p.detach().cuda().requires_grad_(True) for p in make_params(shapes)]
+    ref_params = [p.detach().clone().requires_grad_(True) for p in params]
+    opt = MGGOptimizer(params, mgg, lr=0.05, backend="triton", capturable=True)
+    ref_opt = MGGOptimizer(ref_params, copy.deepcopy(mgg), lr=0.05, backend="reference")
+    grads = [torch.randn(s, device="cuda") for s in shapes]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt.step()  # warm-up: builds the pointer table and compiles
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for p, g in zip(ref_params, grads, strict=True):
+        p.grad = g.clone()
+    ref_opt.step()  # matches the warm-up step
+    for _ in range(3):
+        new = [torch.randn(s, device="cuda") for s in shapes]
+        for g, n in zip(grads, new, strict=True):
+            g.copy_(n)
+        graph.replay()
+        for p, n in zip(ref_params, new, strict=True):
+            p.grad = n.clone()
+        ref_opt.step()
+    torch.cuda.synchronize()
+    assert_same_step(ref_params, ref_opt, params, opt)
+    assert opt.state[params[0]]["step"].item() == 4
+    grads[2][5] = float("nan")  # a non-finite replay writes nothing
+    snap = snapshot(params, opt)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_unchanged(params, opt, snap)
+    assert opt.num_skipped_steps == 1
