@@ -112,10 +112,13 @@ class MGTTA(nn.Module):
         return logits
 
     def forward_backward(self, x: Tensor) -> Tensor:
-        """The model part of :meth:`forward` (no input checks): loss and gradients; returns logits."""
-        logits, loss = self.loss_fn(lambda: self.model(x))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        """The model part of :meth:`forward` (no input checks): loss and gradients; returns logits.
+
+        Gradients are enabled inside, so the adapter also works in a ``torch.no_grad()`` loop."""
+        with torch.enable_grad():
+            logits, loss = self.loss_fn(lambda: self.model(x))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         self.last_loss = loss.detach()
         return logits.detach()
 
@@ -152,6 +155,10 @@ class MGTTA(nn.Module):
     def _check_input(self, x: Tensor) -> None:
         if self._released:
             raise RuntimeError("restore_model() was called: this adapter no longer owns the model")
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "test-time adaptation needs gradients: call the adapter outside torch.inference_mode()"
+            )
         if not isinstance(x, Tensor):
             raise TypeError(f"the batch must be a torch.Tensor, got {type(x).__name__}")
         if x.device != self.device:

@@ -5,11 +5,15 @@ source mean)) / 64, over per-layer features of the batch (the MGTTA objective, Î
 
 Features (one vector per sample, the per-layer parts concatenated, taken by forward hooks):
 
-* ViTs with a class token (timm ``VisionTransformer``: ``model.blocks`` and ``model.cls_token``):
-  the CLS token after each block, ``blocks[i](...)[:, 0]``, as published.
+* ViTs with a class token (timm ``VisionTransformer``: ``blocks`` and ``cls_token``): the CLS
+  token after each block, ``blocks[i](...)[:, 0]``, as published.
 * Models without a CLS token: the globally average-pooled (over H, W of an NCHW output)
   feature of each stage: ``layer1 .. layerN`` (ResNets), else ``stages[i]`` (timm ConvNeXt
   style), else every top-level child whose output is 4-D (plain CNNs).
+
+The first submodule (in ``named_modules`` order, the model itself first) that looks like a ViT,
+a ResNet or a staged CNN is used, so backbones wrapped in e.g. ``nn.Sequential(normalize, vit)``
+are found.
 """
 
 from __future__ import annotations
@@ -51,17 +55,20 @@ class SourceStats:
 
 
 def _candidate_layers(model: nn.Module) -> tuple[list[str], str]:
-    blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and getattr(model, "cls_token", None) is not None:
-        return [f"blocks.{i}" for i in range(len(blocks))], "cls"
-    resnet_stages = [
-        f"layer{i}" for i in range(1, 10) if isinstance(getattr(model, f"layer{i}", None), nn.Module)
-    ]
-    if resnet_stages:
-        return resnet_stages, "pooled"
-    stages = getattr(model, "stages", None)
-    if isinstance(stages, (nn.Sequential, nn.ModuleList)):
-        return [f"stages.{i}" for i in range(len(stages))], "pooled"
+    """The feature layers (qualified names) and how to read them; wrapped backbones are found too."""
+    for prefix, m in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        blocks = getattr(m, "blocks", None)
+        if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and getattr(m, "cls_token", None) is not None:
+            return [f"{dot}blocks.{i}" for i in range(len(blocks))], "cls"
+        resnet_stages = [
+            f"layer{i}" for i in range(1, 10) if isinstance(getattr(m, f"layer{i}", None), nn.Module)
+        ]
+        if resnet_stages:
+            return [dot + name for name in resnet_stages], "pooled"
+        stages = getattr(m, "stages", None)
+        if isinstance(stages, (nn.Sequential, nn.ModuleList)):
+            return [f"{dot}stages.{i}" for i in range(len(stages))], "pooled"
     return [name for name, _ in model.named_children()], "pooled"
 
 

@@ -330,3 +330,24 @@ def test_foa_loss_values(stats):
         foa_loss(logits[:1], matching[:1], s)
     with pytest.raises(ValueError, match="do not match source statistics"):
         foa_loss(logits, matching[:, :10], s)
+
+
+def test_adapts_inside_no_grad_and_refuses_inference_mode(stats):
+    xs = batches(2)
+    plain = adapter_for("cnn", "adam", stats, None)
+    expected = [plain(x) for x in xs]
+    adapter = adapter_for("cnn", "adam", stats, None)
+    with torch.no_grad():
+        got = [adapter(x) for x in xs]
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        adapter(xs[0])
+    assert adapter.num_updates == 2
+
+
+def test_wrapped_backbone_features():
+    torch.manual_seed(0)
+    wrapped = nn.Sequential(nn.Identity(), tiny_vit()).eval()
+    s = fit_source_stats(wrapped, batches(1))
+    assert s.layers == ("1.blocks.0", "1.blocks.1") and s.mode == "cls"
+    assert MGTTA(wrapped, optimizer="sgd", source_stats=s)(batches(1)[0]).shape == (6, 10)
