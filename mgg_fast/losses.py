@@ -6,7 +6,10 @@ source mean)) / 64, over per-layer features of the batch (the MGTTA objective, Î
 Features (one vector per sample, the per-layer parts concatenated, taken by forward hooks):
 
 * ViTs with a class token (timm ``VisionTransformer``: ``blocks`` and ``cls_token``): the CLS
-  token after each block, ``blocks[i](...)[:, 0]``, as published.
+  token after each block, passed through the layer norm that follows it (``blocks[i+1].norm1``,
+  and the final ``norm`` after the last block), exactly the published ``layers_cls_features``.
+  These are read at the output of those norm layers (token 0), so the discrepancy term
+  reaches their affine parameters directly, as in the published loss.
 * Models without a CLS token: the globally average-pooled (over H, W of an NCHW output)
   feature of each stage: ``layer1 .. layerN`` (ResNets), else ``stages[i]`` (timm ConvNeXt
   style), else every top-level child whose output is 4-D (plain CNNs).
@@ -60,7 +63,7 @@ def _candidate_layers(model: nn.Module) -> tuple[list[str], str]:
         dot = f"{prefix}." if prefix else ""
         blocks = getattr(m, "blocks", None)
         if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and getattr(m, "cls_token", None) is not None:
-            return [f"{dot}blocks.{i}" for i in range(len(blocks))], "cls"
+            return [dot + name for name in _vit_feature_layers(m)], "cls"
         resnet_stages = [
             f"layer{i}" for i in range(1, 10) if isinstance(getattr(m, f"layer{i}", None), nn.Module)
         ]
@@ -70,6 +73,21 @@ def _candidate_layers(model: nn.Module) -> tuple[list[str], str]:
         if isinstance(stages, (nn.Sequential, nn.ModuleList)):
             return [f"{dot}stages.{i}" for i in range(len(stages))], "pooled"
     return [name for name, _ in model.named_children()], "pooled"
+
+
+def _vit_feature_layers(vit: nn.Module) -> list[str]:
+    """Where the published normalised CLS features appear: the output of the norm that follows
+    each block (``blocks[i+1].norm1``, and ``norm`` after the last); the block output if absent."""
+    blocks = vit.blocks
+    layers = [
+        f"blocks.{i + 1}.norm1"
+        if isinstance(getattr(blocks[i + 1], "norm1", None), nn.Module)
+        else f"blocks.{i}"
+        for i in range(len(blocks) - 1)
+    ]
+    last = len(blocks) - 1
+    layers.append("norm" if isinstance(getattr(vit, "norm", None), nn.Module) else f"blocks.{last}")
+    return layers
 
 
 def _extract(output: Any, mode: str) -> Tensor | None:
