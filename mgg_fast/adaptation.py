@@ -90,7 +90,9 @@ class MGTTA(nn.Module):
             self.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=SGD_MOMENTUM)
         else:
             self.optimizer = torch.optim.Adam(params, lr=self.lr, betas=betas)
-        self._model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # Only the adapted params and the buffers can change: snapshot those, not the whole model.
+        self._tracked = params + [b for b in model.buffers() if b is not None]
+        self._initial = [t.detach().clone() for t in self._tracked]
         self._optimizer_state = copy.deepcopy(self.optimizer.state_dict())
         self.num_updates = 0
         self.total_updates = 0
@@ -129,9 +131,11 @@ class MGTTA(nn.Module):
         self.total_updates += 1
 
     def reset(self) -> None:
-        """Restore the model's parameters and buffers and the optimizer state (moments, MGG memory)
-        to their values at construction, bitwise."""
-        self.model.load_state_dict(self._model_state)
+        """Restore the adapted parameters, the model's buffers and the optimizer state (moments,
+        MGG memory, step counts) to their values at construction, bitwise. (The other
+        parameters are frozen and never change.)"""
+        with torch.no_grad():
+            torch._foreach_copy_(self._tracked, self._initial)
         self.optimizer.load_state_dict(copy.deepcopy(self._optimizer_state))
         self.optimizer.zero_grad(set_to_none=True)
         self.num_updates = 0
