@@ -179,15 +179,18 @@ def train_mgg(
         ) as trainer:
             for epoch in range(epochs):
                 trainer.reset()
-                bar = tqdm(
-                    batches, desc=f"meta-train {epoch + 1}/{epochs}", disable=not progress, leave=False
-                )
+                bar = tqdm(batches, desc=f"meta-train {epoch + 1}/{epochs}", disable=not progress)
+                total = 0.0
                 for batch in bar:
-                    bar.set_postfix(loss=f"{trainer.step(batch)['loss']:.4f}")
+                    loss_t = trainer.step(batch)["loss"]
+                    total += loss_t
+                    bar.set_postfix(loss=f"{loss_t:.4f}", mean=f"{total / trainer.num_steps:.4f}")
                 if trainer.num_steps == 0:
                     raise ValueError(f"epoch {epoch + 1} got no batches (is `batches` a one-shot iterator?)")
                 if validate is not None:
                     score = _validate(model, mgg, validate)
+                    if progress:
+                        tqdm.write(f"meta-train {epoch + 1}/{epochs}: validation score {score:.4f}")
                     if best is None or score > best_score:
                         best, best_score = copy.deepcopy(mgg), score
     return mgg if best is None else best
