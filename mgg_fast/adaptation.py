@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from mgg_fast.losses import AdaptationLoss, SourceStats
 from mgg_fast.mgg import MGG
 from mgg_fast.norm_params import configure_for_adaptation, select_norm_params
-from mgg_fast.optimizer import MGGOptimizer
+from mgg_fast.optimizer import MGGOptimizer, triton_usable
 
 OPTIMIZERS = ("mgg", "sgd", "adam")
 DEFAULT_LR = {"mgg": 1e-3, "sgd": 1e-3, "adam": 1e-3}
@@ -79,9 +79,12 @@ class MGTTA(nn.Module):
         self.optimizer_name = optimizer
         self.episodic = episodic
         self.lr = DEFAULT_LR[optimizer] if lr is None else lr
-        self._config = configure_for_adaptation(model)
         self.param_names = [name for name, _ in named]
         params = [p for _, p in named]
+        if optimizer == "mgg" and backend == "triton" and not triton_usable(self.device):
+            raise ValueError(
+                f"backend='triton' needs a CUDA model (or TRITON_INTERPRET=1); it is on {self.device}"
+            )
         if optimizer == "mgg":
             self.optimizer: torch.optim.Optimizer = MGGOptimizer(
                 params, _mgg_on(mgg, self.device), lr=self.lr, betas=betas, backend=backend
@@ -90,6 +93,7 @@ class MGTTA(nn.Module):
             self.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=SGD_MOMENTUM)
         else:
             self.optimizer = torch.optim.Adam(params, lr=self.lr, betas=betas)
+        self._config = configure_for_adaptation(model)
         # Only the adapted params and the buffers can change: snapshot those, not the whole model.
         self._tracked = params + [b for b in model.buffers() if b is not None]
         self._initial = [t.detach().clone() for t in self._tracked]

@@ -25,11 +25,12 @@ def select_norm_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
     Raises ``ValueError`` if the model has none (no norm layers, or none with affine parameters).
     """
-    selected = []
+    selected, seen = [], set()
     for prefix, module in _norm_modules(model):
         for local in AFFINE_NAMES:
             p = module._parameters.get(local)
-            if isinstance(p, nn.Parameter):
+            if isinstance(p, nn.Parameter) and id(p) not in seen:  # a shared norm counts once
+                seen.add(id(p))
                 selected.append((f"{prefix}.{local}" if prefix else local, p))
     if not selected:
         raise ValueError(

@@ -249,6 +249,14 @@ def test_construction_errors(stats):
         MGTTA(model, optimizer="sgd", loss="mse")
     assert not model.training and all(p.requires_grad for p in model.parameters())  # untouched
     assert all(torch.equal(v, model_before[k]) for k, v in snapshot(model).items())
+    if not torch.cuda.is_available():
+        with (
+            pytest.MonkeyPatch.context() as mp,
+            pytest.raises(ValueError, match="backend='triton' needs a CUDA model"),
+        ):
+            mp.delenv("TRITON_INTERPRET", raising=False)
+            MGTTA(model, optimizer="mgg", mgg=MGG(), loss="entropy", backend="triton")
+    assert not model.training and all(p.requires_grad for p in model.parameters())
     with pytest.warns(UserWarning, match="untrained MGG"):
         MGTTA(model, optimizer="mgg", loss="entropy")
 
@@ -289,6 +297,8 @@ def test_select_norm_params_timm_layers_and_order():
     )
     names = [n for n, _ in select_norm_params(model)]
     assert names == ["1.weight", "1.bias", "2.weight", "2.bias", "3.weight", "3.bias", "6.weight", "6.bias"]
+    shared = nn.LayerNorm(4)
+    assert len(select_norm_params(nn.Sequential(shared, nn.ReLU(), shared))) == 2
 
 
 @pytest.mark.parametrize(
