@@ -14,6 +14,8 @@ two-pass and several heads stay numerically stable without holding all of ``u`` 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import triton
@@ -36,7 +38,9 @@ def check_mgg_shape(num_heads: int, head_dim: int) -> None:
         )
 
 
-INTERPRET_BLOCK = 128  # few, fat programs: each costs ~1 ms in the interpreter
+INTERPRET_BLOCK = 128  # few, fat programs under the interpreter
+SMALL_N = 1 << 18  # below this many coordinates, smaller blocks (more programs)
+_forced: list[tuple[int, int]] = []  # stack of forced_config() overrides
 
 
 def launch_config(n: int, f: int) -> tuple[int, int]:
@@ -44,16 +48,32 @@ def launch_config(n: int, f: int) -> tuple[int, int]:
 
     A fixed table rather than ``triton.autotune``: the step kernel updates its buffers in place
     through pointers held in a table, so autotuning (which re-runs the kernel) would apply the
-    step several times. Tiles hold ``BLOCK * f * f`` floats; about 32-64 per thread keeps them in
-    registers. Small ``n`` (ViT norm scale) gets smaller blocks for more programs per SM.
-    Under ``TRITON_INTERPRET=1`` every program costs ~1 ms, so few fat ones.
+    step several times. ``num_warps`` is chosen so a ``[BLOCK, f, f]`` tile is ~8 floats per
+    thread: ptxas (sm_90, H=8) then needs ~80 registers instead of 160-255 at 16-32 floats per
+    thread, so more warps stay resident to hide memory latency. Small ``n`` (ViT norm scale)
+    gets half blocks for more programs per SM. Unmeasured on a GPU: ``bench/gpu_check.sh``
+    sweeps alternatives. Under ``TRITON_INTERPRET=1`` every program costs ~0.1 s: few fat ones.
     """
+    if _forced:
+        return _forced[-1]
     if os.environ.get("TRITON_INTERPRET") == "1":
         return INTERPRET_BLOCK, 1
-    block, num_warps = {8: (32, 4), 16: (16, 4), 32: (8, 4)}[f]
-    if n < 1 << 18:
-        return block // 2, max(num_warps // 2, 1)
-    return block, num_warps
+    block = {8: 32, 16: 8, 32: 4}[f]
+    if n < SMALL_N:
+        block //= 2
+    return block, min(max(block * f * f // 256, 1), 8)
+
+
+@contextmanager
+def forced_config(block: int, num_warps: int) -> Iterator[None]:
+    """Make :func:`launch_config` return ``(block, num_warps)`` inside the block (config sweeps)."""
+    if block < 1 or block & (block - 1):
+        raise ValueError(f"BLOCK must be a power of two, got {block}")
+    _forced.append((block, num_warps))
+    try:
+        yield
+    finally:
+        _forced.pop()
 
 
 def weight_args(w: MGGWeights) -> list[torch.Tensor]:

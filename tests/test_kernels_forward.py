@@ -12,7 +12,15 @@ from torch.testing import assert_close
 from mgg_fast import MGG
 from mgg_fast.reference import memory_layer
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES = [(8, 1), (16, 2), (24, 3), (32, 1), (64, 2), (64, 8)]  # (hidden, heads): f = 8, 16, 32
+
+
+@pytest.fixture(autouse=True)
+def _default_device():
+    """Tensors and MGGs of these tests live on the GPU when there is one (else the interpreter)."""
+    with torch.device(DEVICE):
+        yield
 
 
 def random_mgg(hidden: int, heads: int, seed: int) -> MGG:
@@ -38,22 +46,22 @@ def reference_f64(mgg: MGG, x, W=None, b=None):
 
 def test_forward_six_chained_calls(forward_vectors):
     d = forward_vectors
-    mgg = mgg_from_parity(d, torch.float32)
+    mgg = mgg_from_parity(d, torch.float32).to(DEVICE)
     W = b = None
     for t in range(d["T"]):
-        out, W, b = fused_mgg_forward(d["inputs"][t].float(), W, b, mgg)
+        out, W, b = fused_mgg_forward(d["inputs"][t].float().to(DEVICE), W, b, mgg)
         assert out.shape == (d["N"],)
-        assert_close(out.double(), d["outputs_f64"][t].reshape(-1), **F32)
-        assert_close(W.double(), d["W1_states_f64"][t], **F32)
-        assert_close(b.double(), d["b1_states_f64"][t][:, :, 0, :], **F32)
-        assert_close(W.double().sum(0), d["W1_states_sum_f64"][t], rtol=1e-4, atol=1e-4)
+        assert_close(out.double().cpu(), d["outputs_f64"][t].reshape(-1), **F32)
+        assert_close(W.double().cpu(), d["W1_states_f64"][t], **F32)
+        assert_close(b.double().cpu(), d["b1_states_f64"][t][:, :, 0, :], **F32)
+        assert_close(W.double().sum(0).cpu(), d["W1_states_sum_f64"][t], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(("hidden", "heads"), SIZES)
 def test_forward_matches_reference(hidden, heads):
     """First call (tiled learned memory) then a carried-state call; N=150 is not a block multiple."""
     mgg = random_mgg(hidden, heads, seed=hidden + heads)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator(DEVICE).manual_seed(1)
     x = torch.randn(150, 2, generator=gen) * 3
     x[:3] = 0.0
     out, W, b = fused_mgg_forward(x, None, None, mgg)

@@ -16,6 +16,7 @@ from torch.testing import assert_close
 
 from mgg_fast import MGG, MGGOptimizer
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(0,), (), (1,), (3, 5), (130,), (2, 4)]  # 130 spans two chunks, not a block multiple
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "memory_W", "memory_b", "step")
 DTYPE_TOL = {  # parameters: one rounding of an fp32 result to the storage dtype may differ
@@ -23,6 +24,13 @@ DTYPE_TOL = {  # parameters: one rounding of an fp32 result to the storage dtype
     torch.bfloat16: {"rtol": 2**-7, "atol": 1e-5},
     torch.float16: {"rtol": 2**-10, "atol": 1e-5},
 }
+
+
+@pytest.fixture(autouse=True)
+def _default_device():
+    """Tensors and MGGs of these tests live on the GPU when there is one (else the interpreter)."""
+    with torch.device(DEVICE):
+        yield
 
 
 def random_mgg(hidden: int = 8, heads: int = 1, seed: int = 0) -> MGG:
@@ -35,7 +43,7 @@ def random_mgg(hidden: int = 8, heads: int = 1, seed: int = 0) -> MGG:
 
 
 def make_params(shapes, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(DEVICE).manual_seed(seed)
     return [torch.randn(s, generator=gen).to(dtype).requires_grad_(True) for s in shapes]
 
 
@@ -49,7 +57,7 @@ def twin_optimizers(mgg, shapes, dtype=torch.float32, **kw):
 
 
 def set_grads(params, seed, scale=2.0, none=()):
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(DEVICE).manual_seed(seed)
     for i, p in enumerate(params):
         g = (torch.randn(p.shape, generator=gen) * scale).to(p.dtype)
         p.grad = None if i in none else g
@@ -88,18 +96,18 @@ def test_optimizer_steps_parity(step_vectors, case):
     c = d["cases"][case]
     mgg = MGG(d["config"]["hidden_size"], d["config"]["num_heads"])
     mgg.load_state_dict(d["state_dict"])
-    params = [p.float().clone().requires_grad_(True) for p in c["params_init"]]
+    params = [p.float().to(DEVICE).requires_grad_(True) for p in c["params_init"]]
     opt = MGGOptimizer(
         params, mgg, lr=d["adapt_lr"], betas=(d["beta1"], d["beta2"]), eps=d["eps"], backend="triton"
     )
     for t in range(d["T"]):
         for p, g in zip(params, c["grads"][t], strict=True):
-            p.grad = g.float()
+            p.grad = g.float().to(DEVICE)
         opt.step()
         for i, p in enumerate(params):
-            assert_close(p.detach().double(), c["params_f64"][t][i], **F32)
-            assert_close(opt.state[p]["exp_avg"].double(), c["m_f64"][t][i], **F32)
-            assert_close(opt.state[p]["exp_avg_sq"].double(), c["v_f64"][t][i], **F32)
+            assert_close(p.detach().double().cpu(), c["params_f64"][t][i], **F32)
+            assert_close(opt.state[p]["exp_avg"].double().cpu(), c["m_f64"][t][i], **F32)
+            assert_close(opt.state[p]["exp_avg_sq"].double().cpu(), c["v_f64"][t][i], **F32)
             assert opt.state[p]["step"].item() == t + 1
 
 

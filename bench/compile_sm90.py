@@ -1,0 +1,104 @@
+"""Compile the fused kernels for an H100 (sm_90) without a GPU and report registers and spills.
+
+Triton compiles to PTX and ptxas (bundled with the triton wheel) assembles it with no driver, so
+compile errors and register spills of every launch configuration can be caught on a CPU-only
+machine before a GPU run. Usage: ``python bench/compile_sm90.py [--all]`` (default: only the
+configurations ``launch_config`` picks for the default MGG, H=8 nh=1). Prints one line per
+kernel/config and exits 1 if any spills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # before the kernels are defined: real JIT functions
+
+import triton
+import triton.language as tl
+from mgg_fast.kernels import mgg_forward, mgg_step
+from mgg_fast.kernels.memory_layer import MAX_HIDDEN, SUPPORTED_HEAD_DIMS, launch_config
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+TARGET = GPUTarget("cuda", 90, 32)
+POINTER_TYPES = {"table": "*i64", "idx": "*i64"}
+INT_ARGS = {"n"}
+FP32_POINTERS = {"steps", "found_inf", "token"}
+
+
+def _signature(fn: triton.JITFunction) -> dict[str, str]:
+    sig = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name in INT_ARGS:
+            sig[p.name] = "i32"
+        elif p.name in POINTER_TYPES:
+            sig[p.name] = POINTER_TYPES[p.name]
+        elif p.name.endswith(("_ptr", "_w", "_b", "_in", "_out")) or p.name in FP32_POINTERS:
+            sig[p.name] = "*fp32"
+        else:
+            sig[p.name] = "fp32"
+    return sig
+
+
+def _ptxas() -> str:
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    return str(bin_dir / "ptxas")
+
+
+def compile_report(fn: triton.JITFunction, constexprs: dict, num_warps: int) -> tuple[int, int]:
+    """(registers per thread, spill bytes) of ``fn`` compiled for sm_90 with these constants."""
+    src = ASTSource(fn=fn, signature=_signature(fn), constexprs=constexprs)
+    kernel = triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        out = subprocess.run(
+            [_ptxas(), "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    regs = int(re.search(r"Used (\d+) registers", out).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", out).group(1))
+    return regs, spills
+
+
+def configurations(everything: bool):
+    """(kernel name, fn, constexprs, num_warps) for the launch configs of the chosen MGG sizes."""
+    sizes = [(1, 8)]
+    if everything:
+        sizes = [(nh, f) for f in SUPPORTED_HEAD_DIMS for nh in (1, 2, MAX_HIDDEN // f)]
+    for nh, f in sorted(set(sizes)):
+        for n in (38_400, 8_000_000):
+            block, warps = launch_config(n, f)
+            step = {"NH": nh, "F": f, "P_DTYPE": tl.float32, "BLOCK": block}
+            yield "step", mgg_step._mgg_step_kernel, step, warps
+            tiled = {"NH": nh, "F": f, "TILED": n < 1e6, "BLOCK": block}
+            yield "forward", mgg_forward._mgg_forward_kernel, tiled, warps
+    yield "step-bf16", mgg_step._mgg_step_kernel, {"NH": 1, "F": 8, "P_DTYPE": tl.bfloat16, "BLOCK": 32}, 4
+    yield "advance", mgg_step._advance_steps_kernel, {"BLOCK": mgg_step.STEP_BLOCK}, 4
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--all", action="store_true", help="every supported (nh, f), not only H=8 nh=1")
+    args = parser.parse_args(argv)
+    worst = 0
+    for name, fn, constexprs, warps in configurations(args.all):
+        regs, spills = compile_report(fn, constexprs, warps)
+        worst = max(worst, spills)
+        shown = {k: (str(v) if isinstance(v, tl.dtype) else v) for k, v in constexprs.items()}
+        print(f"{name:10s} {shown} num_warps={warps}: {regs} registers, {spills} bytes spilled")
+    return 1 if worst else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
