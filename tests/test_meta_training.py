@@ -203,3 +203,27 @@ def test_load_rejects_bad_files(tmp_path):
     torch.save({"weights": sd}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an mgg_fast MGG checkpoint"):
         MGG.load(tmp_path / "other.pt")
+
+
+def test_meta_training_on_batchnorm_cnn():
+    """BatchNorm + GroupNorm model through the functional path: batch statistics, pooled features."""
+    torch.manual_seed(0)
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3),
+        nn.GroupNorm(2, 8),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    ).eval()
+    running = cnn[1].running_mean.clone()
+    xs = [torch.randn(6, 3, 16, 16) for _ in range(3)]
+    stats = fit_source_stats(cnn, xs[:1])
+    with MetaTrainer(cnn, MGG(), source_stats=stats, adapt_lr=1e-2) as trainer:
+        assert cnn[1].running_mean is None  # batch statistics while meta-training
+        out = [trainer.step(x) for x in xs]
+    assert all(g is not None for g in out[1]["mgg_grads"].values())  # first MGG call: W1/b1 too
+    assert out[2]["mgg_grads"]["W1"] is None and out[2]["mgg_grads"]["q_proj.weight"] is not None
+    assert torch.equal(cnn[1].running_mean, running) and not cnn.training
