@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One-shot GPU check of the fused MGG kernels (run once on a lent H100; < 8 minutes).
+#
+#   bash bench/gpu_check.sh            # writes to ${OUT:-bench/out}
+#
+# 1. versions: nvidia-smi, torch, triton          -> env.txt
+# 2. kernel tests on the GPU (no TRITON_INTERPRET) -> kernel_tests.txt
+# 3. fused-step benchmarks (JSON) + summary        -> bench_fused.json, bench_fused.txt, summary.md
+#    (fused vs reference vs Adam(fused=True) at 38,400 / 1 M / 8 M coords, CUDA-graph replay,
+#    copy-bandwidth yardstick, memory at 8 M, BLOCK x num_warps sweep)
+# 4. the rest of bench/ (other benchmarks), time-boxed -> bench_other.json, bench_other.txt
+# Every step runs under `timeout`; a failing step is recorded and the script goes on, then exits 1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${OUT:-bench/out}"
+mkdir -p "$OUT_DIR"
+unset TRITON_INTERPRET
+PY=python3
+status=0
+
+{
+    date -u
+    nvidia-smi
+    $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+'cuda', torch.version.cuda, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT_DIR/env.txt"
+
+if ! $PY -c "import mgg_fast.kernels" 2>/dev/null; then
+    $PY -m pip install -e . --no-deps -q
+fi
+
+run() {  # run <seconds> <log> <command...>: time-boxed, logged, failure recorded
+    local seconds=$1 log=$2
+    shift 2
+    echo "== $*" | tee "$OUT_DIR/$log"
+    if ! timeout "$seconds" "$@" 2>&1 | tee -a "$OUT_DIR/$log"; then
+        echo "!! FAILED or timed out: $*" | tee -a "$OUT_DIR/$log"
+        status=1
+    fi
+}
+
+run 150 kernel_tests.txt $PY -m pytest tests/test_kernels_step.py tests/test_kernels_forward.py \
+    -q -p no:cacheprovider -rs --durations=5
+run 190 bench_fused.txt $PY -m pytest bench/test_bench_fused.py --benchmark-only -q -p no:cacheprovider \
+    --benchmark-json="$OUT_DIR/bench_fused.json"
+if [ -s "$OUT_DIR/bench_fused.json" ]; then
+    $PY bench/summarize_fused.py "$OUT_DIR/bench_fused.json" | tee "$OUT_DIR/summary.md"
+fi
+run 70 bench_other.txt $PY -m pytest bench/ --benchmark-only -q -p no:cacheprovider \
+    --ignore=bench/test_bench_fused.py --benchmark-json="$OUT_DIR/bench_other.json"
+
+echo "results in $OUT_DIR (status $status)"
+exit "$status"

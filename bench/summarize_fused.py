@@ -1,0 +1,133 @@
+"""Summarise ``pytest bench/test_bench_fused.py --benchmark-json=X`` against the DESIGN.md targets.
+
+Usage: ``python bench/summarize_fused.py bench.json > summary.md``. Prints a table of every case
+(per-step numbers from ``extra_info``) and one line per target with PASS/FAIL/MISSING.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+COLUMNS = ("kernel_gpu_us", "gpu_us", "capturable_step_gpu_us", "wall_us", "capturable_step_wall_us")
+
+
+def _cases(data: dict) -> dict[str, dict]:
+    return {
+        b["name"]: {**b["extra_info"], "median_us": b["stats"]["median"] * 1e6} for b in data["benchmarks"]
+    }
+
+
+def _fmt(value) -> str:
+    return f"{value:,.1f}" if isinstance(value, (int, float)) else "-"
+
+
+def _targets(cases: dict[str, dict]) -> list[tuple[str, float | None, str, bool | None]]:
+    """(what, measured, target text, met) for each DESIGN.md target that this run can check."""
+
+    def get(name: str, key: str) -> float | None:
+        return cases.get(name, {}).get(key)
+
+    rows = []
+    kernel_38k = get("test_step[fused-38k]", "kernel_gpu_us")
+    rows.append(
+        (
+            "fused step GPU time, 38,400 coords (us)",
+            kernel_38k,
+            "<= 15",
+            None if kernel_38k is None else kernel_38k <= 15,
+        )
+    )
+    graph = get("test_fused_step_cuda_graph[38k]", "gpu_us")
+    rows.append(
+        (
+            "CUDA-graph replay per step, 38,400 coords (us)",
+            graph,
+            "<= 10",
+            None if graph is None else graph <= 10,
+        )
+    )
+    wall = get("test_step[fused-38k]", "capturable_step_wall_us")
+    rows.append(
+        (
+            "opt.step() wall clock (capturable), 38,400 coords (us)",
+            wall,
+            "<= 30",
+            None if wall is None else wall <= 30,
+        )
+    )
+    kernel_8m = get("test_step[fused-8M]", "kernel_gpu_us")
+    rows.append(
+        (
+            "fused step GPU time, 8 M coords (us)",
+            kernel_8m,
+            "<= 1750",
+            None if kernel_8m is None else kernel_8m <= 1750,
+        )
+    )
+    copy_8m = get("test_copy_bandwidth[8M]", "gpu_us")
+    frac = copy_8m / kernel_8m if copy_8m and kernel_8m else None
+    rows.append(
+        ("fraction of copy bandwidth at 8 M", frac, ">= 0.92", None if frac is None else frac >= 0.92)
+    )
+    opt_bytes, transient, state = (
+        get("test_step[fused-8M]", k) for k in ("optimizer_bytes", "transient_bytes", "state_bytes")
+    )
+    mem = (opt_bytes + transient) / state if None not in (opt_bytes, transient, state) else None
+    rows.append(
+        (
+            "(kept + transient memory) / state size at 8 M",
+            mem,
+            "<= 1.05",
+            None if mem is None else mem <= 1.05,
+        )
+    )
+    adam = get("test_step[adam_fused-38k]", "gpu_us")
+    ratio = adam / kernel_38k if adam and kernel_38k else None
+    rows.append(
+        (
+            "torch Adam(fused) / fused MGG step, 38,400 coords",
+            ratio,
+            ">= 10",
+            None if ratio is None else ratio >= 10,
+        )
+    )
+    return rows
+
+
+def summarize(path: str | Path) -> str:
+    data = json.loads(Path(path).read_text())
+    cases = _cases(data)
+    machine = data.get("machine_info", {})
+    device = next((c.get("device") for c in cases.values() if c.get("device")), "?")
+    lines = [
+        f"# Fused MGG step benchmark ({data.get('datetime', '?')})",
+        "",
+        f"device: {device}; torch {next((c.get('torch') for c in cases.values()), '?')}; "
+        f"python {machine.get('python_version', '?')}",
+        "",
+        "| case | coords | median us (step+sync) | " + " | ".join(COLUMNS) + " | GB/s at 604 B | extra |",
+        "|---|---|---|" + "---|" * len(COLUMNS) + "---|---|",
+    ]
+    for name, c in cases.items():
+        extra = {k: c[k] for k in ("optimizer_bytes", "transient_bytes", "state_bytes", "best") if k in c}
+        lines.append(
+            f"| {name} | {c.get('coords', '-'):,} | {_fmt(c['median_us'])} | "
+            + " | ".join(_fmt(c.get(k)) for k in COLUMNS)
+            + f" | {_fmt(c.get('gb_per_s_at_604B'))} | {extra or ''} |"
+        )
+    lines += ["", "## Targets (DESIGN.md)", "", "| target | measured | goal | status |", "|---|---|---|---|"]
+    for what, value, goal, met in _targets(cases):
+        status = "MISSING" if met is None else ("PASS" if met else "FAIL")
+        shown = f"{value:,.3f}" if value is not None else "-"
+        lines.append(f"| {what} | {shown} | {goal} | {status} |")
+    sweeps = {n: c["sweep_gpu_us"] for n, c in cases.items() if "sweep_gpu_us" in c}
+    for name, results in sweeps.items():
+        ranked = sorted(results.items(), key=lambda kv: kv[1])
+        lines += ["", f"{name}: " + ", ".join(f"{k} {v:.1f} us" for k, v in ranked)]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(summarize(sys.argv[1]))

@@ -1,0 +1,224 @@
+"""The fused MGG optimizer step beside the reference step and torch's ``Adam(fused=True)``.
+
+Same tensors for every optimizer: 50 parameter tensors (ViT-B/16 has 50 norm tensors of 768)
+of 768, 20,000 or 160,000 coordinates, i.e. N = 38,400, 1 M and 8 M. Each case's
+``extra_info`` holds per-step numbers (``*_us``), coordinates/s and the bandwidth achieved
+against the fused step's minimum traffic of 604 bytes/coordinate (fp32, H=8, nh=1), plus memory
+on the GPU. ``bench/gpu_check.sh`` turns the JSON into a summary against the DESIGN.md targets.
+
+GPU time is measured with CUDA events around back-to-back steps queued behind a
+``torch.cuda._sleep`` (so host launch overhead is hidden and only device time counts); the
+wall-clock numbers are host time per step of a loop of steps. Without CUDA the fused cases skip
+(the Triton interpreter checks correctness, not speed) and the CPU cases run at N = 38,400 only.
+
+Run: ``pytest bench/test_bench_fused.py --benchmark-only``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+from mgg_fast.kernels import fused_group_step
+from mgg_fast.kernels.memory_layer import forced_config
+
+from mgg_fast import MGG, MGGOptimizer
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+BYTES_PER_COORD = 604  # read grad, p, m, v, W (64), b (8); write p, m, v, W, b: fp32, H=8
+NUM_TENSORS = 50
+SIZES = {"38k": 768, "1M": 20_000, "8M": 160_000}  # per tensor; x 50 tensors
+CPU_SIZES = ("38k",)
+NO_GPU = "the fused Triton step needs a CUDA GPU (TRITON_INTERPRET checks correctness, not speed)"
+SWEEP = [(block, warps) for block in (8, 16, 32, 64) for warps in (2, 4, 8)]
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _tensors(size: str, seed: int = 0) -> list[torch.Tensor]:
+    dim = SIZES[size]
+    gen = torch.Generator(DEVICE).manual_seed(seed)
+    params = [torch.randn(dim, generator=gen, device=DEVICE).requires_grad_(True) for _ in range(NUM_TENSORS)]
+    for p in params:
+        p.grad = torch.randn(dim, generator=gen, device=DEVICE)
+    return params
+
+
+def _mgg() -> MGG:
+    torch.manual_seed(0)
+    return MGG(hidden_size=8).to(DEVICE)
+
+
+def gpu_us(fn: Callable[[], object], steps: int, queue_ahead: bool = True) -> float:
+    """Device time per call of ``fn`` (CUDA events around ``steps`` back-to-back calls).
+
+    With ``queue_ahead`` the calls are queued behind a ~20 ms GPU sleep so that host overhead
+    does not show (only for callers that never synchronise with the host).
+    """
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    if queue_ahead:
+        torch.cuda._sleep(40_000_000)
+    start.record()
+    for _ in range(steps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / steps
+
+
+def wall_us(fn: Callable[[], object], steps: int) -> float:
+    """Host wall-clock per call of a loop of ``steps`` calls (one synchronisation at the end)."""
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync()
+    return (time.perf_counter() - t0) * 1e6 / steps
+
+
+def _record(benchmark, coords: int, **numbers: float) -> None:
+    info = benchmark.extra_info
+    info["coords"] = coords
+    info["device"] = torch.cuda.get_device_name() if CUDA else "cpu"
+    info["torch"] = torch.__version__
+    for key, value in numbers.items():
+        info[key] = value
+    main = numbers.get("kernel_gpu_us", numbers.get("gpu_us", numbers.get("wall_us")))
+    if main:
+        info["coords_per_s"] = coords / (main * 1e-6)
+        info["gb_per_s_at_604B"] = coords * BYTES_PER_COORD / (main * 1e-6) / 1e9
+
+
+def _memory(make_opt: Callable[[], torch.optim.Optimizer], params: list[torch.Tensor]) -> dict[str, int]:
+    """Bytes the optimizer keeps after its first step, and the transient peak of a later step."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    opt = make_opt()
+    opt.step()
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - before
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    opt.step()
+    torch.cuda.synchronize()
+    out = {"optimizer_bytes": kept, "transient_bytes": torch.cuda.max_memory_allocated() - base}
+    if isinstance(opt, MGGOptimizer):
+        flat = opt._flat_state(0)
+        out["state_bytes"] = sum(
+            t.numel() * t.element_size()
+            for t in (flat.exp_avg, flat.exp_avg_sq, flat.memory_W, flat.memory_b, flat.steps)
+        )
+    del opt
+    return out
+
+
+def _rounds(size: str) -> int:
+    return {"38k": 50, "1M": 20, "8M": 10}[size] if CUDA else 5
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("backend", ["fused", "reference", "adam_fused"])
+def test_step(benchmark, backend, size):
+    if backend == "fused" and not CUDA:
+        pytest.skip(NO_GPU)
+    if not CUDA and size not in CPU_SIZES:
+        pytest.skip(f"CPU runs only {CPU_SIZES} (keeps the CPU benchmark short)")
+    benchmark.group = f"step-{size}"
+    params = _tensors(size)
+    coords = NUM_TENSORS * SIZES[size]
+    if backend == "adam_fused":
+        make = lambda: torch.optim.Adam(params, lr=1e-3, fused=True)
+    else:
+        mode = "triton" if backend == "fused" else "reference"
+        make = lambda: MGGOptimizer(params, _mgg(), lr=1e-3, backend=mode)
+    numbers = _memory(make, params) if CUDA else {}
+    opt = make()
+    opt.step()
+    steps = {"38k": 200, "1M": 50, "8M": 20}[size] if backend != "reference" else 5
+    numbers["wall_us"] = wall_us(opt.step, steps if CUDA else 3)
+    if CUDA and backend != "reference":  # the reference synchronises (steps.tolist()), no queue-ahead
+        numbers["gpu_us"] = gpu_us(opt.step, steps, queue_ahead=backend == "adam_fused")
+    if backend == "fused":
+        flat, grads, mgg = opt._flat_state(0), [p.grad for p in params], opt.mgg
+        found = torch.zeros(1, device=DEVICE)
+        kernels = lambda: fused_group_step(
+            flat, grads, mgg, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, found_inf=found, capturable=True
+        )
+        numbers["kernel_gpu_us"] = gpu_us(kernels, steps)
+        cap = MGGOptimizer(params, _mgg(), lr=1e-3, backend="triton", capturable=True)
+        cap.step()
+        numbers["capturable_step_gpu_us"] = gpu_us(cap.step, steps)
+        numbers["capturable_step_wall_us"] = wall_us(cap.step, steps)
+    _record(benchmark, coords, **numbers)
+    benchmark.pedantic(lambda: (opt.step(), _sync()), rounds=_rounds(size), warmup_rounds=1)
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_GPU)
+@pytest.mark.parametrize("size", list(SIZES))
+def test_fused_step_cuda_graph(benchmark, size):
+    """``opt.step()`` with capturable=True captured once, then replayed."""
+    benchmark.group = f"graph-{size}"
+    params = _tensors(size)
+    opt = MGGOptimizer(params, _mgg(), lr=1e-3, backend="triton", capturable=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    steps = {"38k": 500, "1M": 100, "8M": 20}[size]
+    numbers = {"gpu_us": gpu_us(graph.replay, steps), "wall_us": wall_us(graph.replay, steps)}
+    _record(benchmark, NUM_TENSORS * SIZES[size], **numbers)
+    benchmark.pedantic(lambda: (graph.replay(), _sync()), rounds=_rounds(size), warmup_rounds=1)
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_GPU)
+@pytest.mark.parametrize("size", list(SIZES))
+def test_copy_bandwidth(benchmark, size):
+    """Device-to-device copy moving the same 604 bytes/coordinate: the bandwidth yardstick."""
+    benchmark.group = f"copy-{size}"
+    coords = NUM_TENSORS * SIZES[size]
+    src = torch.empty(coords * BYTES_PER_COORD // 2, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    steps = {"38k": 500, "1M": 100, "8M": 20}[size]
+    us = gpu_us(lambda: dst.copy_(src), steps)
+    _record(benchmark, coords, gpu_us=us)
+    benchmark.pedantic(lambda: (dst.copy_(src), _sync()), rounds=_rounds(size), warmup_rounds=1)
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_GPU)
+@pytest.mark.parametrize("size", ["38k", "8M"])
+def test_fused_config_sweep(benchmark, size):
+    """Kernel time of every (BLOCK, num_warps) in SWEEP, to retune ``launch_config``."""
+    benchmark.group = f"sweep-{size}"
+    params = _tensors(size)
+    opt = MGGOptimizer(params, _mgg(), lr=1e-3, backend="triton")
+    opt.step()
+    flat, grads, mgg = opt._flat_state(0), [p.grad for p in params], opt.mgg
+    found = torch.zeros(1, device=DEVICE)
+    run = lambda: fused_group_step(
+        flat, grads, mgg, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, found_inf=found, capturable=True
+    )
+    steps = {"38k": 200, "8M": 10}[size]
+    results = {}
+    for block, warps in SWEEP:
+        with forced_config(block, warps):
+            run()
+            results[f"{block}x{warps}"] = gpu_us(run, steps)
+    best = min(results, key=results.get)
+    benchmark.extra_info["sweep_gpu_us"] = results
+    benchmark.extra_info["best"] = best
+    _record(benchmark, NUM_TENSORS * SIZES[size], kernel_gpu_us=results[best])
+    block, warps = (int(x) for x in best.split("x"))
+    with forced_config(block, warps):
+        benchmark.pedantic(lambda: (run(), _sync()), rounds=_rounds(size), warmup_rounds=1)
