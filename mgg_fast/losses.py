@@ -54,6 +54,7 @@ class SourceStats:
     mode: str
 
     def to(self, device: torch.device | str) -> SourceStats:
+        """The same statistics on ``device``."""
         return SourceStats(self.std.to(device), self.mean.to(device), self.layers, self.mode)
 
 
@@ -100,13 +101,18 @@ def _extract(output: Any, mode: str) -> Tensor | None:
     return None
 
 
-@contextmanager
-def feature_tap(model: nn.Module, layers: Sequence[str], mode: str) -> Iterator[dict[str, Tensor]]:
-    """Collect ``{layer: [B, D] feature}`` of the named layers during forwards inside the block."""
+def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Module]:
+    """``{name: module}`` for the qualified ``layers`` of ``model``; clear error if one is missing."""
     modules = dict(model.named_modules())
     missing = [name for name in layers if name not in modules]
     if missing:
         raise ValueError(f"the model has no layers {missing} (source statistics from another model?)")
+    return {name: modules[name] for name in layers}
+
+
+@contextmanager
+def feature_tap(layers: dict[str, nn.Module], mode: str) -> Iterator[dict[str, Tensor]]:
+    """Collect ``{layer: [B, D] feature}`` of the given layers during forwards inside the block."""
     found: dict[str, Tensor] = {}
 
     def hook_for(name: str) -> Callable[..., None]:
@@ -117,7 +123,7 @@ def feature_tap(model: nn.Module, layers: Sequence[str], mode: str) -> Iterator[
 
         return hook
 
-    handles = [modules[name].register_forward_hook(hook_for(name)) for name in layers]
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in layers.items()]
     try:
         yield found
     finally:
@@ -159,7 +165,7 @@ def fit_source_stats(
     chunks: list[Tensor] = []
     layers: list[str] | None = None
     try:
-        with feature_tap(model, candidates, mode) as found:
+        with feature_tap(resolve_layers(model, candidates), mode) as found:
             for i, batch in enumerate(batches):
                 if max_batches is not None and i >= max_batches:
                     break
@@ -227,6 +233,7 @@ class AdaptationLoss:
         self.loss = loss
         device = next(model.parameters()).device
         self.stats = source_stats.to(device) if loss == "foa" else None
+        self._layers = resolve_layers(model, self.stats.layers) if self.stats is not None else {}
         self.class_mask = class_mask
 
     def __call__(self, forward: Callable[[], Tensor]) -> tuple[Tensor, Tensor]:
@@ -235,7 +242,7 @@ class AdaptationLoss:
             logits = self._mask(forward())
             loss = self.loss(logits) if callable(self.loss) else softmax_entropy(logits).mean()
             return logits, loss
-        with feature_tap(self.model, self.stats.layers, self.stats.mode) as found:
+        with feature_tap(self._layers, self.stats.mode) as found:
             logits = self._mask(forward())
         features = concat_features(found, self.stats.layers)
         return logits, foa_loss(logits, features, self.stats)

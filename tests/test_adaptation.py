@@ -243,6 +243,8 @@ def test_construction_errors(stats):
     model_before = snapshot(model)
     with pytest.raises(ValueError, match="needs source statistics"):
         MGTTA(model, optimizer="sgd", loss="foa")
+    with pytest.raises(ValueError, match="source statistics from another model"):
+        MGTTA(model, optimizer="sgd", source_stats=stats["resnet"])
     with pytest.raises(ValueError, match="optimizer must be one of"):
         MGTTA(model, optimizer="rmsprop", loss="entropy")
     with pytest.raises(ValueError, match="loss must be one of"):
