@@ -368,3 +368,14 @@ def test_wrapped_backbone_features():
     s = fit_source_stats(wrapped, batches(1))
     assert s.layers == ("1.blocks.1.norm1", "1.norm") and s.mode == "cls"
     assert MGTTA(wrapped, optimizer="sgd", source_stats=s)(batches(1)[0]).shape == (6, 10)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_baselines_lower_the_entropy(optimizer, stats):
+    x = batches(1)[0]
+    adapter = adapter_for("vit", optimizer, stats, None, loss="entropy")
+    losses = []
+    for _ in range(4):
+        adapter(x)
+        losses.append(float(adapter.last_loss))
+    assert losses[3] < losses[2] < losses[1] < losses[0]

@@ -227,3 +227,16 @@ def test_meta_training_on_batchnorm_cnn():
     assert all(g is not None for g in out[1]["mgg_grads"].values())  # first MGG call: W1/b1 too
     assert out[2]["mgg_grads"]["W1"] is None and out[2]["mgg_grads"]["q_proj.weight"] is not None
     assert torch.equal(cnn[1].running_mean, running) and not cnn.training
+
+
+def test_meta_training_learns_to_lower_the_adaptation_loss(vit_setup):
+    """Later epochs replay the same adaptation run with a meta-trained MGG: lower losses after step 1."""
+    model, stats, batches = vit_setup
+    torch.manual_seed(0)
+    with MetaTrainer(model, MGG(), source_stats=stats, adapt_lr=1e-2, mgg_lr=1e-2) as trainer:
+        epochs = []
+        for _ in range(3):
+            trainer.reset()
+            epochs.append([trainer.step(b)["loss"] for b in batches])
+    assert epochs[0][0] == epochs[1][0] == epochs[2][0]  # the reset: same params at step 1
+    assert sum(epochs[2][1:]) < sum(epochs[1][1:]) < sum(epochs[0][1:])
