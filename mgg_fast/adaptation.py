@@ -51,9 +51,10 @@ class MGTTA(nn.Module):
         last_loss: the (detached) loss of the latest batch, or ``None``.
         param_names: qualified names of the adapted parameters, in order.
 
-    Raises ``ValueError`` for a model without norm params, ``loss="foa"`` without statistics,
-    and (per call) a batch holding NaN/Inf or living on another device than the model; nothing
-    changes in those cases.
+    Move the model to its device (and dtype) before wrapping it: the optimizer state and the
+    reset snapshot live there. Raises ``ValueError`` for a model without norm params,
+    ``loss="foa"`` without statistics, and (per call) a batch holding NaN/Inf or living on
+    another device than the model; nothing changes in those cases.
     """
 
     def __init__(
