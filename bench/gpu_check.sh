@@ -15,14 +15,15 @@ cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-bench/out}"
 mkdir -p "$OUT_DIR"
 unset TRITON_INTERPRET
-PY=python3
+PY="${PYTHON:-python3}"  # interpreter with torch, triton, pytest, pytest-benchmark
 status=0
 
 {
     date -u
-    nvidia-smi
+    nvidia-smi || echo "nvidia-smi not available"
     $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
-'cuda', torch.version.cuda, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
+'cuda', torch.version.cuda, '| triton', triton.__version__, '|', \
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE')"
 } 2>&1 | tee "$OUT_DIR/env.txt"
 
 if ! $PY -c "import mgg_fast.kernels" 2>/dev/null; then

@@ -77,26 +77,16 @@ def forced_config(block: int, num_warps: int) -> Iterator[None]:
 
 
 def weight_args(w: MGGWeights) -> list[torch.Tensor]:
-    """The learned tensors in the order :func:`memory_layer_block` takes them (contiguous fp32)."""
-    tensors = [
-        w.q_proj,
-        w.k_proj,
-        w.v_proj,
-        w.o_proj,
-        w.post_norm_weight,
-        w.post_norm_bias,
-        w.ttt_norm_weight,
-        w.ttt_norm_bias,
-        w.ttt_lr_weight,
-        w.ttt_lr_bias,
-        w.token_idx,
-    ]
-    for t in tensors:
-        if t.dtype != torch.float32:
-            raise TypeError(
-                f"the fused MGG kernels compute with float32 weights, got {t.dtype}; use backend='reference'"
-            )
-    return [t.detach().contiguous() for t in tensors]
+    """The learned tensors as :func:`memory_layer_block` takes them: ``MGGWeights`` order, fp32.
+
+    Passed as they are (Triton reads their addresses; no copy, no host synchronisation).
+    """
+    if any(t.dtype != torch.float32 for t in w):
+        raise TypeError(
+            f"the fused MGG kernels compute with float32 weights, got {w.q_proj.dtype}; "
+            "use backend='reference'"
+        )
+    return [t if t.is_contiguous() else t.contiguous() for t in w]
 
 
 @triton.jit

@@ -6,12 +6,13 @@ and writes param, m, v, W, b once (604 bytes for fp32, H=8, nh=1); features, pro
 memory update, post-norm, o_proj and tanh stay in registers.
 
 Layout: the group's parameters are cut into chunks of ``BLOCK`` coordinates that never straddle
-two tensors; one program per chunk, one launch per group (per parameter dtype, if a group mixes
-them). A cached int64 table holds per chunk ``[param ptr, grad ptr, flat start, start in the
+two tensors; one program per chunk, one launch for the whole group (one per parameter dtype if a
+group mixes dtypes). A cached int64 table holds per chunk ``[param ptr, grad ptr, flat start, start in the
 tensor, valid count, parameter index]``; pointers are cast in-kernel, so parameters and
 gradients stay separate tensors (no gather). The per-parameter step counts are advanced first by
-a tiny kernel (the chunks of one tensor all read the advanced count: advancing it inside the main
-kernel would race with those reads).
+a tiny one-program kernel: the chunks of one tensor all read the advanced count, and advancing it
+inside the main kernel would race with those reads (no atomics: results are deterministic).
+Tables are cached in ``flat.cache`` keyed by the tensors' addresses ("plans", a small LRU).
 
 Skipping: ``found_inf`` is a 1-element device tensor read by both kernels; when nonzero they
 write nothing. No host synchronisation happens in a step (MGG weights and step counts are read
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 import triton
@@ -33,9 +35,10 @@ from mgg_fast.mgg import MGG
 
 from .memory_layer import check_mgg_shape, launch_config, memory_layer_block, weight_args
 
-TABLE_COLUMNS = 6  # param ptr, grad ptr, flat start, start in the tensor, count, parameter index
-TABLE_CACHE_KEY = "triton_step_tables"
-TABLE_CACHE_SIZE = 8  # gradient addresses may alternate (set_to_none=True); keep a few tables
+# chunk table row: param ptr, grad ptr, flat start, start in the tensor, count, parameter index
+TABLE_COLUMNS = tl.constexpr(6)
+TABLE_CACHE_KEY = "triton_step_plans"
+TABLE_CACHE_SIZE = 8  # gradient addresses may alternate (set_to_none=True); keep a few plans
 STEP_BLOCK = 1024
 PARAM_DTYPES = {
     torch.float32: tl.float32,
@@ -108,7 +111,7 @@ def _mgg_step_kernel(
     P_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = table + tl.program_id(0).to(tl.int64) * 6
+    row = table + tl.program_id(0).to(tl.int64) * TABLE_COLUMNS
     p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
     lane = tl.arange(0, BLOCK)
@@ -134,69 +137,55 @@ def _mgg_step_kernel(
     tl.store(p_ptr + offs, _to_param_dtype(p - lr * out, P_DTYPE), mask=mask)
 
 
-class _StepTable:
-    """Device tables of one launch: chunk rows and the indices of the parameters it advances."""
+class _Launch(NamedTuple):
+    """One launch of a plan: the parameters of one dtype, their chunk table and indices."""
 
-    def __init__(self, chunks: Tensor, param_idx: Tensor):
-        self.chunks = chunks
-        self.param_idx = param_idx
-
-    @classmethod
-    def build(
-        cls,
-        params: list[Tensor],
-        grads: list[Tensor],
-        index: list[int],
-        flat: FlatState,
-        block: int,
-    ) -> _StepTable:
-        device = flat.exp_avg.device
-        offsets = flat.offsets
-        numels = torch.tensor([flat.numels[i] for i in index], dtype=torch.int64)
-        per_param = torch.tensor(
-            [
-                [p.data_ptr(), g.data_ptr(), offsets[i], i]
-                for p, g, i in zip(params, grads, index, strict=True)
-            ],
-            dtype=torch.int64,
-        ).reshape(-1, 4)
-        n_chunks = (numels + block - 1) // block
-        owner = torch.repeat_interleave(torch.arange(len(index)), n_chunks)
-        first = torch.cumsum(n_chunks, 0) - n_chunks
-        start = (torch.arange(owner.numel()) - first[owner]) * block
-        count = torch.clamp(numels[owner] - start, max=block)
-        rows = per_param[owner]
-        chunks = torch.stack((rows[:, 0], rows[:, 1], rows[:, 2] + start, start, count, rows[:, 3]), dim=1)
-        param_idx = torch.tensor(index, dtype=torch.int64)
-        return cls(chunks.contiguous().to(device), param_idx.to(device))
+    dtype: tl.dtype
+    chunks: Tensor  # [chunks, TABLE_COLUMNS] int64 on the device
+    param_idx: Tensor  # [params] int64 on the device: whose step counts advance
 
 
-def _lookup_table(
-    flat: FlatState,
-    params: list[Tensor],
-    grads: list[Tensor],
-    index: list[int],
-    block: int,
-    capturable: bool,
-) -> _StepTable:
-    """The cached table for these addresses (a small LRU in ``flat.cache``), built on a miss."""
-    cache: OrderedDict = flat.cache.setdefault(TABLE_CACHE_KEY, OrderedDict())
-    key = (block, tuple(index), tuple(p.data_ptr() for p in params), tuple(g.data_ptr() for g in grads))
-    table = cache.get(key)
-    if table is not None:
-        cache.move_to_end(key)
-        return table
+def _build_launch(flat: FlatState, work: list[tuple[int, Tensor, Tensor]], block: int) -> _Launch:
+    """Chunk table of ``work`` = [(parameter index, contiguous param, contiguous grad)], one dtype."""
+    offsets = flat.offsets
+    index = [i for i, _, _ in work]
+    numels = torch.tensor([flat.numels[i] for i in index], dtype=torch.int64)
+    per_param = torch.tensor(
+        [[p.data_ptr(), g.data_ptr(), offsets[i], i] for i, p, g in work], dtype=torch.int64
+    ).reshape(-1, 4)
+    n_chunks = (numels + block - 1) // block
+    owner = torch.repeat_interleave(torch.arange(len(index)), n_chunks)
+    first = torch.cumsum(n_chunks, 0) - n_chunks
+    start = (torch.arange(owner.numel()) - first[owner]) * block
+    count = torch.clamp(numels[owner] - start, max=block)
+    rows = per_param[owner]
+    chunks = torch.stack((rows[:, 0], rows[:, 1], rows[:, 2] + start, start, count, rows[:, 3]), dim=1)
+    device = flat.exp_avg.device
+    dtype = PARAM_DTYPES[work[0][1].dtype]
+    return _Launch(dtype, chunks.contiguous().to(device), torch.tensor(index, dtype=torch.int64).to(device))
+
+
+def _build_plan(
+    flat: FlatState, work: list[tuple[int, Tensor, Tensor]], block: int, capturable: bool
+) -> list[_Launch]:
+    """Validate the work list and build one launch per parameter dtype (a cache miss)."""
     device = flat.exp_avg.device
     if capturable and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             "the fused MGG step needs its pointer table before CUDA-graph capture: run one step "
             "with the same parameter and gradient tensors before capturing"
         )
-    table = _StepTable.build(params, grads, index, flat, block)
-    cache[key] = table
-    if len(cache) > TABLE_CACHE_SIZE:
-        cache.popitem(last=False)
-    return table
+    by_dtype: dict[torch.dtype, list[tuple[int, Tensor, Tensor]]] = {}
+    for i, p, g in work:
+        if p.dtype not in PARAM_DTYPES:
+            raise TypeError(f"the fused MGG step supports {list(PARAM_DTYPES)} parameters, got {p.dtype}")
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != device or p.device != device:
+            raise ValueError(
+                f"gradient {i} ({g.dtype}, {list(g.shape)}, {g.device}) does not match its parameter "
+                f"({p.dtype}, {list(p.shape)}, {p.device}) and the state on {device}"
+            )
+        by_dtype.setdefault(p.dtype, []).append((i, p, g))
+    return [_build_launch(flat, items, block) for items in by_dtype.values()]
 
 
 def _ln(beta: float) -> float:
@@ -226,7 +215,8 @@ def fused_group_step(
     ``backend="reference"``); float32/bfloat16/float16/float64 parameters (computed in fp32,
     rounded once on store); head dim 8/16/32 with hidden size <= 64 (``ValueError`` otherwise).
     Non-contiguous gradients are copied; non-contiguous parameters are updated through a
-    contiguous copy that is copied back.
+    contiguous copy that is copied back. Shapes, dtypes and devices are validated when a plan is
+    built for new addresses (``MGGOptimizer`` validates them every step).
     """
     if flat.exp_avg.dtype != torch.float32:
         raise TypeError(
@@ -237,40 +227,45 @@ def fused_group_step(
     weights = weight_args(mgg.weights())
     if len(grads) != len(flat.params):
         raise ValueError(f"{len(grads)} gradients for {len(flat.params)} parameters")
-    device = flat.exp_avg.device
-    if found_inf is None:
-        found_inf = torch.zeros(1, device=device, dtype=torch.float32)
-
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, g in enumerate(grads):
+    # One pass: contiguous work tensors (copies where needed) and the addresses keying the plan.
+    work, copies, key = [], [], []
+    for i, (p, g) in enumerate(zip(flat.params, grads, strict=True)):
         if g is None:
             continue
-        p = flat.params[i]
-        if p.dtype not in PARAM_DTYPES:
-            raise TypeError(f"the fused MGG step supports {list(PARAM_DTYPES)} parameters, got {p.dtype}")
-        if g.shape != p.shape or g.dtype != p.dtype or g.device != device:
-            raise ValueError(f"gradient {i} ({g.dtype}, {list(g.shape)}) does not match its parameter")
-        by_dtype.setdefault(p.dtype, []).append(i)
-    if not by_dtype:
+        if not g.is_contiguous():
+            g = g.contiguous()
+        if not p.is_contiguous():
+            copies.append((p, p.contiguous()))
+            p = copies[-1][1]
+        work.append((i, p, g))
+        key += (i, p.data_ptr(), g.data_ptr())
+    if not work:
         return
     block, num_warps = launch_config(flat.num_coords, mgg.head_dim)
+    cache: OrderedDict = flat.cache.setdefault(TABLE_CACHE_KEY, OrderedDict())
+    key = (block, *key)
+    plan = cache.get(key)
+    if plan is None:  # validated when built; MGGOptimizer also validates every step
+        plan = cache[key] = _build_plan(flat, work, block, capturable)
+        if len(cache) > TABLE_CACHE_SIZE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    if found_inf is None:
+        found_inf = torch.zeros(1, device=flat.exp_avg.device, dtype=torch.float32)
     scalars = (lr, beta1, 1.0 - beta1, _ln(beta1), beta2, 1.0 - beta2, _ln(beta2), eps)
-    for dtype, index in by_dtype.items():
-        params = [flat.params[i] for i in index]
-        work = [p if p.is_contiguous() else p.contiguous() for p in params]
-        g_work = [grads[i] if grads[i].is_contiguous() else grads[i].contiguous() for i in index]
-        table = _lookup_table(flat, work, g_work, index, block, capturable)
-        _advance_steps_kernel[(triton.cdiv(len(index), STEP_BLOCK),)](
-            flat.steps, table.param_idx, len(index), found_inf, BLOCK=STEP_BLOCK
+    for launch in plan:
+        n_params = launch.param_idx.shape[0]
+        _advance_steps_kernel[(triton.cdiv(n_params, STEP_BLOCK),)](
+            flat.steps, launch.param_idx, n_params, found_inf, BLOCK=STEP_BLOCK
         )
-        if table.chunks.shape[0]:
-            _mgg_step_kernel[(table.chunks.shape[0],)](
-                table.chunks, flat.steps, found_inf,
+        if launch.chunks.shape[0]:
+            _mgg_step_kernel[(launch.chunks.shape[0],)](
+                launch.chunks, flat.steps, found_inf,
                 flat.exp_avg, flat.exp_avg_sq, flat.memory_W, flat.memory_b,
                 *scalars, *weights,
-                NH=mgg.num_heads, F=mgg.head_dim, P_DTYPE=PARAM_DTYPES[dtype], BLOCK=block,
+                NH=mgg.num_heads, F=mgg.head_dim, P_DTYPE=launch.dtype, BLOCK=block,
                 num_warps=num_warps,
             )  # fmt: skip
-        for p, w in zip(params, work, strict=True):
-            if w is not p:
-                p.copy_(w)
+    for p, w in copies:
+        p.copy_(w)

@@ -306,6 +306,13 @@ def test_unsupported_state_and_sizes_raise_clearly():
     with pytest.raises(ValueError, match="head dim"):
         opt.step()
     assert opt.state[params[0]]["step"].item() == 0
+    opt = MGGOptimizer(params, MGG(), backend="triton")
+    opt.step()
+    kw = {"lr": 0.05, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "found_inf": None, "capturable": False}
+    with pytest.raises(ValueError, match="does not match"):  # direct call: validated when planned
+        fused_group_step(opt._flat_state(0), [torch.ones(5)], opt.mgg, **kw)
+    with pytest.raises(ValueError, match="1 parameters"):
+        fused_group_step(opt._flat_state(0), [None, None], opt.mgg, **kw)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA GPU")
