@@ -104,6 +104,18 @@ def _cache(p: argparse.ArgumentParser) -> None:
         default=None,
         help="where corrupted data and source models are cached ($MGG_FAST_CACHE, else ~/.cache/mgg_fast)",
     )
+    p.add_argument(
+        "--source-epochs",
+        type=_positive_int,
+        default=None,
+        help="source-model training epochs (default per arch)",
+    )
+    p.add_argument(
+        "--source-images",
+        type=_positive_int,
+        default=None,
+        help="clean images to train source models on (all 3,500)",
+    )
 
 
 def _benchmark_sizes(p: argparse.ArgumentParser, n_test: int) -> None:
@@ -210,6 +222,8 @@ def _benchmark_config(args: argparse.Namespace, device: torch.device) -> Any:
         corruptions=tuple(args.corruptions) if args.corruptions else None,
         n_test=args.n_test,
         batch_size=args.batch_size,
+        source_epochs=args.source_epochs,
+        n_train=args.source_images,
         seed=args.seed,
         device=str(device),
     )
@@ -278,7 +292,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise CLIError("the foa loss needs batches of at least 2 images; use --loss entropy or more images")
     torch.manual_seed(args.seed)
     src = _source(args.arch, args, device)
-    stats = clean_source_stats(src.model, cache) if args.loss == "foa" else None
+    stats = clean_source_stats(src.model) if args.loss == "foa" else None
     _say(
         f"meta-training an MGG on {what} ({args.arch} source model, {args.epochs} epochs, "
         f"adapt lr {args.adapt_lr})"
@@ -326,7 +340,6 @@ def _adapt_folder(args: argparse.Namespace, device: torch.device, mgg: Any) -> N
         clean_source_stats,
         make_batches,
     )
-    from mgg_fast.shift_data import resolve_cache_dir
 
     data = _folder(args.data)
     lrs = dict(
@@ -337,11 +350,10 @@ def _adapt_folder(args: argparse.Namespace, device: torch.device, mgg: Any) -> N
         raise CLIError(
             "the foa loss needs batches of at least 2 images: give more images or a smaller --batch-size"
         )
-    cache = resolve_cache_dir(args.cache_dir)
     for arch in args.archs:
         torch.manual_seed(args.seed)
         src = _source(arch, args, device)
-        stats = clean_source_stats(src.model, cache)
+        stats = clean_source_stats(src.model)
         _say(f"{arch} on {len(data)} images from {args.data} ({'labeled' if data.labeled else 'unlabeled'})")
         for method in METHODS:
             runner = Runner(src.model, method, lr=lrs.get(method), mgg=mgg, stats=stats, backend="auto")

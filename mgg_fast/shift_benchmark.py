@@ -265,7 +265,7 @@ def clean_source_stats(
 ) -> SourceStats:
     """FOA source statistics of ``model`` from the first ``n_images`` clean training images."""
     device = next(model.parameters()).device
-    clean = make_batches(mnist_split("train", n_images, cache_dir), 64, device)
+    clean = make_batches(mnist_split("train", n_images), 64, device)
     return fit_source_stats(model, (x for x, _ in clean))
 
 
@@ -346,7 +346,7 @@ def run_arch(
     tune = _streams("val", cfg.validation_corruptions(), cfg.n_tune, cfg, cache, device)
     meta = meta_batches(cfg, cache, device) if mgg is None else []
     timings["data"] = time.perf_counter() - start
-    stats = clean_source_stats(model, cache, cfg.n_stats) if cfg.loss == "foa" else None
+    stats = clean_source_stats(model, cfg.n_stats) if cfg.loss == "foa" else None
 
     def meta_train(adapt_lr: float) -> MGG:
         return train_mgg(

@@ -37,7 +37,7 @@ class SourceConfig:
     epochs: int
     n_train: int | None = None  # first n of the train split; None = all 3,500
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.05
     seed: int = 0
 
@@ -46,7 +46,7 @@ class SourceConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-DEFAULT_EPOCHS = {"vit": 6, "resnet": 3}
+DEFAULT_EPOCHS = {"vit": 10, "resnet": 3}
 
 
 @dataclass
@@ -68,9 +68,9 @@ def build_model(arch: str) -> nn.Module:
     if arch == "vit":
         return VisionTransformer(
             img_size=32,
-            patch_size=4,
+            patch_size=8,
             num_classes=NUM_CLASSES,
-            embed_dim=64,
+            embed_dim=96,
             depth=4,
             num_heads=4,
             mlp_ratio=2.0,
@@ -176,9 +176,9 @@ def source_model(
     if cached is not None:
         return cached
     start = time.perf_counter()
-    model = train_source_model(config, mnist_split("train", n_train, cache), device, progress)
+    model = train_source_model(config, mnist_split("train", n_train), device, progress)
     seconds = time.perf_counter() - start
-    clean = accuracy(model, mnist_split("test", cache_dir=cache), device)
+    clean = accuracy(model, mnist_split("test"), device)
     payload: dict[str, Any] = {
         "format": MODEL_FORMAT,
         "config": asdict(config),

@@ -1,0 +1,193 @@
+"""The distribution-shift benchmark at a tiny size: data cache, source-model cache, protocol, reports."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("mlxtend")
+pytest.importorskip("imagecorruptions")
+
+from mgg_fast import shift_data
+from mgg_fast.shift_benchmark import BenchmarkConfig, run_benchmark, summarize, write_reports
+from mgg_fast.shift_data import (
+    check_corruption,
+    corrupted_split,
+    load_image_folder,
+    mnist_split,
+    sha256_file,
+)
+from mgg_fast.source_models import source_model
+
+TINY = {
+    "corruptions": ("gaussian_noise", "contrast"),
+    "val_corruptions": ("speckle_noise", "saturate"),
+    "n_test": 8,
+    "n_tune": 4,
+    "n_meta": 8,
+    "batch_size": 4,
+    "n_stats": 16,
+    "meta_epochs": 1,
+    "lr_grid": {"tent": (1e-3,), "adam": (1e-3, 1e-2), "mgg": (1e-3,)},
+    "source_epochs": 1,
+    "n_train": 32,
+    "backend": "reference",
+}
+
+
+@pytest.fixture
+def count_generations(monkeypatch):
+    calls = []
+    original = shift_data.corrupt_images
+
+    def counting(images, corruption, severity, seed=0):
+        calls.append(corruption)
+        return original(images, corruption, severity, seed)
+
+    monkeypatch.setattr(shift_data, "corrupt_images", counting)
+    return calls
+
+
+def test_splits_are_disjoint_balanced_and_fixed():
+    sets = {s: mnist_split(s) for s in ("train", "val", "test")}
+    assert [len(v) for v in sets.values()] == [3500, 500, 1000]
+    assert sets["test"].images.shape[1:] == (32, 32, 3) and sets["test"].images.dtype == np.uint8
+    keys = {s: {im.tobytes() for im in v.images} for s, v in sets.items()}
+    assert not keys["train"] & keys["test"] and not keys["val"] & keys["test"]
+    assert np.bincount(mnist_split("test", 20).labels, minlength=10).tolist() == [2] * 10
+    np.testing.assert_array_equal(mnist_split("val", 10).labels, sets["val"].labels[:10])
+
+
+def test_corrupted_cache_checksum_and_regeneration(tmp_path, count_generations):
+    first = corrupted_split("test", "contrast", 5, 6, cache_dir=tmp_path)
+    npz, manifest = tmp_path / "data" / "test-contrast-s5.npz", tmp_path / "data" / "test-contrast-s5.json"
+    meta = json.loads(manifest.read_text())
+    assert meta["sha256"] == sha256_file(npz)
+    assert meta["params"]["n_images"] == 6 and meta["params"]["severity"] == 5
+    assert count_generations == ["contrast"]
+
+    again = corrupted_split("test", "contrast", 5, 6, cache_dir=tmp_path)  # cache hit
+    assert count_generations == ["contrast"]
+    np.testing.assert_array_equal(again.images, first.images)
+
+    data = bytearray(npz.read_bytes())  # corrupt one byte of the cached file
+    data[len(data) // 2] ^= 0xFF
+    npz.write_bytes(bytes(data))
+    repaired = corrupted_split("test", "contrast", 5, 6, cache_dir=tmp_path)
+    assert len(count_generations) == 2
+    np.testing.assert_array_equal(repaired.images, first.images)  # deterministic regeneration
+    assert json.loads(manifest.read_text())["sha256"] == sha256_file(npz)
+
+    corrupted_split("test", "contrast", 5, 7, cache_dir=tmp_path)  # parameters changed
+    assert len(count_generations) == 3
+    assert json.loads(manifest.read_text())["params"]["n_images"] == 7
+    corrupted_split("test", "contrast", 5, 7, seed=1, cache_dir=tmp_path)
+    assert len(count_generations) == 4
+
+    manifest.unlink()  # missing manifest
+    corrupted_split("test", "contrast", 5, 7, seed=1, cache_dir=tmp_path)
+    npz.unlink()  # missing data file
+    corrupted_split("test", "contrast", 5, 7, seed=1, cache_dir=tmp_path)
+    assert len(count_generations) == 6
+
+
+def test_corruptions_are_real_and_names_checked(tmp_path):
+    clean = mnist_split("test", 4)
+    noisy = corrupted_split("test", "gaussian_noise", 5, 4, cache_dir=tmp_path)
+    np.testing.assert_array_equal(noisy.labels, clean.labels)
+    assert np.abs(noisy.images.astype(int) - clean.images.astype(int)).mean() > 10
+    with pytest.raises(ValueError, match="unknown corruption 'nope'"):
+        check_corruption("nope")
+    with pytest.raises(ValueError, match="severity"):
+        corrupted_split("test", "contrast", 6, 4, cache_dir=tmp_path)
+
+
+def test_source_model_cache(tmp_path):
+    first = source_model("resnet", epochs=1, n_train=32, cache_dir=tmp_path, progress=False)
+    assert not first.from_cache and 0.0 <= first.clean_accuracy <= 1.0
+    again = source_model("resnet", epochs=1, n_train=32, cache_dir=tmp_path, progress=False)
+    assert again.from_cache and again.clean_accuracy == first.clean_accuracy
+    for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    (path,) = (tmp_path / "models").glob("resnet-*.pt")
+    path.write_bytes(path.read_bytes()[:100])  # truncated: retrained
+    assert not source_model("resnet", epochs=1, n_train=32, cache_dir=tmp_path, progress=False).from_cache
+
+
+def test_summarize_definitions():
+    counts = {"a": [(1, 4), (2, 4), (4, 4)], "b": [(0, 4), (4, 4), (3, 3)]}
+    s = summarize(counts, batch_size=4)
+    assert s["per_corruption"] == {"a": 7 / 12, "b": 7 / 11}
+    assert s["mean"] == pytest.approx((7 / 12 + 7 / 11) / 2)
+    assert s["curve"] == [0.125, 0.75, 1.0]  # the short last batch of "b" is left out
+    assert s["acc_at"] == {"1": 0.75, "5": None, "10": None}
+
+
+def test_pipeline_end_to_end(tmp_path):
+    cfg = BenchmarkConfig(archs=("vit", "resnet"), **TINY)
+    results = run_benchmark(cfg, cache_dir=tmp_path / "cache", progress=False)
+    assert results["config"]["corruptions"] == list(TINY["corruptions"])
+    for r in results["archs"].values():
+        assert set(r["methods"]) == {"noadapt", "tent", "adam", "mgg"}
+        assert set(r["tuning"]["adam"]) == {"0.001", "0.01"}
+        assert r["methods"]["adam"]["lr"] in (1e-3, 1e-2)
+        assert r["methods"]["noadapt"]["lr"] is None
+        for m in r["methods"].values():
+            for mode in ("episodic", "continual"):
+                per = m[mode]["per_corruption"]
+                assert list(per) == list(TINY["corruptions"])
+                assert m[mode]["mean"] == pytest.approx(np.mean(list(per.values())))
+                assert all(0.0 <= v <= 1.0 for v in per.values())
+            assert len(m["episodic"]["curve"]) == 2  # 8 images in batches of 4
+            assert m["episodic"]["acc_at"]["1"] == m["episodic"]["curve"][1]
+            assert m["ms_per_batch"] > 0
+        assert r["methods"]["noadapt"]["step_ms_per_batch"] == 0
+    # NoAdapt has no state: episodic and continual agree
+    noadapt = results["archs"]["resnet"]["methods"]["noadapt"]
+    assert noadapt["episodic"]["per_corruption"] == noadapt["continual"]["per_corruption"]
+
+    paths = write_reports(results, tmp_path / "out")
+    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(results))
+    md = paths["markdown"].read_text()
+    for arch, r in results["archs"].items():
+        assert f"## {arch}:" in md
+        assert (
+            f"| MGG | {r['methods']['mgg']['lr']:g} | {100 * r['methods']['mgg']['episodic']['mean']:.1f} |"
+            in md
+        )
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_config_rejects_bad_sizes_and_names():
+    with pytest.raises(ValueError, match="n-test must be positive"):
+        BenchmarkConfig(n_test=0).validate()
+    with pytest.raises(ValueError, match="unknown corruption"):
+        BenchmarkConfig(corruptions=("fogg",)).validate()
+    with pytest.raises(ValueError, match="unknown architecture"):
+        BenchmarkConfig(archs=("vgg",)).validate()
+
+
+def test_image_folder_flat_and_classes(tmp_path):
+    from PIL import Image
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(flat / "a.png")
+    Image.new("L", (28, 28), 200).save(flat / "b.jpg")
+    (flat / "notes.txt").write_text("not an image")
+    data = load_image_folder(flat)
+    assert data.images.shape == (2, 32, 32, 3) and not data.labeled
+    assert data.images[0, 0, 0].tolist() == [0, 0, 0] and data.images[0, 16, 16].tolist() == [255, 0, 0]
+
+    classes = tmp_path / "classes"
+    for label in ("3", "7"):
+        (classes / label).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(classes / label / "x.png")
+    assert load_image_folder(classes).labels.tolist() == [3, 7]
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        load_image_folder(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError):
+        load_image_folder(tmp_path / "missing")
