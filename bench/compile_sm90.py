@@ -83,7 +83,9 @@ def configurations(everything: bool):
             yield "step", mgg_step._mgg_step_kernel, step, warps
             tiled = {"NH": nh, "F": f, "TILED": n < 1e6, "BLOCK": block}
             yield "forward", mgg_forward._mgg_forward_kernel, tiled, warps
-    yield "step-bf16", mgg_step._mgg_step_kernel, {"NH": 1, "F": 8, "P_DTYPE": tl.bfloat16, "BLOCK": 32}, 4
+    block, warps = launch_config(8_000_000, 8)
+    bf16 = {"NH": 1, "F": 8, "P_DTYPE": tl.bfloat16, "BLOCK": block}
+    yield "step-bf16", mgg_step._mgg_step_kernel, bf16, warps
     yield "advance", mgg_step._advance_steps_kernel, {"BLOCK": mgg_step.STEP_BLOCK}, 4
 
 
