@@ -354,3 +354,31 @@ def test_cuda_graph_capture_of_capturable_step():
     torch.cuda.synchronize()
     assert_unchanged(params, opt, snap)
     assert opt.num_skipped_steps == 1
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 24 * 2**30,
+    reason="64-bit offsets need > 2^31 / 64 coordinates: ~11 GB of GPU state",
+)
+def test_offsets_past_2_pow_31_elements():
+    """Coordinates whose memory rows start past element 2^31 of ``memory_W`` (f=8: N > 2^25).
+
+    Every coordinate is independent, so the last ones must match a small reference run on copies.
+    """
+    mgg = random_mgg(seed=11)
+    big = torch.nn.Parameter(torch.randn(2**25 + 1000))
+    small = torch.nn.Parameter(torch.randn(100))
+    big.grad, small.grad = torch.randn_like(big), torch.randn_like(small)
+    tail = torch.nn.Parameter(big.detach()[-100:].clone())
+    ref_small = torch.nn.Parameter(small.detach().clone())
+    tail.grad, ref_small.grad = big.grad[-100:].clone(), small.grad.clone()
+    opt = MGGOptimizer([big, small], mgg, lr=0.05, backend="triton")
+    ref_opt = MGGOptimizer([tail, ref_small], copy.deepcopy(mgg), lr=0.05, backend="reference")
+    opt.step()
+    ref_opt.step()
+    assert (opt._flat_state(0).num_coords - 1) * 64 > 2**31
+    assert_close(big.detach()[-100:], tail.detach(), **F32)
+    assert_close(small.detach(), ref_small.detach(), **F32)
+    for key in ("exp_avg", "exp_avg_sq", "memory_W", "memory_b"):
+        assert_close(opt.state[small][key], ref_opt.state[ref_small][key], **F32)
+        assert_close(opt.state[big][key][-100:], ref_opt.state[tail][key], **F32)
