@@ -76,11 +76,13 @@ def forced_config(block: int, num_warps: int) -> Iterator[None]:
         _forced.pop()
 
 
-def weight_args(w: MGGWeights) -> list[torch.Tensor]:
+def weight_args(w: MGGWeights, device: torch.device) -> list[torch.Tensor]:
     """The learned tensors as :func:`memory_layer_block` takes them: ``MGGWeights`` order, fp32.
 
     Passed as they are (Triton reads their addresses; no copy, no host synchronisation).
     """
+    if w.q_proj.device != device:
+        raise ValueError(f"the MGG is on {w.q_proj.device} but the data is on {device}")
     if any(t.dtype != torch.float32 for t in w):
         raise TypeError(
             f"the fused MGG kernels compute with float32 weights, got {w.q_proj.dtype}; "

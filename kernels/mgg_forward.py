@@ -13,7 +13,6 @@ import triton.language as tl
 from torch import Tensor
 
 from mgg_fast.mgg import MGG
-from mgg_fast.reference import MGGWeights
 
 from .memory_layer import check_mgg_shape, launch_config, memory_layer_block, weight_args
 
@@ -67,15 +66,12 @@ def fused_mgg_forward(
     """
     nh, f = mgg.num_heads, mgg.head_dim
     check_mgg_shape(nh, f)
-    weights: MGGWeights = mgg.weights()
-    args = weight_args(weights)
     x = features.reshape(-1, 2) if features.dim() == 3 else features
     if x.dim() != 2 or x.shape[1] != 2:
         raise ValueError(f"features must be [N, 2] or [N, 1, 2], got {list(features.shape)}")
+    args = weight_args(mgg.weights(), x.device)
     if x.dtype != torch.float32:
         raise TypeError(f"fused_mgg_forward computes in float32, got {x.dtype} features")
-    if x.device != mgg.W1.device:
-        raise ValueError(f"features are on {x.device} but the MGG is on {mgg.W1.device}")
     n = x.shape[0]
     x = x.detach().contiguous()
     tiled = W is None

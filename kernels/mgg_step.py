@@ -224,7 +224,7 @@ def fused_group_step(
             "use backend='reference' for float64"
         )
     check_mgg_shape(mgg.num_heads, mgg.head_dim)
-    weights = weight_args(mgg.weights())
+    weights = weight_args(mgg.weights(), flat.exp_avg.device)
     if len(grads) != len(flat.params):
         raise ValueError(f"{len(grads)} gradients for {len(flat.params)} parameters")
     # One pass: contiguous work tensors (copies where needed) and the addresses keying the plan.
