@@ -382,3 +382,24 @@ def test_offsets_past_2_pow_31_elements():
     for key in ("exp_avg", "exp_avg_sq", "memory_W", "memory_b"):
         assert_close(opt.state[small][key], ref_opt.state[ref_small][key], **F32)
         assert_close(opt.state[big][key][-100:], ref_opt.state[tail][key], **F32)
+
+
+@pytest.mark.parametrize(("betas", "start_step"), [((0.0, 0.0), 0), ((0.9, 0.999), 0), ((0.9, 0.99), 999)])
+def test_bias_corrections_across_betas_and_steps(betas, start_step):
+    """beta = 0 (ln beta = -inf), beta2 = 0.999 (1 - beta2^2 ~ 2e-3: the cancellation-free branch)
+    and a late step (the 1 - exp branch) all match the reference's float64 corrections."""
+    mgg = random_mgg(seed=12)
+    ref_params, ref_opt, params, opt = twin_optimizers(mgg, [(50,), (3, 4)], betas=betas)
+    set_grads(ref_params, 0)
+    copy_grads(ref_params, params)
+    ref_opt.step()
+    opt.step()
+    for p, q in zip(ref_params, params, strict=True):
+        ref_opt.state[p]["step"].fill_(start_step + 1)
+        opt.state[q]["step"].fill_(start_step + 1)
+    for step in range(1, 3):
+        set_grads(ref_params, step)
+        copy_grads(ref_params, params)
+        ref_opt.step()
+        opt.step()
+        assert_same_step(ref_params, ref_opt, params, opt)
