@@ -39,6 +39,7 @@ from .memory_layer import check_mgg_shape, launch_config, memory_layer_block, we
 TABLE_COLUMNS = tl.constexpr(6)
 TABLE_CACHE_KEY = "triton_step_plans"
 TABLE_CACHE_SIZE = 8  # gradient addresses may alternate (set_to_none=True); keep a few plans
+CAPTURED_PLANS_KEY = "triton_step_captured_plans"  # plans used in CUDA-graph capture: never evicted
 STEP_BLOCK = 1024
 PARAM_DTYPES = {
     torch.float32: tl.float32,
@@ -251,6 +252,9 @@ def fused_group_step(
             cache.popitem(last=False)
     else:
         cache.move_to_end(key)
+    if capturable and flat.exp_avg.is_cuda and torch.cuda.is_current_stream_capturing():
+        # A captured graph holds the table's address: keep it alive past LRU eviction.
+        flat.cache.setdefault(CAPTURED_PLANS_KEY, {})[key] = plan
     if found_inf is None:
         found_inf = torch.zeros(1, device=flat.exp_avg.device, dtype=torch.float32)
     scalars = (lr, beta1, 1.0 - beta1, _ln(beta1), beta2, 1.0 - beta2, _ln(beta2), eps)

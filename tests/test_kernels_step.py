@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import F32
 from mgg_fast.kernels import fused_group_step
-from mgg_fast.kernels.mgg_step import TABLE_CACHE_KEY
+from mgg_fast.kernels.mgg_step import CAPTURED_PLANS_KEY, TABLE_CACHE_KEY
 from torch.testing import assert_close
 
 from mgg_fast import MGG, MGGOptimizer
@@ -334,6 +334,7 @@ def test_cuda_graph_capture_of_capturable_step():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()
+    assert len(opt._flat_state(0).cache[CAPTURED_PLANS_KEY]) == 1  # pinned: the graph holds its table
     for p, g in zip(ref_params, grads, strict=True):
         p.grad = g.clone()
     ref_opt.step()  # matches the warm-up step
