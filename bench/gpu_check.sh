@@ -26,8 +26,9 @@ status=0
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE')"
 } 2>&1 | tee "$OUT_DIR/env.txt"
 
+# mgg_fast.kernels exists only once installed (package-dir mapping of kernels/); offline-safe first
 if ! $PY -c "import mgg_fast.kernels" 2>/dev/null; then
-    $PY -m pip install -e . --no-deps -q
+    $PY -m pip install -e . --no-deps --no-build-isolation -q || $PY -m pip install -e . --no-deps -q
 fi
 
 run() {  # run <seconds> <log> <command...>: time-boxed, logged, failure recorded
