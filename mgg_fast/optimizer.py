@@ -25,6 +25,15 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def fused_supported(mgg: MGG) -> bool:
+    """Whether the fused kernels handle this MGG (float32, head dim 8/16/32, hidden size <= 64);
+    ``backend="auto"`` falls back to the reference otherwise."""
+    from mgg_fast.kernels.memory_layer import MAX_HIDDEN, SUPPORTED_HEAD_DIMS
+
+    sizes_ok = mgg.head_dim in SUPPORTED_HEAD_DIMS and mgg.hidden_size <= MAX_HIDDEN
+    return mgg.W1.dtype == torch.float32 and sizes_ok
+
+
 class MGGOptimizer(torch.optim.Optimizer):
     """Learned optimizer: Adam-like moments feed an MGG whose output is the update.
 
@@ -36,8 +45,8 @@ class MGGOptimizer(torch.optim.Optimizer):
         params: parameters or parameter groups, as for any torch optimizer.
         mgg: the (trained) MGG; its dtype (float32/float64) is the dtype of the state.
         lr, betas, eps: as published (``adapt_lr``, ``beta1``/``beta2``, the 1e-8 in m̃/g̃).
-        backend: ``"auto"`` (fused kernels on CUDA, reference elsewhere), ``"triton"`` or
-            ``"reference"``.
+        backend: ``"auto"`` (fused kernels on CUDA when :func:`fused_supported`, reference
+            elsewhere), ``"triton"`` or ``"reference"``.
         nonfinite: ``"skip"`` (default) drops a step whose gradients hold NaN/Inf, leaving
             everything unchanged and counting it in :attr:`num_skipped_steps`; ``"raise"``
             raises ``FloatingPointError`` instead.
@@ -169,7 +178,7 @@ class MGGOptimizer(torch.optim.Optimizer):
                     f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1); parameters are on {device}"
                 )
             return True
-        return device.type == "cuda"
+        return device.type == "cuda" and fused_supported(self.mgg)
 
     def _collect(self) -> list[tuple[int, list[Tensor | None]]]:
         """Per group with any gradient: its gradients aligned with its params (None = skip)."""

@@ -9,6 +9,7 @@ from conftest import F64
 from torch.testing import assert_close
 
 from mgg_fast import MGG, MGGOptimizer
+from mgg_fast.optimizer import fused_supported
 
 SHAPES = [(6,), (3, 4), (5,), ()]
 
@@ -235,3 +236,11 @@ def test_mgg_rejects_bad_features_and_state():
     _, state = mgg(torch.zeros(5, 2))
     with pytest.raises(ValueError, match="state"):
         mgg(torch.zeros(4, 2), state)
+
+
+def test_auto_backend_falls_back_for_sizes_the_kernels_lack():
+    assert fused_supported(MGG())
+    assert fused_supported(MGG(32, 2))
+    assert not fused_supported(MGG().double())
+    assert not fused_supported(MGG(12, 1))
+    assert not fused_supported(MGG(128, 4))
