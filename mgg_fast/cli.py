@@ -249,7 +249,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     cache = resolve_cache_dir(args.cache_dir)
     _say(f"mgg_fast demo on {device}: archs {', '.join(cfg.archs)}; cache {cache}")
     start = time.perf_counter()
-    results = run_benchmark(cfg, cache_dir=cache, progress=not args.no_progress)
+    results = run_benchmark(cfg, cache_dir=cache, progress=not args.no_progress, log=_say)
     _report(results, args.out)
     _say(f"Total time {time.perf_counter() - start:.0f} s (data and source models cached in {cache})")
 
@@ -325,7 +325,9 @@ def cmd_adapt(args: argparse.Namespace) -> None:
         from mgg_fast.shift_benchmark import run_benchmark
 
         cfg = _benchmark_config(args, device)
-        results = run_benchmark(cfg, cache_dir=args.cache_dir, mgg=mgg, progress=not args.no_progress)
+        results = run_benchmark(
+            cfg, cache_dir=args.cache_dir, mgg=mgg, progress=not args.no_progress, log=_say
+        )
         _report(results, args.out)
         return
     _adapt_folder(args, device, mgg)
