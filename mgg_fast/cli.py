@@ -118,20 +118,27 @@ def _cache(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _benchmark_sizes(p: argparse.ArgumentParser, n_test: int) -> None:
+def _benchmark_sizes(p: argparse.ArgumentParser) -> None:
+    from mgg_fast.shift_benchmark import BenchmarkConfig
     from mgg_fast.source_models import ARCHS
 
     p.add_argument("--archs", type=_list_of(str), default=list(ARCHS), help="source models: vit,resnet")
     p.add_argument(
         "--corruptions", type=_list_of(str), default=None, help="test corruptions (default: all 15)"
     )
-    p.add_argument("--n-test", type=_positive_int, default=n_test, help="images per test corruption")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="test-time batch size")
+    p.add_argument(
+        "--n-test", type=_positive_int, default=BenchmarkConfig.n_test, help="images per test corruption"
+    )
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=BenchmarkConfig.batch_size, help="test-time batch size"
+    )
     p.add_argument("--out", type=Path, default=Path("mgg_fast_results"), help="report folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``mgg-fast`` argument parser with its four subcommands."""
+    from mgg_fast.shift_benchmark import BenchmarkConfig
+
     parser = _Parser(
         prog="mgg-fast", description="Fast Meta Gradient Generator (MGG) for test-time adaptation."
     )
@@ -144,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluated on 15 ImageNet-C corruptions (severity 5); the MGG is meta-trained on the 4 "
         "validation corruptions. Data and source models are cached; reports go to --out.",
     )
-    _benchmark_sizes(demo, n_test=192)
+    _benchmark_sizes(demo)
     _cache(demo)
     _common(demo)
 
@@ -160,11 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--arch", default="vit", help="source model: vit or resnet")
     train.add_argument("--output", type=Path, default=Path("mgg.pt"), help="where to save the MGG")
-    train.add_argument("--n-images", type=_positive_int, default=128, help="at most this many images")
-    train.add_argument("--batch-size", type=_positive_int, default=16)
-    train.add_argument("--epochs", type=_positive_int, default=4, help="passes over the images")
+    train.add_argument(
+        "--n-images", type=_positive_int, default=BenchmarkConfig.n_meta, help="at most this many images"
+    )
+    train.add_argument("--batch-size", type=_positive_int, default=BenchmarkConfig.batch_size)
+    train.add_argument(
+        "--epochs", type=_positive_int, default=BenchmarkConfig.meta_epochs, help="passes over the images"
+    )
     train.add_argument("--adapt-lr", type=_positive_float, default=1e-3, help="step size of the adaptation")
-    train.add_argument("--mgg-lr", type=_positive_float, default=1e-2, help="Adam lr of the MGG itself")
+    train.add_argument(
+        "--mgg-lr", type=_positive_float, default=BenchmarkConfig.mgg_lr, help="Adam lr of the MGG itself"
+    )
     train.add_argument("--loss", choices=("foa", "entropy"), default="foa")
     _cache(train)
     _common(train)
@@ -186,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="learning rates for a folder (default: the middle of each tuning grid)",
     )
-    _benchmark_sizes(adapt, n_test=192)
+    _benchmark_sizes(adapt)
     _cache(adapt)
     _common(adapt)
 

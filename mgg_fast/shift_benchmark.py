@@ -80,13 +80,13 @@ class BenchmarkConfig:
     corruptions: tuple[str, ...] | None = None  # None: the 15 test corruptions
     val_corruptions: tuple[str, ...] | None = None  # None: the 4 validation corruptions
     severity: int = 5
-    n_test: int = 192  # images per test corruption
+    n_test: int = 256  # images per test corruption
     n_tune: int = 96  # labeled validation images per validation corruption, for lr tuning
     n_meta: int = 128  # unlabeled validation-corruption images for meta-training (all corruptions)
     batch_size: int = 16
     loss: str = "foa"
     n_stats: int = 512  # clean training images for the source statistics
-    meta_epochs: int = 4
+    meta_epochs: int = 8
     mgg_lr: float = 1e-2
     lr_grid: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(DEFAULT_GRID))
     source_epochs: int | None = None  # None: each architecture's default
