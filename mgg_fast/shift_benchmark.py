@@ -467,7 +467,7 @@ def summary_rows(arch_result: dict[str, Any]) -> list[list[str]]:
                 _pct(r["continual"]["mean"]),
                 *(_pct(r["episodic"]["acc_at"][str(k)]) for k in ACC_AT),
                 f"{r['ms_per_batch']:.1f}",
-                f"{r['step_ms_per_batch']:.2f}",
+                "–" if r["lr"] is None else f"{r['step_ms_per_batch']:.2f}",
             ]
         )
     return rows
@@ -587,13 +587,13 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("batch accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Corrupted MNIST (severity 5), mean over corruptions, episodic", fontsize=10)
+    fig.suptitle(
+        f"Corrupted MNIST (severity {results['config']['severity']}), mean over corruptions, episodic",
+        fontsize=10,
+    )
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=80))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_reports(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
