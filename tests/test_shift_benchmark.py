@@ -191,3 +191,17 @@ def test_image_folder_flat_and_classes(tmp_path):
         load_image_folder(tmp_path / "empty")
     with pytest.raises(FileNotFoundError):
         load_image_folder(tmp_path / "missing")
+
+
+def test_given_mgg_is_tuned_not_retrained(tmp_path, monkeypatch):
+    from mgg_fast import MGG, shift_benchmark
+
+    def no_meta_training(*args, **kwargs):
+        raise AssertionError("a given MGG must not be meta-trained")
+
+    monkeypatch.setattr(shift_benchmark, "train_mgg", no_meta_training)
+    cfg = BenchmarkConfig(archs=("resnet",), **{**TINY, "lr_grid": {**TINY["lr_grid"], "mgg": (1e-3, 1e-2)}})
+    results = run_benchmark(cfg, cache_dir=tmp_path, mgg=MGG(), progress=False)
+    r = results["archs"]["resnet"]
+    assert results["given_mgg"] and set(r["tuning"]["mgg"]) == {"0.001", "0.01"}
+    assert r["methods"]["mgg"]["lr"] in (1e-3, 1e-2)
