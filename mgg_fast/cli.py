@@ -271,7 +271,13 @@ def _source(arch: str, args: argparse.Namespace, device: torch.device) -> Any:
     from mgg_fast.source_models import source_model
 
     return source_model(
-        arch, seed=args.seed, cache_dir=args.cache_dir, device=device, progress=not args.no_progress
+        arch,
+        epochs=args.source_epochs,
+        n_train=args.source_images,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+        device=device,
+        progress=not args.no_progress,
     )
 
 

@@ -106,6 +106,8 @@ def test_train_then_adapt_on_a_folder(capsys, tmp_path):
     assert code == 0, err
     assert f"saved the MGG to {ckpt}" in out
     assert isinstance(MGG.load(ckpt), MGG)
+    (source,) = (cache / "models").glob("resnet-*.pt")  # the --source-* flags reached the recipe
+    assert torch.load(source, weights_only=True)["config"]["n_train"] == 32
 
     labeled = tmp_path / "labeled"
     write_pngs(labeled, [3, 3, 7, 7, 1, 1])
