@@ -13,6 +13,7 @@ The cache lives in ``$MGG_FAST_CACHE``, else ``~/.cache/mgg_fast`` (see :func:`d
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import tempfile
@@ -31,7 +32,7 @@ IMAGE_SIZE = 32
 NUM_CLASSES = 10
 PER_CLASS = {"train": 350, "val": 50, "test": 100}
 SPLIT_SEED = 0
-CACHE_FORMAT = "mgg_fast.shift_data/v1"
+CACHE_FORMAT = "mgg_fast.shift_data/v2"  # v2: impulse noise seeded too
 CLEAN = "clean"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -217,13 +218,16 @@ def corrupt_images(images: np.ndarray, corruption: str, severity: int, seed: int
     check_corruption(corruption)
     if not 1 <= severity <= 5:
         raise ValueError(f"severity must be in 1..5, got {severity}")
+    # Most corruptions draw from numpy's global generator; those with their own generator
+    # (glass blur, impulse noise) take a ``seed`` argument instead.
+    takes_seed = "seed" in inspect.signature(ic.corruption_dict[corruption]).parameters
     out = np.empty_like(images)
     state = np.random.get_state()
     try:
         for i, image in enumerate(images):
             s = _image_seed(seed, corruption, i)
-            np.random.seed(s)  # the library draws from numpy's global generator ...
-            extra = {"seed": s} if corruption == "glass_blur" else {}  # ... except glass blur
+            np.random.seed(s)
+            extra = {"seed": s} if takes_seed else {}
             out[i] = ic.corrupt(image, corruption_name=corruption, severity=severity, **extra)
     finally:
         np.random.set_state(state)
