@@ -451,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError, PermissionError) as exc:
+    except (ValueError, OSError, ImportError) as exc:  # bad paths, files, names, missing extras
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

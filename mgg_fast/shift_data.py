@@ -295,8 +295,10 @@ def load_image_folder(path: str | os.PathLike, size: int = IMAGE_SIZE) -> ImageS
     from PIL import Image, UnidentifiedImageError
 
     root = Path(path)
-    if not root.is_dir():
+    if not root.exists():
         raise FileNotFoundError(f"image folder {root} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a folder of images")
 
     def images_in(folder: Path) -> list[Path]:
         return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

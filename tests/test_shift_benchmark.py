@@ -200,6 +200,8 @@ def test_image_folder_flat_and_classes(tmp_path):
         load_image_folder(tmp_path / "empty")
     with pytest.raises(FileNotFoundError):
         load_image_folder(tmp_path / "missing")
+    with pytest.raises(NotADirectoryError):
+        load_image_folder(flat / "a.png")
 
 
 def test_given_mgg_is_tuned_not_retrained(tmp_path, monkeypatch):
