@@ -93,7 +93,9 @@ def resolve_device(name: str) -> torch.device:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0, help="seed of data order, models and MGG (default 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the corruptions, source-model training and the MGG"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -102,19 +104,19 @@ def _cache(p: argparse.ArgumentParser) -> None:
         "--cache-dir",
         type=Path,
         default=None,
-        help="where corrupted data and source models are cached ($MGG_FAST_CACHE, else ~/.cache/mgg_fast)",
+        help="cache of corrupted data and source models; unset: $MGG_FAST_CACHE, else ~/.cache/mgg_fast",
     )
     p.add_argument(
         "--source-epochs",
         type=_positive_int,
         default=None,
-        help="source-model training epochs (default per arch)",
+        help="source-model training epochs; unset: the per-arch recipe",
     )
     p.add_argument(
         "--source-images",
         type=_positive_int,
         default=None,
-        help="clean images to train source models on (all 3,500)",
+        help="clean images to train source models on; unset: all 3,500",
     )
 
 
@@ -124,7 +126,10 @@ def _benchmark_sizes(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--archs", type=_list_of(str), default=list(ARCHS), help="source models: vit,resnet")
     p.add_argument(
-        "--corruptions", type=_list_of(str), default=None, help="test corruptions (default: all 15)"
+        "--corruptions",
+        type=_list_of(str),
+        default=None,
+        help="comma-separated test corruptions; unset: all 15",
     )
     p.add_argument(
         "--n-test", type=_positive_int, default=BenchmarkConfig.n_test, help="images per test corruption"
@@ -143,9 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mgg-fast", description="Fast Meta Gradient Generator (MGG) for test-time adaptation."
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    fmt = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 
     demo = sub.add_parser(
         "demo",
+        **fmt,
         help="benchmark NoAdapt/Tent/Adam/MGG on corrupted MNIST (bundled data)",
         description="Distribution-shift benchmark on bundled data: source models trained on clean MNIST, "
         "evaluated on 15 ImageNet-C corruptions (severity 5); the MGG is meta-trained on the 4 "
@@ -157,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser(
         "train",
+        **fmt,
         help="meta-train an MGG on bundled validation corruptions or a folder of images",
         description="Meta-train an MGG (unlabeled images) on a bundled source model and save it.",
     )
@@ -184,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     adapt = sub.add_parser(
         "adapt",
+        **fmt,
         help="evaluate a saved MGG against NoAdapt/Tent/Adam",
         description="Evaluate a saved MGG against the baselines: on the bundled benchmark (learning rates "
         "tuned on the validation corruptions, as in the demo) or on a folder of images with the "
@@ -205,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
+        **fmt,
         help="optimizer-step throughput: reference vs fused (CUDA) vs torch Adam",
         description="Time one optimizer step over N coordinates (tensors of 768, like ViT-B/16 norms): "
         "the reference MGG step, the fused Triton step (CUDA only) and torch Adam(foreach).",
