@@ -13,6 +13,13 @@ pytest.importorskip("imagecorruptions")
 from mgg_fast import MGG
 from mgg_fast.cli import main
 
+
+@pytest.fixture(autouse=True)
+def _no_user_cache(tmp_path, monkeypatch):
+    """Whatever a test does, the user's cache (~/.cache/mgg_fast) stays untouched."""
+    monkeypatch.setenv("MGG_FAST_CACHE", str(tmp_path / "default-cache"))
+
+
 SMALL_SOURCE = ["--source-epochs", "1", "--source-images", "32", "--device", "cpu", "--no-progress"]
 
 

@@ -22,6 +22,13 @@ from mgg_fast.shift_data import (
 )
 from mgg_fast.source_models import source_model
 
+
+@pytest.fixture(autouse=True)
+def _no_user_cache(tmp_path, monkeypatch):
+    """Whatever a test does, the user's cache (~/.cache/mgg_fast) stays untouched."""
+    monkeypatch.setenv("MGG_FAST_CACHE", str(tmp_path / "default-cache"))
+
+
 TINY = {
     "corruptions": ("gaussian_noise", "contrast"),
     "val_corruptions": ("speckle_noise", "saturate"),
