@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -11,9 +12,9 @@ from torch import Tensor
 
 from mgg_fast.flat_state import STATE_KEYS, FlatState
 from mgg_fast.mgg import MGG
-from mgg_fast.reference import bias_corrections, memory_layer, moment_features_
+from mgg_fast.reference import MGGWeights, bias_corrections, memory_layer, moment_features_
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "reference", "compiled")
 NONFINITE_POLICIES = ("skip", "raise")
 STATE_DICT_FORMAT = "mgg_fast.optimizer/v1"
 STATE_DTYPES = (torch.float32, torch.float64)
@@ -46,7 +47,9 @@ class MGGOptimizer(torch.optim.Optimizer):
         mgg: the (trained) MGG; its dtype (float32/float64) is the dtype of the state.
         lr, betas, eps: as published (``adapt_lr``, ``beta1``/``beta2``, the 1e-8 in m̃/g̃).
         backend: ``"auto"`` (fused kernels on CUDA when :func:`fused_supported`, reference
-            elsewhere), ``"triton"`` or ``"reference"``.
+            elsewhere), ``"triton"``, ``"reference"``, or ``"compiled"``: the reference math
+            through ``torch.compile`` (about 4x faster on CPU; the first step compiles for tens
+            of seconds and needs a C++ compiler).
         nonfinite: ``"skip"`` (default) drops a step whose gradients hold NaN/Inf, leaving
             everything unchanged and counting it in :attr:`num_skipped_steps`; ``"raise"``
             raises ``FloatingPointError`` instead.
@@ -74,7 +77,7 @@ class MGGOptimizer(torch.optim.Optimizer):
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         if capturable and nonfinite == "raise":
             raise ValueError("nonfinite='raise' needs a host synchronisation; it cannot be capturable")
-        if capturable and backend == "reference":
+        if capturable and backend in ("reference", "compiled"):
             raise ValueError("capturable=True needs the fused backend ('auto' on CUDA or 'triton')")
         if mgg.W1.dtype not in STATE_DTYPES:
             raise TypeError(
@@ -165,12 +168,19 @@ class MGGOptimizer(torch.optim.Optimizer):
                 )
             else:
                 reference_group_step(
-                    flat, group_grads, self.mgg, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"]
+                    flat,
+                    group_grads,
+                    self.mgg,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    compiled=self.backend == "compiled",
                 )
         return loss
 
     def _use_triton(self, device: torch.device) -> bool:
-        if self.backend == "reference":
+        if self.backend in ("reference", "compiled"):
             return False
         if self.backend == "triton":
             if not triton_usable(device):
@@ -315,6 +325,7 @@ def reference_group_step(
     beta1: float,
     beta2: float,
     eps: float,
+    compiled: bool = False,
 ) -> None:
     """One MGG optimizer step of a group in plain PyTorch (the ground truth for the kernels)."""
     active = [i for i, g in enumerate(grads) if g is not None]
@@ -324,8 +335,9 @@ def reference_group_step(
     flat.steps[active] += 1
     steps = flat.steps[active].tolist()
     corrections = [bias_corrections(s, beta1, beta2) for s in steps]
+    # tensors, not floats, so that a compiled step does not recompile as the step count grows
     if len(set(steps)) == 1:
-        bc1, bc2 = corrections[0]
+        bc1, bc2 = (torch.tensor(c, dtype=dtype, device=g.device) for c in corrections[0])
     else:
         reps = torch.tensor(numels, device=g.device)
         bc1, bc2 = (
@@ -341,16 +353,35 @@ def reference_group_step(
         )
         m, v = flat.exp_avg[coords], flat.exp_avg_sq[coords]
         W, b = flat.memory_W[coords], flat.memory_b[coords]
-    x = moment_features_(g, m, v, bc1, bc2, beta1, beta2, eps)
-    out, W_new, b_new = memory_layer(x, W, b, mgg.weights(), inplace=True)
+    step_math = _compiled_step_math() if compiled else _step_math
+    out = step_math(g, m, v, W, b, bc1, bc2, beta1, beta2, eps, mgg.weights())
     if coords is not None:
-        for buf, val in (
-            (flat.exp_avg, m),
-            (flat.exp_avg_sq, v),
-            (flat.memory_W, W_new),
-            (flat.memory_b, b_new),
-        ):
+        for buf, val in ((flat.exp_avg, m), (flat.exp_avg_sq, v), (flat.memory_W, W), (flat.memory_b, b)):
             buf.index_copy_(0, coords, val)
     params = [flat.params[i] for i in active]
     new = torch.cat([p.reshape(-1).to(dtype) for p in params]) - out * lr
     torch._foreach_copy_(params, [c.view(p.shape) for c, p in zip(new.split(numels), params, strict=True)])
+
+
+def _step_math(
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    W: Tensor,
+    b: Tensor,
+    bc1: Tensor,
+    bc2: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weights: MGGWeights,
+) -> Tensor:
+    """Moments, features and one memory step (``m, v, W, b`` updated in place); the MGG output."""
+    x = moment_features_(g, m, v, bc1, bc2, beta1, beta2, eps)
+    return memory_layer(x, W, b, weights, inplace=True)[0]
+
+
+@functools.cache
+def _compiled_step_math() -> Callable[..., Tensor]:
+    """:func:`_step_math` through ``torch.compile`` (compiled once per process, dynamic sizes)."""
+    return torch.compile(_step_math, dynamic=True)

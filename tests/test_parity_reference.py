@@ -27,15 +27,18 @@ def test_forward_six_chained_calls(forward_vectors, dtype, tag, tol):
             assert_close(state.W1.double().sum(0), d["W1_states_sum_f64"][t], **tol)
 
 
-@pytest.mark.parametrize(("dtype", "tag", "tol"), DTYPES)
+@pytest.mark.parametrize(
+    ("dtype", "tag", "tol", "backend"),
+    [(*DTYPES[0], "reference"), (*DTYPES[1], "reference"), (*DTYPES[1], "compiled")],
+)
 @pytest.mark.parametrize("case", ["hetero", "official_homog"])
-def test_optimizer_steps(step_vectors, case, dtype, tag, tol):
+def test_optimizer_steps(step_vectors, case, dtype, tag, tol, backend):
     d = step_vectors
     c = d["cases"][case]
     mgg = mgg_from_parity(d, dtype)
     params = [p.to(dtype).clone().requires_grad_(True) for p in c["params_init"]]
     opt = MGGOptimizer(
-        params, mgg, lr=d["adapt_lr"], betas=(d["beta1"], d["beta2"]), eps=d["eps"], backend="reference"
+        params, mgg, lr=d["adapt_lr"], betas=(d["beta1"], d["beta2"]), eps=d["eps"], backend=backend
     )
     for t in range(d["T"]):
         for p, g in zip(params, c["grads"][t], strict=True):
