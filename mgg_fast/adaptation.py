@@ -42,7 +42,8 @@ class MGTTA(nn.Module):
             otherwise adaptation is continual.
         class_mask: class indices (or a boolean mask) to keep from the logits before the loss and
             in the returned logits (ImageNet-R/A style subsets).
-        backend: MGG step backend (``"auto"``, ``"triton"``, ``"reference"``).
+        backend: MGG step backend (``"auto"``, ``"triton"``, ``"reference"``, ``"compiled"``; see
+            :class:`MGGOptimizer`).
         betas: moment coefficients of the MGG features and of Adam.
 
     Attributes:
