@@ -171,8 +171,11 @@ class MGG(nn.Module):
             raise FileNotFoundError(f"no MGG checkpoint at {path}")
         try:
             payload = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as exc:  # corrupt / truncated / not a torch file
-            raise ValueError(f"{path} is not a readable MGG checkpoint: {exc}") from exc
+        except Exception as exc:  # corrupt / truncated / not a torch file / pickled objects
+            raise ValueError(
+                f"{path} is not a readable MGG checkpoint (corrupt, truncated, or not written by "
+                f"MGG.save; weights-only load failed with {type(exc).__name__})"
+            ) from exc
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not an mgg_fast MGG checkpoint (format {CHECKPOINT_FORMAT!r})")
         config = payload.get("config", {})
