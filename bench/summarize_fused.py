@@ -23,77 +23,62 @@ def _fmt(value) -> str:
     return f"{value:,.1f}" if isinstance(value, (int, float)) else "-"
 
 
+def _target(
+    what: str, value: float | None, goal: str, limit: float
+) -> tuple[str, float | None, str, bool | None]:
+    """One target row: ``goal`` is ``"<= limit"`` or ``">= limit"``; ``None`` when not measured."""
+    if value is None:
+        return what, None, goal, None
+    return what, value, goal, value <= limit if goal.startswith("<=") else value >= limit
+
+
 def _targets(cases: dict[str, dict]) -> list[tuple[str, float | None, str, bool | None]]:
     """(what, measured, target text, met) for each DESIGN.md target that this run can check."""
 
     def get(name: str, key: str) -> float | None:
         return cases.get(name, {}).get(key)
 
-    rows = []
     kernel_38k = get("test_step[fused-38k]", "kernel_gpu_us")
-    rows.append(
-        (
-            "fused step GPU time, 38,400 coords (us)",
-            kernel_38k,
-            "<= 15",
-            None if kernel_38k is None else kernel_38k <= 15,
-        )
-    )
-    graph = get("test_fused_step_cuda_graph[38k]", "gpu_us")
-    rows.append(
-        (
-            "CUDA-graph replay per step, 38,400 coords (us)",
-            graph,
-            "<= 10",
-            None if graph is None else graph <= 10,
-        )
-    )
-    wall = get("test_step[fused-38k]", "capturable_step_wall_us")
-    rows.append(
-        (
-            "opt.step() wall clock (capturable), 38,400 coords (us)",
-            wall,
-            "<= 30",
-            None if wall is None else wall <= 30,
-        )
-    )
     kernel_8m = get("test_step[fused-8M]", "kernel_gpu_us")
-    rows.append(
-        (
-            "fused step GPU time, 8 M coords (us)",
-            kernel_8m,
-            "<= 1750",
-            None if kernel_8m is None else kernel_8m <= 1750,
-        )
-    )
     copy_8m = get("test_copy_bandwidth[8M]", "gpu_us")
-    frac = copy_8m / kernel_8m if copy_8m and kernel_8m else None
-    rows.append(
-        ("fraction of copy bandwidth at 8 M", frac, ">= 0.92", None if frac is None else frac >= 0.92)
-    )
     opt_bytes, transient, state = (
         get("test_step[fused-8M]", k) for k in ("optimizer_bytes", "transient_bytes", "state_bytes")
     )
-    mem = (opt_bytes + transient) / state if None not in (opt_bytes, transient, state) else None
-    rows.append(
-        (
-            "(kept + transient memory) / state size at 8 M",
-            mem,
-            "<= 1.05",
-            None if mem is None else mem <= 1.05,
-        )
-    )
     adam = get("test_step[adam_fused-38k]", "gpu_us")
-    ratio = adam / kernel_38k if adam and kernel_38k else None
-    rows.append(
-        (
+    return [
+        _target("fused step GPU time, 38,400 coords (us)", kernel_38k, "<= 15", 15),
+        _target(
+            "CUDA-graph replay per step, 38,400 coords (us)",
+            get("test_fused_step_cuda_graph[38k]", "gpu_us"),
+            "<= 10",
+            10,
+        ),
+        _target(
+            "opt.step() wall clock (capturable), 38,400 coords (us)",
+            get("test_step[fused-38k]", "capturable_step_wall_us"),
+            "<= 30",
+            30,
+        ),
+        _target("fused step GPU time, 8 M coords (us)", kernel_8m, "<= 1750", 1750),
+        _target(
+            "fraction of copy bandwidth at 8 M",
+            copy_8m / kernel_8m if copy_8m and kernel_8m else None,
+            ">= 0.92",
+            0.92,
+        ),
+        _target(
+            "(kept + transient memory) / state size at 8 M",
+            (opt_bytes + transient) / state if None not in (opt_bytes, transient, state) else None,
+            "<= 1.05",
+            1.05,
+        ),
+        _target(
             "torch Adam(fused) / fused MGG step, 38,400 coords",
-            ratio,
+            adam / kernel_38k if adam and kernel_38k else None,
             ">= 10",
-            None if ratio is None else ratio >= 10,
-        )
-    )
-    return rows
+            10,
+        ),
+    ]
 
 
 def summarize(path: str | Path) -> str:

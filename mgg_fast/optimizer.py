@@ -150,33 +150,15 @@ class MGGOptimizer(torch.optim.Optimizer):
             return loss
         for (gi, group_grads), use_fused in zip(work, fused, strict=True):
             group = self.param_groups[gi]
-            flat = self._flat_state(gi)
             beta1, beta2 = group["betas"]
+            hyper = {"lr": group["lr"], "beta1": beta1, "beta2": beta2, "eps": group["eps"]}
+            args = (self._flat_state(gi), group_grads, self.mgg)
             if use_fused:
                 from mgg_fast.kernels import fused_group_step
 
-                fused_group_step(
-                    flat,
-                    group_grads,
-                    self.mgg,
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    found_inf=found_inf,
-                    capturable=self.capturable,
-                )
+                fused_group_step(*args, **hyper, found_inf=found_inf, capturable=self.capturable)
             else:
-                reference_group_step(
-                    flat,
-                    group_grads,
-                    self.mgg,
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    compiled=self.backend == "compiled",
-                )
+                reference_group_step(*args, **hyper, compiled=self.backend == "compiled")
         return loss
 
     def _use_triton(self, device: torch.device) -> bool:
