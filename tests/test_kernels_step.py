@@ -68,6 +68,14 @@ def copy_grads(src, dst):
         q.grad = None if p.grad is None else p.grad.clone()
 
 
+def step_twins(ref_params, ref_opt, params, opt, seed, **grad_kw):
+    """Give both twins the same fresh gradients and take one step with each optimizer."""
+    set_grads(ref_params, seed, **grad_kw)
+    copy_grads(ref_params, params)
+    ref_opt.step()
+    opt.step()
+
+
 def assert_same_step(ref_params, ref_opt, params, opt, tol=F32):
     for p, q in zip(ref_params, params, strict=True):
         assert_close(q.detach().float(), p.detach().float(), **tol)
@@ -116,10 +124,7 @@ def test_fused_matches_reference_param_dtypes(dtype):
     mgg = random_mgg(seed=1)
     ref_params, ref_opt, params, opt = twin_optimizers(mgg, SHAPES, dtype)
     for step in range(3):
-        set_grads(ref_params, step)
-        copy_grads(ref_params, params)
-        ref_opt.step()
-        opt.step()
+        step_twins(ref_params, ref_opt, params, opt, step)
         assert_same_step(ref_params, ref_opt, params, opt, DTYPE_TOL[dtype])
         assert all(p.dtype == dtype for p in params)
     assert opt.state[params[0]]["exp_avg"].dtype == torch.float32
@@ -131,10 +136,7 @@ def test_fused_matches_reference_mgg_sizes(hidden, heads):
     shapes = [(5, 7), (60,), ()]
     ref_params, ref_opt, params, opt = twin_optimizers(mgg, shapes, betas=(0.8, 0.999))
     for step in range(2):
-        set_grads(ref_params, 10 + step, scale=5.0)
-        copy_grads(ref_params, params)
-        ref_opt.step()
-        opt.step()
+        step_twins(ref_params, ref_opt, params, opt, 10 + step, scale=5.0)
         assert_same_step(ref_params, ref_opt, params, opt)
 
 
@@ -143,33 +145,21 @@ def test_mixed_param_dtypes_in_one_group():
     ref_params, ref_opt, params, opt = twin_optimizers(mgg, [(6,), (9,)])
     for p in (ref_params[1], params[1]):
         p.data = p.data.bfloat16()
-    set_grads(ref_params, 0)
-    copy_grads(ref_params, params)
-    ref_opt.step()
-    opt.step()
+    step_twins(ref_params, ref_opt, params, opt, 0)
     assert_same_step(ref_params, ref_opt, params, opt, DTYPE_TOL[torch.bfloat16])
 
 
 def test_params_without_grad_are_untouched_and_keep_their_step():
     mgg = random_mgg(seed=3)
     ref_params, ref_opt, params, opt = twin_optimizers(mgg, SHAPES)
-    set_grads(ref_params, 0)
-    copy_grads(ref_params, params)
-    ref_opt.step()
-    opt.step()
-    set_grads(ref_params, 1, none=(3, 4))
-    copy_grads(ref_params, params)
+    step_twins(ref_params, ref_opt, params, opt, 0)
     snap = snapshot([params[3], params[4]], opt)
-    ref_opt.step()
-    opt.step()
+    step_twins(ref_params, ref_opt, params, opt, 1, none=(3, 4))
     assert_unchanged([params[3], params[4]], opt, snap)
     assert opt.state[params[3]]["step"].item() == 1 and opt.state[params[0]]["step"].item() == 2
     assert_same_step(ref_params, ref_opt, params, opt)
     # next step: per-parameter step counts (and bias corrections) now differ
-    set_grads(ref_params, 2)
-    copy_grads(ref_params, params)
-    ref_opt.step()
-    opt.step()
+    step_twins(ref_params, ref_opt, params, opt, 2)
     assert_same_step(ref_params, ref_opt, params, opt)
 
 
@@ -211,20 +201,14 @@ def test_capturable_found_inf_writes_nothing():
     mgg = random_mgg(seed=6)
     ref_params, ref_opt, params, opt = twin_optimizers(mgg, [(7,), (130,)])
     opt = MGGOptimizer(params, opt.mgg, lr=0.05, backend="triton", capturable=True)
-    set_grads(ref_params, 0)
-    copy_grads(ref_params, params)
-    ref_opt.step()
-    opt.step()
+    step_twins(ref_params, ref_opt, params, opt, 0)
     snap = snapshot(params, opt)
     set_grads(params, 1)
     params[1].grad[100] = float("inf")
     opt.step()
     assert opt.num_skipped_steps == 1
     assert_unchanged(params, opt, snap)
-    set_grads(ref_params, 2)
-    copy_grads(ref_params, params)
-    ref_opt.step()
-    opt.step()
+    step_twins(ref_params, ref_opt, params, opt, 2)
     assert_same_step(ref_params, ref_opt, params, opt)
 
 
@@ -391,16 +375,10 @@ def test_bias_corrections_across_betas_and_steps(betas, start_step):
     and a late step (the 1 - exp branch) all match the reference's float64 corrections."""
     mgg = random_mgg(seed=12)
     ref_params, ref_opt, params, opt = twin_optimizers(mgg, [(50,), (3, 4)], betas=betas)
-    set_grads(ref_params, 0)
-    copy_grads(ref_params, params)
-    ref_opt.step()
-    opt.step()
+    step_twins(ref_params, ref_opt, params, opt, 0)
     for p, q in zip(ref_params, params, strict=True):
         ref_opt.state[p]["step"].fill_(start_step + 1)
         opt.state[q]["step"].fill_(start_step + 1)
     for step in range(1, 3):
-        set_grads(ref_params, step)
-        copy_grads(ref_params, params)
-        ref_opt.step()
-        opt.step()
+        step_twins(ref_params, ref_opt, params, opt, step)
         assert_same_step(ref_params, ref_opt, params, opt)
