@@ -45,17 +45,18 @@ class MGG(nn.Module):
         self.head_dim = f = hidden_size // num_heads
         nh, h = num_heads, hidden_size
         # Initialisation as published: default nn.Linear projections, N(0, 0.02) W1 and eta gate,
-        # zero b1 / eta bias / token offset, identity layer norms.
+        # zero b1 / eta bias / token offset, identity layer norms. empty().normal_() draws what
+        # torch.normal does but, unlike it, honours a `with torch.device(...)` default device.
         self.q_proj = nn.Linear(2, h, bias=False)
         self.k_proj = nn.Linear(2, h, bias=False)
         self.v_proj = nn.Linear(2, h, bias=False)
         self.o_proj = nn.Linear(h, 1, bias=False)
         self.post_norm = nn.LayerNorm(h, eps=1e-6)
-        self.W1 = nn.Parameter(torch.normal(0.0, 0.02, size=(nh, f, f)))
+        self.W1 = nn.Parameter(torch.empty(nh, f, f).normal_(0.0, 0.02))
         self.b1 = nn.Parameter(torch.zeros(nh, 1, f))
         self.ttt_norm_weight = nn.Parameter(torch.ones(nh, f))
         self.ttt_norm_bias = nn.Parameter(torch.zeros(nh, f))
-        self.learnable_ttt_lr_weight = nn.Parameter(torch.normal(0.0, 0.02, size=(nh, 1, 2)))
+        self.learnable_ttt_lr_weight = nn.Parameter(torch.empty(nh, 1, 2).normal_(0.0, 0.02))
         self.learnable_ttt_lr_bias = nn.Parameter(torch.zeros(nh, 1))
         self.learnable_token_idx = nn.Parameter(torch.zeros(1))
 

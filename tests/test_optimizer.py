@@ -225,6 +225,13 @@ def test_mgg_load_accepts_published_names_and_init():
         MGG(10, 3)
 
 
+def test_mgg_is_built_on_the_default_device():
+    """Every tensor follows ``with torch.device(...)`` (torch.normal(size=...) alone would not)."""
+    with torch.device("meta"):
+        mgg = MGG(16, 2)
+    assert {p.device.type for p in mgg.parameters()} == {"meta"}
+
+
 def test_mgg_rejects_bad_features_and_state():
     mgg = MGG()
     with pytest.raises(ValueError, match="shape"):
