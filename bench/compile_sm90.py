@@ -77,13 +77,13 @@ def configurations(everything: bool):
     if everything:
         sizes = [(nh, f) for f in SUPPORTED_HEAD_DIMS for nh in (1, 2, MAX_HIDDEN // f)]
     for nh, f in sorted(set(sizes)):
-        for n in (38_400, 8_000_000):
-            block, warps = launch_config(n, f)
-            step = {"NH": nh, "F": f, "P_DTYPE": tl.float32, "BLOCK": block}
-            yield "step", mgg_step._mgg_step_kernel, step, warps
-            tiled = {"NH": nh, "F": f, "TILED": n < 1e6, "BLOCK": block}
-            yield "forward", mgg_forward._mgg_forward_kernel, tiled, warps
-    block, warps = launch_config(8_000_000, 8)
+        block, warps = launch_config(nh, f)
+        step = {"NH": nh, "F": f, "P_DTYPE": tl.float32, "BLOCK": block}
+        yield "step", mgg_step._mgg_step_kernel, step, warps
+        for tiled in (True, False):
+            forward = {"NH": nh, "F": f, "TILED": tiled, "BLOCK": block}
+            yield "forward", mgg_forward._mgg_forward_kernel, forward, warps
+    block, warps = launch_config(1, 8)
     bf16 = {"NH": 1, "F": 8, "P_DTYPE": tl.bfloat16, "BLOCK": block}
     yield "step-bf16", mgg_step._mgg_step_kernel, bf16, warps
     yield "advance", mgg_step._advance_steps_kernel, {"BLOCK": mgg_step.STEP_BLOCK}, 4

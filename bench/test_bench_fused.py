@@ -28,12 +28,12 @@ from mgg_fast import MGG, MGGOptimizer
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-BYTES_PER_COORD = 604  # read grad, p, m, v, W (64), b (8); write p, m, v, W, b: fp32, H=8
 NUM_TENSORS = 50
 SIZES = {"38k": 768, "1M": 20_000, "8M": 160_000}  # per tensor; x 50 tensors
 CPU_SIZES = ("38k",)
 NO_GPU = "the fused Triton step needs a CUDA GPU (TRITON_INTERPRET checks correctness, not speed)"
-SWEEP = [(block, warps) for block in (8, 16, 32, 64) for warps in (2, 4, 8)]
+SWEEP_BLOCKS = {8: (8, 16, 32, 64), 16: (2, 4, 8, 16), 32: (2, 4, 8)}  # per head dim f
+SWEEP_WARPS = (1, 2, 4, 8)
 
 
 def _sync() -> None:
@@ -50,9 +50,17 @@ def _tensors(size: str, seed: int = 0) -> list[torch.Tensor]:
     return params
 
 
-def _mgg() -> MGG:
+def _mgg(head_dim: int = 8) -> MGG:
     torch.manual_seed(0)
-    return MGG(hidden_size=8).to(DEVICE)
+    return MGG(hidden_size=head_dim).to(DEVICE)
+
+
+def bytes_per_coord(head_dim: int) -> int:
+    """Least fp32 traffic of one step per coordinate, one head: 604 B at f = 8."""
+    return 7 * 4 + 2 * 4 * (head_dim * head_dim + head_dim)
+
+
+BYTES_PER_COORD = bytes_per_coord(8)  # 604: what the copy yardstick moves per coordinate
 
 
 def gpu_us(fn: Callable[[], object], steps: int, queue_ahead: bool = True) -> float:
@@ -83,7 +91,7 @@ def wall_us(fn: Callable[[], object], steps: int) -> float:
     return (time.perf_counter() - t0) * 1e6 / steps
 
 
-def _record(benchmark, coords: int, **numbers: float) -> None:
+def _record(benchmark, coords: int, head_dim: int = 8, **numbers: float) -> None:
     info = benchmark.extra_info
     info["coords"] = coords
     info["device"] = torch.cuda.get_device_name() if CUDA else "cpu"
@@ -93,7 +101,7 @@ def _record(benchmark, coords: int, **numbers: float) -> None:
     main = numbers.get("kernel_gpu_us", numbers.get("gpu_us", numbers.get("wall_us")))
     if main:
         info["coords_per_s"] = coords / (main * 1e-6)
-        info["gb_per_s_at_604B"] = coords * BYTES_PER_COORD / (main * 1e-6) / 1e9
+        info["gb_per_s_at_604B"] = coords * bytes_per_coord(head_dim) / (main * 1e-6) / 1e9
 
 
 def _memory(make_opt: Callable[[], torch.optim.Optimizer], params: list[torch.Tensor]) -> dict[str, int]:
@@ -197,28 +205,29 @@ def test_copy_bandwidth(benchmark, size):
 
 
 @pytest.mark.skipif(not CUDA, reason=NO_GPU)
-@pytest.mark.parametrize("size", ["38k", "8M"])
-def test_fused_config_sweep(benchmark, size):
-    """Kernel time of every (BLOCK, num_warps) in SWEEP, to retune ``launch_config``."""
-    benchmark.group = f"sweep-{size}"
+@pytest.mark.parametrize(("size", "head_dim"), [("38k", 8), ("8M", 8), ("1M", 16), ("1M", 32)])
+def test_fused_config_sweep(benchmark, size, head_dim):
+    """Kernel time of every (BLOCK, num_warps) of the sweep (one head of ``head_dim``), to retune
+    ``launch_config``."""
+    benchmark.group = f"sweep-{size}-f{head_dim}"
     params = _tensors(size)
-    opt = MGGOptimizer(params, _mgg(), lr=1e-3, backend="triton")
+    opt = MGGOptimizer(params, _mgg(head_dim), lr=1e-3, backend="triton")
     opt.step()
     flat, grads, mgg = opt._flat_state(0), [p.grad for p in params], opt.mgg
     found = torch.zeros(1, device=DEVICE)
     run = lambda: fused_group_step(
         flat, grads, mgg, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, found_inf=found, capturable=True
     )
-    steps = {"38k": 100, "8M": 10}[size]
+    steps = {"38k": 100, "1M": 20, "8M": 10}[size]
     results = {}
-    for block, warps in SWEEP:
+    for block, warps in ((b, w) for b in SWEEP_BLOCKS[head_dim] for w in SWEEP_WARPS):
         with forced_config(block, warps):
             run()
             results[f"{block}x{warps}"] = gpu_us(run, steps)
     best = min(results, key=results.get)
     benchmark.extra_info["sweep_gpu_us"] = results
     benchmark.extra_info["best"] = best
-    _record(benchmark, NUM_TENSORS * SIZES[size], kernel_gpu_us=results[best])
+    _record(benchmark, NUM_TENSORS * SIZES[size], head_dim, kernel_gpu_us=results[best])
     block, warps = (int(x) for x in best.split("x"))
     with forced_config(block, warps):
         benchmark.pedantic(lambda: (run(), _sync()), rounds=_rounds(size), warmup_rounds=1)

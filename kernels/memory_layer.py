@@ -39,29 +39,28 @@ def check_mgg_shape(num_heads: int, head_dim: int) -> None:
 
 
 INTERPRET_BLOCK = 128  # few, fat programs under the interpreter
-SMALL_N = 1 << 18  # below this many coordinates, smaller blocks (more programs)
+TILE_ENTRIES = 2048  # BLOCK * f * f: memory entries one program holds
 _forced: list[tuple[int, int]] = []  # stack of forced_config() overrides
 
 
-def launch_config(n: int, f: int) -> tuple[int, int]:
-    """``(BLOCK, num_warps)`` for ``n`` coordinates of head dim ``f``.
+def launch_config(num_heads: int, f: int) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` for an MGG of ``num_heads`` heads of dim ``f``.
 
     A fixed table rather than ``triton.autotune``: the step kernel updates its buffers in place
     through pointers held in a table, so autotuning (which re-runs the kernel) would apply the
-    step several times. ``num_warps`` is chosen so a ``[BLOCK, f, f]`` tile is ~8 floats per
-    thread: ptxas (sm_90, H=8) then needs ~80 registers instead of 160-255 at 16-32 floats per
-    thread, so more warps stay resident to hide memory latency. Small ``n`` (ViT norm scale)
-    gets half blocks for more programs per SM. Unmeasured on a GPU: ``bench/gpu_check.sh``
-    sweeps alternatives. Under ``TRITON_INTERPRET=1`` every program costs ~0.1 s: few fat ones.
+    step several times. Measured on an H100 (bench/RESULTS.md, 2026-11-27, H=8): 2 warps over
+    [32, 8, 8] tiles is the fastest of 12 configurations at 38,400 coordinates and within 1% of
+    the fastest at 8 M ([64, 8, 8], which spills registers); more warps or smaller tiles cost up
+    to 7x. Other head dims keep the tile size in memory entries (``bench/gpu_check.sh`` sweeps);
+    more heads get more warps (2 per head, up to 8), as 2 would spill registers
+    (``bench/compile_sm90.py --all``).
+    Under ``TRITON_INTERPRET=1`` every program costs ~0.1 s: few fat ones.
     """
     if _forced:
         return _forced[-1]
     if os.environ.get("TRITON_INTERPRET") == "1":
         return INTERPRET_BLOCK, 1
-    block = {8: 32, 16: 8, 32: 4}[f]
-    if n < SMALL_N:
-        block //= 2
-    return block, min(max(block * f * f // 256, 1), 8)
+    return TILE_ENTRIES // (f * f), min(2 * num_heads, 8)
 
 
 @contextmanager

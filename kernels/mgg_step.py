@@ -242,7 +242,7 @@ def fused_group_step(
         key += (i, p.data_ptr(), g.data_ptr())
     if not work:
         return
-    block, num_warps = launch_config(flat.num_coords, mgg.head_dim)
+    block, num_warps = launch_config(mgg.num_heads, mgg.head_dim)
     cache: OrderedDict = flat.cache.setdefault(TABLE_CACHE_KEY, OrderedDict())
     key = (block, *key)
     plan = cache.get(key)

@@ -88,7 +88,10 @@ class MGGOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.capturable = capturable
         self._flat: list[FlatState | None] = []
-        self._skipped = torch.zeros((), dtype=torch.int64)
+        # float32 so the fused path adds the found-inf flag without a cast (exact to 2^24 skips)
+        self._skipped = torch.zeros((), dtype=torch.float32)
+        self._flag = torch.zeros(1)  # found-inf flag of the current step, kept: no per-step allocation
+        self._one = torch.ones(1)
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
 
     # ---- groups and state ----------------------------------------------------------------------
@@ -138,11 +141,11 @@ class MGGOptimizer(torch.optim.Optimizer):
         if not work:
             return loss
         grads = [g for _, gs in work for g in gs if g is not None]
-        found_inf = _nonfinite_flag(grads)
+        found_inf = self._nonfinite_flag(grads)
         fused = [self._use_triton(self.param_groups[gi]["params"][0].device) for gi, _ in work]
         if self.nonfinite == "skip" and all(fused):
             # The kernels read found_inf and write nothing when it is set: no host sync.
-            self._skipped += found_inf.to(torch.int64).view(())
+            self._skipped += found_inf.view(())
         elif bool(found_inf.item()):
             if self.nonfinite == "raise":
                 raise FloatingPointError("non-finite gradient: the MGG step was not taken")
@@ -160,6 +163,13 @@ class MGGOptimizer(torch.optim.Optimizer):
             else:
                 reference_group_step(*args, **hyper, compiled=self.backend == "compiled")
         return loss
+
+    def _nonfinite_flag(self, grads: list[Tensor]) -> Tensor:
+        """The kept 1-element float flag, set to 1.0 if any gradient holds NaN/Inf (no host sync)."""
+        self._flag.zero_()
+        # One fused pass over all gradients; "unscaling" by 1.0 leaves their values as they are.
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, self._flag, self._one)
+        return self._flag
 
     def _use_triton(self, device: torch.device) -> bool:
         if self.backend in ("reference", "compiled"):
@@ -201,7 +211,9 @@ class MGGOptimizer(torch.optim.Optimizer):
                     raise ValueError("capturable=True needs CUDA parameters")
                 work.append((gi, grads))
         if self._skipped.device != mgg_device:
-            self._skipped = self._skipped.to(mgg_device)
+            self._skipped, self._flag, self._one = (
+                t.to(mgg_device) for t in (self._skipped, self._flag, self._one)
+            )
         return work
 
     # ---- state dict ---------------------------------------------------------------------------
@@ -287,15 +299,6 @@ def _check_grad(p: Tensor, g: Tensor) -> None:
         raise ValueError(f"gradient on {g.device} but parameter on {p.device}")
     if g.dtype != p.dtype:
         raise TypeError(f"gradient dtype {g.dtype} does not match parameter dtype {p.dtype}")
-
-
-def _nonfinite_flag(grads: list[Tensor]) -> Tensor:
-    """A 1-element float tensor on the gradients' device: 1.0 if any holds NaN/Inf (no host sync)."""
-    device = grads[0].device
-    found = torch.zeros(1, device=device)
-    # One fused pass over all gradients; "unscaling" by 1.0 leaves their values as they are.
-    torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=device))
-    return found
 
 
 def reference_group_step(
