@@ -52,7 +52,8 @@ def launch_config(num_heads: int, f: int) -> tuple[int, int]:
     [32, 8, 8] tiles is the fastest of 12 configurations at 38,400 coordinates and within 1% of
     the fastest at 8 M ([64, 8, 8], which spills registers); more warps or smaller tiles cost up
     to 7x. Other head dims keep the tile size in memory entries (``bench/gpu_check.sh`` sweeps);
-    more heads get more warps (2 per head, up to 8), as 2 would spill registers
+    more heads get more warps (2 per head rounded up to a power of two, at most 8), as 2 would
+    spill registers
     (``bench/compile_sm90.py --all``).
     Under ``TRITON_INTERPRET=1`` every program costs ~0.1 s: few fat ones.
     """
@@ -60,7 +61,7 @@ def launch_config(num_heads: int, f: int) -> tuple[int, int]:
         return _forced[-1]
     if os.environ.get("TRITON_INTERPRET") == "1":
         return INTERPRET_BLOCK, 1
-    return TILE_ENTRIES // (f * f), min(2 * num_heads, 8)
+    return TILE_ENTRIES // (f * f), min(2 * triton.next_power_of_2(num_heads), 8)
 
 
 @contextmanager

@@ -167,6 +167,10 @@ class MGGOptimizer(torch.optim.Optimizer):
     def _nonfinite_flag(self, grads: list[Tensor]) -> Tensor:
         """The kept 1-element float flag, set to 1.0 if any gradient holds NaN/Inf (no host sync)."""
         self._flag.zero_()
+        # CUDA's check has no bfloat16 kernel: those gradients go in as one float32 copy.
+        bf16 = [g.reshape(-1) for g in grads if g.dtype == torch.bfloat16]
+        if bf16:
+            grads = [g for g in grads if g.dtype != torch.bfloat16] + [torch.cat(bf16).float()]
         # One fused pass over all gradients; "unscaling" by 1.0 leaves their values as they are.
         torch._amp_foreach_non_finite_check_and_unscale_(grads, self._flag, self._one)
         return self._flag

@@ -134,6 +134,21 @@ def test_nonfinite_gradient_skips_whole_step():
     assert opt.state_dict()["mgg_fast"]["skipped_steps"] == 2
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_bfloat16_gradient_is_found(bad):
+    """bfloat16 gradients are checked through a float32 copy (CUDA's check has no bf16 kernel)."""
+    params = [torch.zeros(4, dtype=torch.bfloat16, requires_grad=True), torch.zeros(3, requires_grad=True)]
+    opt = MGGOptimizer(params, MGG(), lr=0.1, backend="reference")
+    params[0].grad = torch.tensor([1.0, bad, 2.0, 3.0], dtype=torch.bfloat16)
+    params[1].grad = torch.ones(3)
+    opt.step()
+    assert opt.num_skipped_steps == 1
+    assert torch.all(params[0] == 0) and torch.all(params[1] == 0)
+    params[0].grad = torch.ones(4, dtype=torch.bfloat16)
+    opt.step()
+    assert opt.num_skipped_steps == 1 and torch.all(params[0] != 0)
+
+
 def test_nonfinite_raise_policy():
     _mgg, params, opt = make(nonfinite="raise")
     set_grads(params, 0)
