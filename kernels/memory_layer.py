@@ -39,7 +39,7 @@ def check_mgg_shape(num_heads: int, head_dim: int) -> None:
 
 
 INTERPRET_BLOCK = 128  # few, fat programs under the interpreter
-TILE_ENTRIES = 2048  # BLOCK * f * f: memory entries one program holds
+MEASURED_CONFIG = {8: (32, 2), 16: (8, 1), 32: (2, 1)}  # head dim f -> (BLOCK, warps), one head
 _forced: list[tuple[int, int]] = []  # stack of forced_config() overrides
 
 
@@ -48,12 +48,10 @@ def launch_config(num_heads: int, f: int) -> tuple[int, int]:
 
     A fixed table rather than ``triton.autotune``: the step kernel updates its buffers in place
     through pointers held in a table, so autotuning (which re-runs the kernel) would apply the
-    step several times. Measured on an H100 (bench/RESULTS.md, 2026-11-27, H=8): 2 warps over
-    [32, 8, 8] tiles is the fastest of 12 configurations at 38,400 coordinates and within 1% of
-    the fastest at 8 M ([64, 8, 8], which spills registers); more warps or smaller tiles cost up
-    to 7x. Other head dims keep the tile size in memory entries (``bench/gpu_check.sh`` sweeps);
-    more heads get more warps (2 per head rounded up to a power of two, at most 8), as 2 would
-    spill registers
+    step several times. The table is the fastest (or within 1% of it) of a BLOCK x num_warps
+    sweep for one head on an H100 (bench/RESULTS.md, 2026-11-27): tiles of 2,048 memory entries,
+    one or two warps; more warps or smaller tiles cost up to 7x. Several heads (unmeasured) get warps
+    in proportion, rounded to a power of two and at most 8, so registers do not spill
     (``bench/compile_sm90.py --all``).
     Under ``TRITON_INTERPRET=1`` every program costs ~0.1 s: few fat ones.
     """
@@ -61,7 +59,8 @@ def launch_config(num_heads: int, f: int) -> tuple[int, int]:
         return _forced[-1]
     if os.environ.get("TRITON_INTERPRET") == "1":
         return INTERPRET_BLOCK, 1
-    return TILE_ENTRIES // (f * f), min(2 * triton.next_power_of_2(num_heads), 8)
+    block, warps = MEASURED_CONFIG[f]
+    return block, min(warps * triton.next_power_of_2(num_heads), 8)
 
 
 @contextmanager
