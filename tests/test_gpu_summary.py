@@ -1,0 +1,52 @@
+"""bench/summarize_fused.py turns a benchmark JSON into PASS/FAIL/MISSING rows against DESIGN.md."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "summarize_fused.py"
+spec = importlib.util.spec_from_file_location("summarize_fused", SCRIPT)
+summarize_fused = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(summarize_fused)
+
+
+def _bench(name: str, median_s: float, **info: float) -> dict:
+    return {"name": name, "stats": {"median": median_s}, "extra_info": info}
+
+
+def _status(text: str, what: str) -> str:
+    row = next(line for line in text.splitlines() if line.startswith(f"| {what}"))
+    return row.rstrip(" |").rsplit("| ", 1)[-1]
+
+
+def test_targets_pass_fail_and_missing(tmp_path):
+    data = {
+        "datetime": "2026-11-27",
+        "machine_info": {"python_version": "3.12"},
+        "benchmarks": [
+            _bench(
+                "test_step[fused-38k]", 1e-4, coords=38400, kernel_gpu_us=12.0, capturable_step_wall_us=40.0
+            ),
+            _bench(
+                "test_step[fused-8M]",
+                2e-3,
+                coords=8_000_000,
+                kernel_gpu_us=1800.0,
+                optimizer_bytes=100,
+                transient_bytes=4,
+                state_bytes=100,
+            ),
+            _bench("test_copy_bandwidth[8M]", 2e-3, coords=8_000_000, gpu_us=1620.0),
+            _bench("test_step[adam_fused-38k]", 2e-4, coords=38400, wall_us=200.0),
+        ],
+    }
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(data))
+    text = summarize_fused.summarize(path)
+    assert _status(text, "fused step GPU time, 38,400") == "PASS"  # 12 <= 15
+    assert _status(text, "opt.step() wall clock") == "FAIL"  # 40 > 30
+    assert _status(text, "fused step GPU time, 8 M") == "FAIL"  # 1800 > 1750
+    assert _status(text, "fraction of copy bandwidth") == "FAIL"  # 0.9 < 0.92
+    assert _status(text, "(kept + transient memory)") == "PASS"  # 1.04 <= 1.05
+    assert _status(text, "CUDA-graph replay") == "MISSING"
+    assert _status(text, "torch Adam(fused) wall") == "MISSING"  # needs the graph case too
