@@ -21,15 +21,15 @@ os.environ.pop("TRITON_INTERPRET", None)  # before the kernels are defined: real
 
 import triton
 import triton.language as tl
-from mgg_fast.kernels import mgg_forward, mgg_step
+from mgg_fast.kernels import mgg_forward, mgg_step, step_prologue
 from mgg_fast.kernels.memory_layer import MAX_HIDDEN, SUPPORTED_HEAD_DIMS, launch_config
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 TARGET = GPUTarget("cuda", 90, 32)
-POINTER_TYPES = {"table": "*i64", "idx": "*i64"}
-INT_ARGS = {"n"}
-FP32_POINTERS = {"steps", "found_inf", "token"}
+POINTER_TYPES = {"table": "*i64", "chunks": "*i64", "step_slots": "*i64", "ticket": "*i64"}
+INT_ARGS = {"n", "n_chunks", "n_slots"}
+FP32_POINTERS = {"steps", "found_inf", "token", "skipped"}
 
 
 def _signature(fn: triton.JITFunction) -> dict[str, str]:
@@ -78,15 +78,18 @@ def configurations(everything: bool):
         sizes = [(nh, f) for f in SUPPORTED_HEAD_DIMS for nh in (1, 2, MAX_HIDDEN // f)]
     for nh, f in sorted(set(sizes)):
         block, warps = launch_config(nh, f)
-        step = {"NH": nh, "F": f, "P_DTYPE": tl.float32, "BLOCK": block}
-        yield "step", mgg_step._mgg_step_kernel, step, warps
+        for pdl in (False, True):
+            step = {"NH": nh, "F": f, "P_DTYPE": tl.float32, "BLOCK": block, "PDL": pdl}
+            yield "step", mgg_step._mgg_step_kernel, step, warps
         for tiled in (True, False):
             forward = {"NH": nh, "F": f, "TILED": tiled, "BLOCK": block}
             yield "forward", mgg_forward._mgg_forward_kernel, forward, warps
     block, warps = launch_config(1, 8)
-    bf16 = {"NH": 1, "F": 8, "P_DTYPE": tl.bfloat16, "BLOCK": block}
+    bf16 = {"NH": 1, "F": 8, "P_DTYPE": tl.bfloat16, "BLOCK": block, "PDL": True}
     yield "step-bf16", mgg_step._mgg_step_kernel, bf16, warps
-    yield "advance", mgg_step._advance_steps_kernel, {"BLOCK": mgg_step.STEP_BLOCK}, 4
+    for pdl in (False, True):
+        prologue = {"BLOCK": step_prologue.CHECK_BLOCK, "SLOTS": step_prologue.SLOT_BLOCK, "PDL": pdl}
+        yield "prologue", step_prologue._step_prologue_kernel, prologue, step_prologue.NUM_WARPS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,16 +7,18 @@ memory update, post-norm, o_proj and tanh stay in registers.
 
 Layout: the group's parameters are cut into chunks of ``BLOCK`` coordinates that never straddle
 two tensors; one program per chunk, one launch for the whole group (one per parameter dtype if a
-group mixes dtypes). A cached int64 table holds per chunk ``[param ptr, grad ptr, flat start, start in the
-tensor, valid count, parameter index]``; pointers are cast in-kernel, so parameters and
-gradients stay separate tensors (no gather). The per-parameter step counts are advanced first by
-a tiny one-program kernel: the chunks of one tensor all read the advanced count, and advancing it
-inside the main kernel would race with those reads (no atomics: results are deterministic).
-Tables are cached in ``flat.cache`` keyed by the tensors' addresses ("plans", a small LRU).
+group mixes dtypes). A cached int64 table holds per chunk ``[param ptr, grad ptr, flat start,
+start in the tensor, valid count, parameter index]``; pointers are cast in-kernel, so parameters
+and gradients stay separate tensors (no gather). Tables are cached in ``flat.cache`` keyed by
+the tensors' addresses ("plans", a small LRU).
 
-Skipping: ``found_inf`` is a 1-element device tensor read by both kernels; when nonzero they
-write nothing. No host synchronisation happens in a step (MGG weights and step counts are read
-in-kernel), so with the table cached a step can be captured in a CUDA graph.
+Before the update, the step prologue (``step_prologue.py``) checks every gradient of the step,
+sets ``found_inf`` and advances the step counts (unless it skips); advancing them here would race
+with the reads of the other chunks of the same tensor. When ``found_inf`` is set the update writes
+nothing. No host synchronisation happens in a step (MGG weights and step counts are read
+in-kernel), so with the tables cached a step can be captured in a CUDA graph: two kernels. With
+programmatic dependent launch (Hopper+) the update starts while the prologue runs: it loads
+gradient, parameter and moments, then waits for the prologue's decision.
 """
 
 from __future__ import annotations
@@ -29,18 +31,20 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra.cuda import gdc_wait
 
 from mgg_fast.flat_state import FlatState
 from mgg_fast.mgg import MGG
 
 from .memory_layer import check_mgg_shape, launch_config, memory_layer_block, weight_args
+from .step_prologue import StepGuard, use_pdl
 
 # chunk table row: param ptr, grad ptr, flat start, start in the tensor, count, parameter index
 TABLE_COLUMNS = tl.constexpr(6)
 TABLE_CACHE_KEY = "triton_step_plans"
 TABLE_CACHE_SIZE = 8  # gradient addresses may alternate (set_to_none=True); keep a few plans
 CAPTURED_PLANS_KEY = "triton_step_captured_plans"  # plans used in CUDA-graph capture: never evicted
-STEP_BLOCK = 1024
+GUARD_CACHE_KEY = "triton_step_guard"  # the StepGuard of direct fused_group_step calls
 PARAM_DTYPES = {
     torch.float32: tl.float32,
     torch.bfloat16: tl.bfloat16,
@@ -69,14 +73,6 @@ def _to_param_dtype(x, P_DTYPE: tl.constexpr):
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         x = tl.where(x == x, ((bits >> 16) << 16).to(tl.float32, bitcast=True), x)  # NaN stays NaN
     return x.to(P_DTYPE)
-
-
-@triton.jit
-def _advance_steps_kernel(steps, idx, n, found_inf, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < tl.where(tl.load(found_inf) == 0, n, 0)  # found_inf: nothing is valid
-    rows = tl.load(idx + offs, mask=mask, other=0)
-    tl.store(steps + rows, tl.load(steps + rows, mask=mask, other=0.0) + 1.0, mask=mask)
 
 
 @triton.jit
@@ -111,6 +107,7 @@ def _mgg_step_kernel(
     F: tl.constexpr,
     P_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     row = table + tl.program_id(0).to(tl.int64) * TABLE_COLUMNS
     p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
@@ -118,15 +115,20 @@ def _mgg_step_kernel(
     lane = tl.arange(0, BLOCK)
     coords = tl.load(row + 2) + lane
     offs = tl.load(row + 3) + lane
-    mask = lane < tl.where(tl.load(found_inf) == 0, tl.load(row + 4), 0)  # found_inf: nothing is valid
-    t = tl.load(steps + tl.load(row + 5))  # already advanced: 1 on the first step
+    count = tl.load(row + 4)
+    valid = lane < count
+    g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + coords, mask=valid, other=0.0)
+    v = tl.load(v_ptr + coords, mask=valid, other=0.0)
+    if PDL:
+        gdc_wait()  # the prologue's found_inf and step counts are final past this point
+    mask = lane < tl.where(tl.load(found_inf) == 0, count, 0)  # found_inf: nothing is written
+    t = tl.load(steps + tl.load(row + 5))  # advanced by the prologue: 1 on the first step
     bc1 = _one_minus_pow(ln_beta1, t + 1.0)  # published quirk: exponent t + 1
     bc2 = _one_minus_pow(ln_beta2, t + 1.0)
-
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = beta1 * tl.load(m_ptr + coords, mask=mask, other=0.0) + one_minus_beta1 * g
-    v = beta2 * tl.load(v_ptr + coords, mask=mask, other=0.0) + one_minus_beta2 * g * g
+    m = beta1 * m + one_minus_beta1 * g
+    v = beta2 * v + one_minus_beta2 * g * g
     denom = tl.sqrt(v / bc2) + eps
     out = memory_layer_block(
         (m / bc1) / denom, g / denom, coords, mask, W_ptr, b_ptr, W_ptr, b_ptr,
@@ -139,11 +141,24 @@ def _mgg_step_kernel(
 
 
 class _Launch(NamedTuple):
-    """One launch of a plan: the parameters of one dtype, their chunk table and indices."""
+    """One launch of a plan: the parameters of one dtype and their chunk table."""
 
     dtype: tl.dtype
     chunks: Tensor  # [chunks, TABLE_COLUMNS] int64 on the device
-    param_idx: Tensor  # [params] int64 on the device: whose step counts advance
+
+
+class GroupWork(NamedTuple):
+    """A parameter group made ready for a fused step (:func:`prepare_group`): validated, tables
+    looked up, nothing changed yet."""
+
+    flat: FlatState
+    work: list[tuple[int, Tensor, Tensor]]  # (parameter index, contiguous param, contiguous grad)
+    copies: list[tuple[Tensor, Tensor]]  # (non-contiguous param, its contiguous working copy)
+    key: tuple  # the addresses that key the cached tables (also the step prologue's)
+    launches: list[_Launch]  # one per parameter dtype
+    weights: list[Tensor]  # the MGG's learned tensors as the kernel takes them
+    block: int
+    num_warps: int
 
 
 def _build_launch(flat: FlatState, work: list[tuple[int, Tensor, Tensor]], block: int) -> _Launch:
@@ -161,9 +176,7 @@ def _build_launch(flat: FlatState, work: list[tuple[int, Tensor, Tensor]], block
     count = torch.clamp(numels[owner] - start, max=block)
     rows = per_param[owner]
     chunks = torch.stack((rows[:, 0], rows[:, 1], rows[:, 2] + start, start, count, rows[:, 3]), dim=1)
-    device = flat.exp_avg.device
-    dtype = PARAM_DTYPES[work[0][1].dtype]
-    return _Launch(dtype, chunks.contiguous().to(device), torch.tensor(index, dtype=torch.int64).to(device))
+    return _Launch(PARAM_DTYPES[work[0][1].dtype], chunks.contiguous().to(flat.exp_avg.device))
 
 
 def _build_plan(
@@ -193,31 +206,13 @@ def _ln(beta: float) -> float:
     return math.log(beta) if beta > 0.0 else -math.inf
 
 
-def fused_group_step(
-    flat: FlatState,
-    grads: list[Tensor | None],
-    mgg: MGG,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    found_inf: Tensor | None,
-    capturable: bool,
-) -> None:
-    """One MGG optimizer step of a parameter group, fused (same semantics as ``reference_group_step``).
+def prepare_group(flat: FlatState, grads: list[Tensor | None], mgg: MGG, *, capturable: bool) -> GroupWork:
+    """Everything a fused step of this group needs, validated before anything changes.
 
-    ``grads`` is aligned with ``flat.params``; a ``None`` gradient leaves that parameter, its
-    state and its step count untouched. ``found_inf`` (1-element float32 on the device, or
-    ``None``): when nonzero nothing at all is written. No host synchronisation; with
-    ``capturable=True`` a missing pointer table during CUDA-graph capture raises (warm up first).
-
-    Supported: float32 optimizer state only (float64 state raises ``TypeError``: use
-    ``backend="reference"``); float32/bfloat16/float16/float64 parameters (computed in fp32,
-    rounded once on store); head dim 8/16/32 with hidden size <= 64 (``ValueError`` otherwise).
-    Non-contiguous gradients are copied; non-contiguous parameters are updated through a
-    contiguous copy that is copied back. Shapes, dtypes and devices are validated when a plan is
-    built for new addresses (``MGGOptimizer`` validates them every step).
+    Raises ``TypeError`` for float64 state or parameter dtypes the kernels lack, ``ValueError``
+    for unsupported MGG sizes and for gradients that do not match their parameters (checked when
+    a table is built for new addresses), ``RuntimeError`` for a missing table during capture.
+    Non-contiguous gradients are copied; non-contiguous parameters get a contiguous working copy.
     """
     if flat.exp_avg.dtype != torch.float32:
         raise TypeError(
@@ -228,7 +223,6 @@ def fused_group_step(
     weights = weight_args(mgg.weights(), flat.exp_avg.device)
     if len(grads) != len(flat.params):
         raise ValueError(f"{len(grads)} gradients for {len(flat.params)} parameters")
-    # One pass: contiguous work tensors (copies where needed) and the addresses keying the plan.
     work, copies, key = [], [], []
     for i, (p, g) in enumerate(zip(flat.params, grads, strict=True)):
         if g is None:
@@ -240,36 +234,82 @@ def fused_group_step(
             p = copies[-1][1]
         work.append((i, p, g))
         key += (i, p.data_ptr(), g.data_ptr())
-    if not work:
-        return
     block, num_warps = launch_config(mgg.num_heads, mgg.head_dim)
-    cache: OrderedDict = flat.cache.setdefault(TABLE_CACHE_KEY, OrderedDict())
     key = (block, *key)
-    plan = cache.get(key)
-    if plan is None:  # validated when built; MGGOptimizer also validates every step
-        plan = cache[key] = _build_plan(flat, work, block, capturable)
-        if len(cache) > TABLE_CACHE_SIZE:
-            cache.popitem(last=False)
-    else:
-        cache.move_to_end(key)
-    if capturable and flat.exp_avg.is_cuda and torch.cuda.is_current_stream_capturing():
-        # A captured graph holds the table's address: keep it alive past LRU eviction.
-        flat.cache.setdefault(CAPTURED_PLANS_KEY, {})[key] = plan
-    if found_inf is None:
-        found_inf = torch.zeros(1, device=flat.exp_avg.device, dtype=torch.float32)
+    launches = []
+    if work:
+        cache: OrderedDict = flat.cache.setdefault(TABLE_CACHE_KEY, OrderedDict())
+        launches = cache.get(key)
+        if launches is None:
+            launches = cache[key] = _build_plan(flat, work, block, capturable)
+            if len(cache) > TABLE_CACHE_SIZE:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(key)
+        if capturable and flat.exp_avg.is_cuda and torch.cuda.is_current_stream_capturing():
+            # A captured graph holds the table's address: keep it alive past LRU eviction.
+            flat.cache.setdefault(CAPTURED_PLANS_KEY, {})[key] = launches
+    return GroupWork(flat, work, copies, key, launches, weights, block, num_warps)
+
+
+def fused_group_update(
+    group: GroupWork,
+    mgg: MGG,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    found_inf: Tensor,
+) -> None:
+    """The update kernel of a prepared group, after the step prologue (:meth:`StepGuard.check`)
+    has set ``found_inf`` and advanced the step counts: nothing is written when it is nonzero."""
+    flat = group.flat
     scalars = (lr, beta1, 1.0 - beta1, _ln(beta1), beta2, 1.0 - beta2, _ln(beta2), eps)
-    for launch in plan:
-        n_params = launch.param_idx.shape[0]
-        _advance_steps_kernel[(triton.cdiv(n_params, STEP_BLOCK),)](
-            flat.steps, launch.param_idx, n_params, found_inf, BLOCK=STEP_BLOCK
-        )
-        if launch.chunks.shape[0]:
-            _mgg_step_kernel[(launch.chunks.shape[0],)](
-                launch.chunks, flat.steps, found_inf,
-                flat.exp_avg, flat.exp_avg_sq, flat.memory_W, flat.memory_b,
-                *scalars, *weights,
-                NH=mgg.num_heads, F=mgg.head_dim, P_DTYPE=launch.dtype, BLOCK=block,
-                num_warps=num_warps,
-            )  # fmt: skip
-    for p, w in copies:
+    pdl = use_pdl(flat.exp_avg.device)
+    launch_options = {"launch_pdl": True} if pdl else {}
+    for launch in group.launches:
+        _mgg_step_kernel[(launch.chunks.shape[0],)](
+            launch.chunks, flat.steps, found_inf,
+            flat.exp_avg, flat.exp_avg_sq, flat.memory_W, flat.memory_b,
+            *scalars, *group.weights,
+            NH=mgg.num_heads, F=mgg.head_dim, P_DTYPE=launch.dtype, BLOCK=group.block, PDL=pdl,
+            num_warps=group.num_warps, **launch_options,
+        )  # fmt: skip
+    for p, w in group.copies:
         p.copy_(w)
+
+
+def fused_group_step(
+    flat: FlatState,
+    grads: list[Tensor | None],
+    mgg: MGG,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    guard: StepGuard | None = None,
+    capturable: bool = False,
+) -> None:
+    """One MGG optimizer step of one parameter group, fused: the step prologue, then the update
+    (same semantics as ``reference_group_step``, plus skipping a step with a NaN/Inf gradient).
+
+    ``grads`` is aligned with ``flat.params``; a ``None`` gradient leaves that parameter, its
+    state and its step count untouched. ``guard`` holds the device-side skip decision and its
+    skipped-step counter (default: one kept in ``flat.cache``). No host synchronisation; with
+    ``capturable=True`` a missing pointer table during CUDA-graph capture raises (warm up first).
+
+    Supported: float32 optimizer state only (use ``backend="reference"`` for float64);
+    float32/bfloat16/float16/float64 parameters (computed in fp32, rounded once on store); head
+    dim 8/16/32 with hidden size <= 64. See :func:`prepare_group` for what is validated.
+    """
+    group = prepare_group(flat, grads, mgg, capturable=capturable)
+    if not group.work:
+        return
+    if guard is None:
+        guard = flat.cache.get(GUARD_CACHE_KEY) or flat.cache.setdefault(
+            GUARD_CACHE_KEY, StepGuard(flat.exp_avg.device)
+        )
+    found_inf = guard.check([group], capturable=capturable, pdl=use_pdl(flat.exp_avg.device))
+    fused_group_update(group, mgg, lr=lr, beta1=beta1, beta2=beta2, eps=eps, found_inf=found_inf)

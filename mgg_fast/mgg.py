@@ -17,6 +17,22 @@ PUBLISHED_PREFIX = "seq_modeling_block."
 CHECKPOINT_FORMAT = "mgg_fast.mgg/v1"
 
 
+# (submodule or None for the MGG itself, parameter name) of each MGGWeights field, in order
+_WEIGHTS = (
+    ("q_proj", "weight"),
+    ("k_proj", "weight"),
+    ("v_proj", "weight"),
+    ("o_proj", "weight"),
+    ("post_norm", "weight"),
+    ("post_norm", "bias"),
+    (None, "ttt_norm_weight"),
+    (None, "ttt_norm_bias"),
+    (None, "learnable_ttt_lr_weight"),
+    (None, "learnable_ttt_lr_bias"),
+    (None, "learnable_token_idx"),
+)
+
+
 class MGGState(NamedTuple):
     """Per-coordinate fast-weight memory carried between MGG calls."""
 
@@ -65,19 +81,13 @@ class MGG(nn.Module):
         return {"hidden_size": self.hidden_size, "num_heads": self.num_heads}
 
     def weights(self) -> MGGWeights:
-        """The learned tensors one step reads, in the reference's calling convention."""
+        """The learned tensors one step reads, in the reference's calling convention.
+
+        Read from the modules' parameter dicts (what attribute access returns, minus
+        ``nn.Module.__getattr__``'s cost: this runs on every optimizer step)."""
+        modules, own = self._modules, self._parameters
         return MGGWeights(
-            self.q_proj.weight,
-            self.k_proj.weight,
-            self.v_proj.weight,
-            self.o_proj.weight,
-            self.post_norm.weight,
-            self.post_norm.bias,
-            self.ttt_norm_weight,
-            self.ttt_norm_bias,
-            self.learnable_ttt_lr_weight,
-            self.learnable_ttt_lr_bias,
-            self.learnable_token_idx,
+            *(own[name] if sub is None else modules[sub]._parameters[name] for sub, name in _WEIGHTS)
         )
 
     def initial_state(self, n: int) -> MGGState:

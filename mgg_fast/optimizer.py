@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,6 +33,18 @@ def fused_supported(mgg: MGG) -> bool:
 
     sizes_ok = mgg.head_dim in SUPPORTED_HEAD_DIMS and mgg.hidden_size <= MAX_HIDDEN
     return mgg.W1.dtype == torch.float32 and sizes_ok
+
+
+class _LastFusedStep(NamedTuple):
+    """The last all-fused step, as :meth:`MGGOptimizer._repeat_last` relaunches it."""
+
+    signature: tuple[int, ...]  # parameter and gradient addresses
+    settings: tuple  # (mgg, backend, nonfinite, capturable)
+    weights: Sequence[Tensor]  # the MGG tensors the kernels read (identity checked)
+    weight_ptrs: tuple[int, ...]
+    prologue: Any  # mgg_fast.kernels.step_prologue.ProloguePlan
+    groups: list[tuple[int, Any]]  # (group index, mgg_fast.kernels.GroupWork without its work list)
+    pdl: bool
 
 
 class MGGOptimizer(torch.optim.Optimizer):
@@ -90,14 +102,17 @@ class MGGOptimizer(torch.optim.Optimizer):
         self._flat: list[FlatState | None] = []
         # float32 so the fused path adds the found-inf flag without a cast (exact to 2^24 skips)
         self._skipped = torch.zeros((), dtype=torch.float32)
-        self._flag = torch.zeros(1)  # found-inf flag of the current step, kept: no per-step allocation
+        self._flag = torch.zeros(1)  # host-path found-inf flag, kept: no per-step allocation
         self._one = torch.ones(1)
+        self._guard = None  # mgg_fast.kernels.StepGuard of the fused path, made on its first step
+        self._last: _LastFusedStep | None = None  # what _repeat_last() relaunches
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
 
     # ---- groups and state ----------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        self._last = None
         group = self.param_groups[-1]
         _check_hyperparams(group)
         for p in group["params"]:
@@ -130,39 +145,111 @@ class MGGOptimizer(torch.optim.Optimizer):
 
     # ---- the step ----------------------------------------------------------------------------
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One MGG step over every parameter that has a gradient; see the class docstring."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        signature = self._signature()
+        if not self._repeat_last(signature):
+            with torch.no_grad():
+                self._step(signature)
+        return loss
+
+    def _signature(self) -> tuple[int, ...]:
+        """Per parameter: its address and its gradient's (0: no gradient, -1: not contiguous)."""
+        out: list[int] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                out += (p.data_ptr(), 0 if g is None else g.data_ptr() if g.is_contiguous() else -1)
+        return tuple(out)
+
+    def _repeat_last(self, signature: tuple[int, ...]) -> bool:
+        """Launch the last fused step's kernels again if nothing they depend on has changed: the
+        same parameter and gradient addresses (so the tables and the validation still hold), the
+        same MGG tensors at the same addresses and the same settings. Few microseconds of Python."""
+        last = self._last
+        if last is None or last.signature != signature or last.settings != self._settings():
+            return False
+        weights = self.mgg.weights()
+        if any(w is not c for w, c in zip(weights, last.weights, strict=True)):
+            return False
+        if tuple(w.data_ptr() for w in weights) != last.weight_ptrs:
+            return False
+        if self._skipped.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False  # the full path pins the tables a captured graph holds
+        found_inf = self._guard.launch(last.prologue, self._skipped, pdl=last.pdl)
+        for gi, group in last.groups:
+            self._update(gi, group, found_inf)
+        return True
+
+    def _settings(self) -> tuple:
+        return (self.mgg, self.backend, self.nonfinite, self.capturable)
+
+    def _update(self, gi: int, group: Any, found_inf: Tensor) -> None:
+        """The fused update of group ``gi`` (prepared as a ``mgg_fast.kernels.GroupWork``)."""
+        from mgg_fast.kernels import fused_group_update
+
+        hyper = self.param_groups[gi]
+        beta1, beta2 = hyper["betas"]
+        fused_group_update(
+            group, self.mgg, lr=hyper["lr"], beta1=beta1, beta2=beta2, eps=hyper["eps"], found_inf=found_inf
+        )
+
+    def _step(self, signature: tuple[int, ...]) -> None:
+        """The full step: validate everything, then update (fused and/or reference groups)."""
+        self._last = None
         work = self._collect()  # validates everything before anything changes
         if not work:
-            return loss
-        grads = [g for _, gs in work for g in gs if g is not None]
-        found_inf = self._nonfinite_flag(grads)
+            return
         fused = [self._use_triton(self.param_groups[gi]["params"][0].device) for gi, _ in work]
-        if self.nonfinite == "skip" and all(fused):
-            # The kernels read found_inf and write nothing when it is set: no host sync.
-            self._skipped += found_inf.view(())
-        elif bool(found_inf.item()):
-            if self.nonfinite == "raise":
-                raise FloatingPointError("non-finite gradient: the MGG step was not taken")
-            self._skipped += 1
-            return loss
-        for (gi, group_grads), use_fused in zip(work, fused, strict=True):
-            group = self.param_groups[gi]
-            beta1, beta2 = group["betas"]
-            hyper = {"lr": group["lr"], "beta1": beta1, "beta2": beta2, "eps": group["eps"]}
-            args = (self._flat_state(gi), group_grads, self.mgg)
-            if use_fused:
-                from mgg_fast.kernels import fused_group_step
+        if self.nonfinite == "raise" or not all(fused):  # decided on the host (synchronises)
+            grads = [g for _, gs in work for g in gs if g is not None]
+            if bool(self._nonfinite_flag(grads).item()):
+                if self.nonfinite == "raise":
+                    raise FloatingPointError("non-finite gradient: the MGG step was not taken")
+                self._skipped += 1
+                return
+        prepared = {}
+        if any(fused):
+            from mgg_fast.kernels import StepGuard, prepare_group, use_pdl
 
-                fused_group_step(*args, **hyper, found_inf=found_inf, capturable=self.capturable)
+            for (gi, grads), use_fused in zip(work, fused, strict=True):
+                if use_fused:  # validated, tables looked up: still nothing changed
+                    flat = self._flat_state(gi)
+                    prepared[gi] = prepare_group(flat, grads, self.mgg, capturable=self.capturable)
+            device = self._skipped.device
+            if self._guard is None or self._guard.device != device:
+                self._guard = StepGuard(device)
+            # One launch checks every fused gradient, decides the whole step, counts a skip and
+            # advances the step counts, all on the device: no host synchronisation.
+            pdl = use_pdl(device)
+            prologue = self._guard.plan(list(prepared.values()), capturable=self.capturable)
+            found_inf = self._guard.launch(prologue, self._skipped, pdl=pdl)
+        for gi, grads in work:
+            if gi in prepared:
+                self._update(gi, prepared[gi], found_inf)
             else:
-                reference_group_step(*args, **hyper, compiled=self.backend == "compiled")
-        return loss
+                group = self.param_groups[gi]
+                beta1, beta2 = group["betas"]
+                hyper = {"lr": group["lr"], "beta1": beta1, "beta2": beta2, "eps": group["eps"]}
+                compiled = self.backend == "compiled"
+                reference_group_step(self._flat_state(gi), grads, self.mgg, **hyper, compiled=compiled)
+        contiguous = -1 not in signature and not any(g.copies for g in prepared.values())
+        if all(fused) and self.nonfinite == "skip" and contiguous:  # no copies: tables stay valid
+            weights = next(iter(prepared.values())).weights
+            self._last = _LastFusedStep(
+                signature,
+                self._settings(),
+                weights,
+                tuple(w.data_ptr() for w in weights),
+                prologue,
+                # no gradient tensors kept: the allocator may hand their addresses out again
+                [(gi, g._replace(work=[])) for gi, g in prepared.items()],
+                pdl,
+            )
 
     def _nonfinite_flag(self, grads: list[Tensor]) -> Tensor:
         """The kept 1-element float flag, set to 1.0 if any gradient holds NaN/Inf (no host sync)."""
@@ -272,6 +359,7 @@ class MGGOptimizer(torch.optim.Optimizer):
                     views[key].copy_(value)
             new_flats.append(flat)
         # validated: commit
+        self._last = None
         for group, saved in zip(self.param_groups, groups, strict=True):
             for key, value in saved.items():
                 if key != "params":

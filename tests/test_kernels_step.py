@@ -10,11 +10,12 @@ import io
 import pytest
 import torch
 from conftest import F32
-from mgg_fast.kernels import fused_group_step
+from mgg_fast.kernels import StepGuard, fused_group_step, fused_group_update, prepare_group
 from mgg_fast.kernels.mgg_step import CAPTURED_PLANS_KEY, TABLE_CACHE_KEY
 from torch.testing import assert_close
 
 from mgg_fast import MGG, MGGOptimizer
+from mgg_fast.flat_state import FlatState
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(0,), (), (1,), (3, 5), (130,), (2, 4)]  # 130 spans two chunks, not a block multiple
@@ -212,7 +213,7 @@ def test_capturable_found_inf_writes_nothing():
     assert_same_step(ref_params, ref_opt, params, opt)
 
 
-def test_direct_call_with_found_inf_set_writes_nothing():
+def test_update_with_found_inf_set_writes_nothing():
     mgg = random_mgg(seed=7)
     params = make_params([(10,), (3, 3)])
     opt = MGGOptimizer(params, mgg, lr=0.05, backend="triton")
@@ -220,13 +221,53 @@ def test_direct_call_with_found_inf_set_writes_nothing():
     opt.step()
     flat = opt._flat_state(0)
     snap = snapshot(params, opt)
-    grads = [p.grad for p in params]
+    group = prepare_group(flat, [p.grad for p in params], mgg, capturable=True)
     kw = {"lr": 0.05, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
-    fused_group_step(flat, grads, mgg, **kw, found_inf=torch.ones(1), capturable=True)
+    fused_group_update(group, mgg, **kw, found_inf=torch.ones(1))
     assert_unchanged(params, opt, snap)
-    fused_group_step(flat, grads, mgg, **kw, found_inf=torch.zeros(1), capturable=True)
-    assert opt.state[params[0]]["step"].item() == 2
+    fused_group_update(group, mgg, **kw, found_inf=torch.zeros(1))  # counts are the prologue's job
+    assert opt.state[params[0]]["step"].item() == 1
     assert not torch.equal(params[0].detach(), snap[0][0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), float("-inf")])
+def test_prologue_decides_the_whole_step(dtype, bad):
+    """One launch over several groups: any non-finite element anywhere (here in the last chunk of
+    the last group) skips every group; otherwise every stepped count advances, unstepped ones not."""
+    mgg = random_mgg(seed=11)
+    shapes = [[(3,), (0,), (5000,)], [(7,), (2, 2)]]  # 5000: three check chunks of 2048
+    flats = [FlatState.zeros(make_params(s, dtype), mgg.W1, mgg.b1[:, 0, :], torch.float32) for s in shapes]
+    grads = [[torch.randn(p.shape).to(dtype) for p in flat.params] for flat in flats]
+    grads[1][0] = None  # not stepped: its count stays
+    if bad is not None:
+        grads[0][2][4999] = bad
+    groups = [prepare_group(f, g, mgg, capturable=False) for f, g in zip(flats, grads, strict=True)]
+    guard, skipped = StepGuard(torch.device(DEVICE)), torch.zeros(())
+    for _ in range(2):  # the ticket resets: a second step decides the same way
+        found = guard.check(groups, skipped)
+    assert found.item() == (0.0 if bad is None else 1.0)
+    assert skipped.item() == (0.0 if bad is None else 2.0)
+    expect = 0.0 if bad is not None else 2.0
+    assert flats[0].steps.tolist() == [expect] * 3
+    assert flats[1].steps.tolist() == [0.0, expect]
+    assert guard.ticket.item() == 0
+
+
+def test_prologue_checks_bits_not_values():
+    """Large finite values (bf16/fp16 max) are not flagged; a NaN in a padded, empty or 1-element
+    gradient is; a fresh NaN after a finite step flips the decision back."""
+    mgg = random_mgg(seed=12)
+    for dtype in (torch.bfloat16, torch.float16):
+        flat = FlatState.zeros(make_params([(1,), (0,), (9,)], dtype), mgg.W1, mgg.b1[:, 0, :], torch.float32)
+        big = torch.finfo(dtype).max
+        grads = [torch.full(s, v, dtype=dtype) for s, v in (((1,), big), ((0,), 0.0), ((9,), -big))]
+        guard = StepGuard(torch.device(DEVICE))
+        group = prepare_group(flat, grads, mgg, capturable=False)
+        assert guard.check([group]).item() == 0.0
+        grads[0][0] = float("nan")  # same address: the cached table is reused
+        assert guard.check([group]).item() == 1.0
+        assert flat.steps.tolist() == [1.0, 1.0, 1.0] and guard.skipped.item() == 1.0
 
 
 def test_fused_step_is_deterministic_and_caches_its_table():
@@ -292,7 +333,7 @@ def test_unsupported_state_and_sizes_raise_clearly():
     assert opt.state[params[0]]["step"].item() == 0
     opt = MGGOptimizer(params, MGG(), backend="triton")
     opt.step()
-    kw = {"lr": 0.05, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "found_inf": None, "capturable": False}
+    kw = {"lr": 0.05, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
     with pytest.raises(ValueError, match="does not match"):  # direct call: validated when planned
         fused_group_step(opt._flat_state(0), [torch.ones(5)], opt.mgg, **kw)
     with pytest.raises(ValueError, match="1 parameters"):
@@ -382,3 +423,77 @@ def test_bias_corrections_across_betas_and_steps(betas, start_step):
     for step in range(1, 3):
         step_twins(ref_params, ref_opt, params, opt, step)
         assert_same_step(ref_params, ref_opt, params, opt)
+
+
+def _count_full_steps(monkeypatch, opt):
+    """Count the optimizer's full (validating) steps; the rest were fast repeats."""
+    calls = []
+    full = opt._step
+    monkeypatch.setattr(opt, "_step", lambda signature: (calls.append(1), full(signature)))
+    return calls
+
+
+def test_repeat_fast_path_matches_reference_and_notices_changes(monkeypatch):
+    """Gradients refreshed in place keep their addresses: later steps skip validation and table
+    lookups, and still match the reference; lr changes, a NaN, a moved parameter, a
+    non-contiguous gradient, a replaced MGG tensor and load_state_dict are all noticed."""
+    mgg = random_mgg(seed=13)
+    ref_params, ref_opt, params, opt = twin_optimizers(mgg, [(7,), (130,), (2, 3)])
+    full = _count_full_steps(monkeypatch, opt)
+    for p in params:
+        p.grad = torch.zeros(p.shape)
+    for step in range(3):
+        set_grads(ref_params, step)
+        for p, q in zip(ref_params, params, strict=True):
+            q.grad.copy_(p.grad)  # same addresses
+        if step == 2:
+            for o in (ref_opt, opt):
+                o.param_groups[0]["lr"] = 0.01  # read on every step, fast or not
+        ref_opt.step()
+        opt.step()
+        assert_same_step(ref_params, ref_opt, params, opt)
+    assert len(full) == 1, "steps 2 and 3 repeat the first one's kernels"
+
+    params[1].grad[3] = float("nan")  # the repeat still checks every gradient on the device
+    snap = snapshot(params, opt)
+    opt.step()
+    assert opt.num_skipped_steps == 1 and len(full) == 1
+    assert_unchanged(params, opt, snap)
+    params[1].grad[3] = 0.0
+
+    params[0].data = params[0].data.clone()  # new address: validated and re-planned
+    opt.step()
+    assert len(full) == 2
+    square = torch.zeros(3, 3)
+    params[2].grad = square[:2, :]  # contiguous ...
+    opt.step()
+    params[2].grad = square.t()[:2, :]  # ... then not, at the same address
+    opt.step()
+    opt.step()  # a copied gradient is never repeated from a table
+    assert len(full) == 5
+    params[2].grad = square[:2, :]
+    opt.step()
+    with torch.no_grad():
+        opt.mgg.o_proj.weight = torch.nn.Parameter(opt.mgg.o_proj.weight * 2)  # replaced, not updated
+    opt.step()
+    assert len(full) == 7
+    opt.load_state_dict(opt.state_dict())
+    opt.step()
+    assert len(full) == 8
+    opt.step()
+    assert len(full) == 8
+
+
+def test_repeat_fast_path_holds_no_gradients():
+    """The remembered step keeps no gradient tensor alive (the allocator can reuse addresses)."""
+    import gc
+    import weakref
+
+    params = make_params([(9,)])
+    opt = MGGOptimizer(params, random_mgg(seed=14), lr=0.05, backend="triton")
+    params[0].grad = torch.randn(9)
+    opt.step()
+    ref = weakref.ref(params[0].grad)
+    params[0].grad = None
+    gc.collect()
+    assert ref() is None
