@@ -2,6 +2,7 @@
 # One-shot GPU check of the fused MGG kernels (run once on a lent H100; < 10 minutes, usually about 5).
 #
 #   bash bench/gpu_check.sh            # writes to ${OUT:-bench/out}
+#   QUICK=1 bash bench/gpu_check.sh    # skips step 4 and the f=16/32 sweeps (about 3 minutes less)
 #
 # 1. versions: nvidia-smi, torch, triton          -> env.txt
 # 2. kernel tests on the GPU (no TRITON_INTERPRET) -> kernel_tests.txt
@@ -57,13 +58,17 @@ workers=()
 $PY -c "import xdist" 2>/dev/null && workers=(-n 4)
 run 150 kernel_tests.txt $PY -m pytest tests/test_kernels_step.py tests/test_kernels_forward.py \
     "${workers[@]}" -p no:cacheprovider -rs --durations=5
+quick=()
+[ "${QUICK:-0}" = 1 ] && quick=(-k "not 1M-16 and not 1M-32")
 run 250 bench_fused.txt $PY -m pytest bench/test_bench_fused.py --benchmark-only -p no:cacheprovider \
-    --benchmark-json="$OUT_DIR/bench_fused.json"
+    "${quick[@]}" --benchmark-json="$OUT_DIR/bench_fused.json"
 if [ -s "$OUT_DIR/bench_fused.json" ]; then
     $PY bench/summarize_fused.py "$OUT_DIR/bench_fused.json" | tee "$OUT_DIR/summary.md"
 fi
-run 150 bench_other.txt $PY -m pytest bench/ --benchmark-only -p no:cacheprovider \
-    --ignore=bench/test_bench_fused.py --benchmark-json="$OUT_DIR/bench_other.json"
+if [ "${QUICK:-0}" != 1 ]; then
+    run 150 bench_other.txt $PY -m pytest bench/ --benchmark-only -p no:cacheprovider \
+        --ignore=bench/test_bench_fused.py --benchmark-json="$OUT_DIR/bench_other.json"
+fi
 
 [ -s "$OUT_DIR/summary.md" ] && cat "$OUT_DIR/summary.md"  # last, so the summary ends the output
 echo "results in $OUT_DIR (status $status)"

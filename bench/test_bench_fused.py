@@ -21,8 +21,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from mgg_fast.kernels import fused_group_step
+from mgg_fast.kernels import StepGuard, fused_group_step, fused_group_update, prepare_group
 from mgg_fast.kernels.memory_layer import forced_config
+from mgg_fast.kernels.step_prologue import forced_pdl
 
 from mgg_fast import MGG, MGGOptimizer
 
@@ -67,9 +68,10 @@ def gpu_us(fn: Callable[[], object], steps: int, queue_ahead: bool = True) -> fl
     """Device time per call of ``fn`` (CUDA events around ``steps`` back-to-back calls).
 
     With ``queue_ahead`` the calls are queued behind a ~20 ms GPU sleep so that host overhead
-    does not show (only for callers that never synchronise with the host).
+    does not show (only for callers that never synchronise with the host). One untimed call first.
     """
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()  # untimed: compiles and builds tables on a first call
     torch.cuda.synchronize()
     if queue_ahead:
         torch.cuda._sleep(40_000_000)
@@ -155,11 +157,14 @@ def test_step(benchmark, backend, size):
         numbers["gpu_us"] = gpu_us(opt.step, steps, queue_ahead=backend != "reference")
     if backend == "fused":
         flat, grads, mgg = opt._flat_state(0), [p.grad for p in params], opt.mgg
-        found = torch.zeros(1, device=DEVICE)
-        kernels = lambda: fused_group_step(
-            flat, grads, mgg, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, found_inf=found, capturable=True
-        )
-        numbers["kernel_gpu_us"] = gpu_us(kernels, steps)
+        hyper = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
+        kernels = lambda: fused_group_step(flat, grads, mgg, **hyper, capturable=True)
+        numbers["kernel_gpu_us"] = gpu_us(kernels, steps)  # prologue + update
+        with forced_pdl(False):
+            numbers["kernel_gpu_us_no_pdl"] = gpu_us(kernels, steps)
+        numbers["update_gpu_us"] = gpu_us(_update_launcher(flat, grads, mgg, hyper), steps)
+        guard, group = StepGuard(DEVICE), prepare_group(flat, grads, mgg, capturable=True)
+        numbers["prologue_gpu_us"] = gpu_us(lambda: guard.check([group]), steps)
         cap = MGGOptimizer(params, _mgg(), lr=1e-3, backend="triton", capturable=True)
         cap.step()
         numbers["capturable_step_gpu_us"] = gpu_us(cap.step, steps)
@@ -174,6 +179,18 @@ def test_fused_step_cuda_graph(benchmark, size):
     """``opt.step()`` with capturable=True captured once, then replayed."""
     benchmark.group = f"graph-{size}"
     params = _tensors(size)
+    graph = _captured_step(params)
+    steps = {"38k": 500, "1M": 100, "8M": 20}[size]
+    numbers = {"gpu_us": gpu_us(graph.replay, steps), "wall_us": wall_us(graph.replay, steps)}
+    with forced_pdl(False):
+        plain = _captured_step(_tensors(size, seed=1))
+    numbers["gpu_us_no_pdl"] = gpu_us(plain.replay, steps)
+    _record(benchmark, NUM_TENSORS * SIZES[size], **numbers)
+    benchmark.pedantic(lambda: (graph.replay(), _sync()), rounds=_rounds(size), warmup_rounds=1)
+
+
+def _captured_step(params: list[torch.Tensor]) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of one capturable ``opt.step()`` on ``params`` (after two warm-up steps)."""
     opt = MGGOptimizer(params, _mgg(), lr=1e-3, backend="triton", capturable=True)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -184,10 +201,8 @@ def test_fused_step_cuda_graph(benchmark, size):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()
-    steps = {"38k": 500, "1M": 100, "8M": 20}[size]
-    numbers = {"gpu_us": gpu_us(graph.replay, steps), "wall_us": wall_us(graph.replay, steps)}
-    _record(benchmark, NUM_TENSORS * SIZES[size], **numbers)
-    benchmark.pedantic(lambda: (graph.replay(), _sync()), rounds=_rounds(size), warmup_rounds=1)
+    graph.optimizer = opt  # keep the optimizer (and the tables the graph reads) alive
+    return graph
 
 
 @pytest.mark.skipif(not CUDA, reason=NO_GPU)
@@ -215,14 +230,13 @@ def test_fused_config_sweep(benchmark, size, head_dim):
     opt.step()
     flat, grads, mgg = opt._flat_state(0), [p.grad for p in params], opt.mgg
     found = torch.zeros(1, device=DEVICE)
-    run = lambda: fused_group_step(
-        flat, grads, mgg, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, found_inf=found, capturable=True
-    )
+    hyper = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
     steps = {"38k": 100, "1M": 20, "8M": 10}[size]
     results = {}
     for block, warps in ((b, w) for b in SWEEP_BLOCKS[head_dim] for w in SWEEP_WARPS):
         with forced_config(block, warps):
-            run()
+            run = _update_launcher(flat, grads, mgg, hyper, found)
+            run()  # compiles
             results[f"{block}x{warps}"] = gpu_us(run, steps)
     best = min(results, key=results.get)
     benchmark.extra_info["sweep_gpu_us"] = results
@@ -230,4 +244,38 @@ def test_fused_config_sweep(benchmark, size, head_dim):
     _record(benchmark, NUM_TENSORS * SIZES[size], head_dim, kernel_gpu_us=results[best])
     block, warps = (int(x) for x in best.split("x"))
     with forced_config(block, warps):
+        group = prepare_group(flat, grads, mgg, capturable=False)
+        run = lambda: fused_group_update(group, mgg, **hyper, found_inf=found)
         benchmark.pedantic(lambda: (run(), _sync()), rounds=_rounds(size), warmup_rounds=1)
+
+
+def _update_launcher(flat, grads, mgg, hyper, found=None) -> Callable[[], None]:
+    """The update kernel alone on these gradients (launch config as of now), no prologue."""
+    group = prepare_group(flat, grads, mgg, capturable=False)
+    found = torch.zeros(1, device=DEVICE) if found is None else found
+    return lambda: fused_group_update(group, mgg, **hyper, found_inf=found)
+
+
+def test_host_floor(benchmark):
+    """What any ``torch.optim`` step costs on this host before doing anything, beside the parts of
+    the MGG step's host time: an empty ``Optimizer.step()`` (torch's hook and profiler wrapper),
+    reading the 50 gradients, and ``MGGOptimizer``'s address check of the repeat path."""
+    benchmark.group = "host-38k"
+    params = _tensors("38k")
+
+    class Empty(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {})
+
+        def step(self, closure=None):
+            return None
+
+    empty = Empty(params)
+    opt = MGGOptimizer(params, _mgg(), lr=1e-3, backend="reference")
+    numbers = {
+        "empty_optimizer_step_wall_us": wall_us(empty.step, 2000),
+        "read_grads_wall_us": wall_us(lambda: [p.grad for p in params], 2000),
+        "address_check_wall_us": wall_us(opt._signature, 2000),
+    }
+    _record(benchmark, NUM_TENSORS * SIZES["38k"], **numbers)
+    benchmark.pedantic(empty.step, rounds=200, warmup_rounds=1)

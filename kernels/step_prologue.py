@@ -88,11 +88,13 @@ def _step_prologue_kernel(
         found = (total >= _FLAGGED).to(tl.float32)
         tl.store(found_inf, found)
         tl.store(skipped, tl.load(skipped) + found)
-        for start in range(0, n_slots, SLOTS):
+        start = n_slots * 0
+        while start < n_slots:  # (not range(): triton 3.6's interpreter cannot index with it)
             offs = start + tl.arange(0, SLOTS)
             valid = offs < n_slots
             slot = tl.load(step_slots + offs, mask=valid, other=0).to(tl.pointer_type(tl.float32))
             tl.store(slot, tl.load(slot, mask=valid, other=0.0) + (1.0 - found), mask=valid)
+            start += SLOTS
         tl.store(ticket, 0)
 
 

@@ -25,8 +25,14 @@ def test_targets_pass_fail_and_missing(tmp_path):
         "machine_info": {"python_version": "3.12"},
         "benchmarks": [
             _bench(
-                "test_step[fused-38k]", 1e-4, coords=38400, kernel_gpu_us=12.0, capturable_step_wall_us=40.0
+                "test_step[fused-38k]",
+                1e-4,
+                coords=38400,
+                kernel_gpu_us=12.0,
+                wall_us=25.0,
+                capturable_step_wall_us=40.0,
             ),
+            _bench("test_host_floor", 1e-5, coords=38400, empty_optimizer_step_wall_us=9.5),
             _bench(
                 "test_step[fused-8M]",
                 2e-3,
@@ -44,7 +50,9 @@ def test_targets_pass_fail_and_missing(tmp_path):
     path.write_text(json.dumps(data))
     text = summarize_fused.summarize(path)
     assert _status(text, "fused step GPU time, 38,400") == "PASS"  # 12 <= 15
-    assert _status(text, "opt.step() wall clock") == "FAIL"  # 40 > 30
+    assert _status(text, "opt.step() wall clock,") == "PASS"  # 25 <= 30
+    assert _status(text, "opt.step() wall clock (capturable)") == "FAIL"  # 40 > 30
+    assert "empty_optimizer_step_wall_us 9.5" in text
     assert _status(text, "fused step GPU time, 8 M") == "FAIL"  # 1800 > 1750
     assert _status(text, "fraction of copy bandwidth") == "FAIL"  # 0.9 < 0.92
     assert _status(text, "(kept + transient memory)") == "PASS"  # 1.04 <= 1.05

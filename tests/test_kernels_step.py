@@ -12,6 +12,7 @@ import torch
 from conftest import F32
 from mgg_fast.kernels import StepGuard, fused_group_step, fused_group_update, prepare_group
 from mgg_fast.kernels.mgg_step import CAPTURED_PLANS_KEY, TABLE_CACHE_KEY
+from mgg_fast.kernels.step_prologue import forced_pdl
 from torch.testing import assert_close
 
 from mgg_fast import MGG, MGGOptimizer
@@ -341,7 +342,15 @@ def test_unsupported_state_and_sizes_raise_clearly():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA GPU")
-def test_cuda_graph_capture_of_capturable_step():
+@pytest.mark.parametrize("pdl", [True, False], ids=["pdl", "no_pdl"])
+def test_cuda_graph_capture_of_capturable_step(pdl):
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    with forced_pdl(pdl):
+        _capture_and_replay()
+
+
+def _capture_and_replay():
     mgg = random_mgg(seed=10).cuda()
     shapes = [(768,)] * 4 + [(100,)]
     params = [p.detach().cuda().requires_grad_(True) for p in make_params(shapes)]
@@ -497,3 +506,14 @@ def test_repeat_fast_path_holds_no_gradients():
     params[0].grad = None
     gc.collect()
     assert ref() is None
+
+
+def test_prologue_advances_more_counts_than_one_block():
+    """300 stepped parameters: the deciding program advances their counts in several blocks."""
+    mgg = random_mgg(seed=15)
+    flat = FlatState.zeros(make_params([(1,)] * 300), mgg.W1, mgg.b1[:, 0, :], torch.float32)
+    grads = [torch.ones(1) for _ in range(300)]
+    grads[299] = None
+    guard = StepGuard(torch.device(DEVICE))
+    assert guard.check([prepare_group(flat, grads, mgg, capturable=False)]).item() == 0.0
+    assert flat.steps.tolist() == [1.0] * 299 + [0.0]
