@@ -4,7 +4,7 @@ Triton compiles to PTX and ptxas (bundled with the triton wheel) assembles it wi
 compile errors and register spills of every launch configuration can be caught on a CPU-only
 machine before a GPU run. Usage: ``python bench/compile_sm90.py [--all]`` (default: only the
 configurations ``launch_config`` picks for the default MGG, H=8 nh=1). Prints one line per
-kernel/config and exits 1 if any spills.
+kernel/config and exits 1 if any spills more than ``SPILL_BUDGET`` bytes.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 TARGET = GPUTarget("cuda", 90, 32)
+# The fastest measured config of the default MGG (32 coordinates, one warp) spills 12 bytes (16
+# with bf16 parameters) and is still 20% faster than two warps; more than this means a
+# configuration that was never measured is spilling.
+SPILL_BUDGET = 16
 POINTER_TYPES = {"table": "*i64", "chunks": "*i64", "step_slots": "*i64", "ticket": "*i64"}
 INT_ARGS = {"n", "n_chunks", "n_slots"}
 FP32_POINTERS = {"steps", "found_inf", "token", "skipped"}
@@ -81,6 +85,7 @@ def configurations(everything: bool):
         for pdl in (False, True):
             step = {"NH": nh, "F": f, "P_DTYPE": tl.float32, "BLOCK": block, "PDL": pdl}
             yield "step", mgg_step._mgg_step_kernel, step, warps
+        block, warps = launch_config(nh, f, min_warps=2)
         for tiled in (True, False):
             forward = {"NH": nh, "F": f, "TILED": tiled, "BLOCK": block}
             yield "forward", mgg_forward._mgg_forward_kernel, forward, warps
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         worst = max(worst, spills)
         shown = {k: (str(v) if isinstance(v, tl.dtype) else v) for k, v in constexprs.items()}
         print(f"{name:10s} {shown} num_warps={warps}: {regs} registers, {spills} bytes spilled")
-    return 1 if worst else 0
+    return 1 if worst > SPILL_BUDGET else 0
 
 
 if __name__ == "__main__":

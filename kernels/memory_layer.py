@@ -39,20 +39,21 @@ def check_mgg_shape(num_heads: int, head_dim: int) -> None:
 
 
 INTERPRET_BLOCK = 128  # few, fat programs under the interpreter
-MEASURED_CONFIG = {8: (32, 2), 16: (8, 1), 32: (2, 1)}  # head dim f -> (BLOCK, warps), one head
+MEASURED_CONFIG = {8: (32, 1), 16: (8, 1), 32: (2, 1)}  # head dim f -> (BLOCK, warps), one head
 _forced: list[tuple[int, int]] = []  # stack of forced_config() overrides
 
 
-def launch_config(num_heads: int, f: int) -> tuple[int, int]:
+def launch_config(num_heads: int, f: int, *, min_warps: int = 1) -> tuple[int, int]:
     """``(BLOCK, num_warps)`` for an MGG of ``num_heads`` heads of dim ``f``.
 
     A fixed table rather than ``triton.autotune``: the step kernel updates its buffers in place
     through pointers held in a table, so autotuning (which re-runs the kernel) would apply the
     step several times. The table is the fastest (or within 1% of it) of a BLOCK x num_warps
-    sweep for one head on an H100 (bench/RESULTS.md, 2026-11-27): tiles of 2,048 memory entries,
-    one or two warps; more warps or smaller tiles cost up to 7x. Several heads (unmeasured) get warps
-    in proportion, rounded to a power of two and at most 8, so registers do not spill
-    (``bench/compile_sm90.py --all``).
+    sweep for one head on an H100 (bench/RESULTS.md, 2026-11-27; f=8 re-swept with the update
+    kernel of the two-kernel step): tiles of 2,048 memory entries, one warp; more warps or smaller
+    tiles cost up to 7x (it spills 12 bytes and is still the fastest). Several heads (unmeasured)
+    get at least two warps per head, rounded to a power of two and at most 8; the fused forward
+    (never swept) asks for ``min_warps=2``, below which it spills (``bench/compile_sm90.py --all``).
     Under ``TRITON_INTERPRET=1`` every program costs ~0.1 s: few fat ones.
     """
     if _forced:
@@ -60,7 +61,9 @@ def launch_config(num_heads: int, f: int) -> tuple[int, int]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return INTERPRET_BLOCK, 1
     block, warps = MEASURED_CONFIG[f]
-    return block, min(warps * triton.next_power_of_2(num_heads), 8)
+    if num_heads > 1:
+        warps = max(warps, 2) * triton.next_power_of_2(num_heads)
+    return block, min(max(warps, min_warps), 8)
 
 
 @contextmanager

@@ -92,7 +92,7 @@ def fused_mgg_forward(
     W_out = torch.empty((n, nh, f, f), device=x.device, dtype=torch.float32)
     b_out = torch.empty((n, nh, f), device=x.device, dtype=torch.float32)
     if n:
-        block, num_warps = launch_config(nh, f)
+        block, num_warps = launch_config(nh, f, min_warps=2)
         _mgg_forward_kernel[(triton.cdiv(n, block),)](
             x, out, W_in, b_in, W_out, b_out, n, *args,
             NH=nh, F=f, TILED=tiled, BLOCK=block, num_warps=num_warps,

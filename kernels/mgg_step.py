@@ -36,7 +36,9 @@ from triton.language.extra.cuda import gdc_wait
 from mgg_fast.flat_state import FlatState
 from mgg_fast.mgg import MGG
 
+from . import relaunch
 from .memory_layer import check_mgg_shape, launch_config, memory_layer_block, weight_args
+from .relaunch import Relaunch
 from .step_prologue import StepGuard, use_pdl
 
 # chunk table row: param ptr, grad ptr, flat start, start in the tensor, count, parameter index
@@ -252,6 +254,14 @@ def prepare_group(flat: FlatState, grads: list[Tensor | None], mgg: MGG, *, capt
     return GroupWork(flat, work, copies, key, launches, weights, block, num_warps)
 
 
+def step_scalars(lr: float, beta1: float, beta2: float, eps: float) -> tuple[float, ...]:
+    """The update kernel's float arguments, in order (``SCALARS`` of its argument list)."""
+    return (lr, beta1, 1.0 - beta1, _ln(beta1), beta2, 1.0 - beta2, _ln(beta2), eps)
+
+
+SCALARS = slice(7, 15)  # where step_scalars() sit in the update kernel's arguments
+
+
 def fused_group_update(
     group: GroupWork,
     mgg: MGG,
@@ -261,23 +271,35 @@ def fused_group_update(
     beta2: float,
     eps: float,
     found_inf: Tensor,
-) -> None:
+) -> list[Relaunch]:
     """The update kernel of a prepared group, after the step prologue (:meth:`StepGuard.check`)
-    has set ``found_inf`` and advanced the step counts: nothing is written when it is nonzero."""
+    has set ``found_inf`` and advanced the step counts: nothing is written when it is nonzero.
+
+    Returns a :class:`Relaunch` per launch (none under the interpreter) for
+    :func:`relaunch_update`, which repeats the update while the tensors stay where they are."""
     flat = group.flat
-    scalars = (lr, beta1, 1.0 - beta1, _ln(beta1), beta2, 1.0 - beta2, _ln(beta2), eps)
+    scalars = step_scalars(lr, beta1, beta2, eps)
     pdl = use_pdl(flat.exp_avg.device)
-    launch_options = {"launch_pdl": True} if pdl else {}
+    options = {"num_warps": group.num_warps, **({"launch_pdl": True} if pdl else {})}
+    relaunches = []
     for launch in group.launches:
-        _mgg_step_kernel[(launch.chunks.shape[0],)](
+        args = (
             launch.chunks, flat.steps, found_inf,
             flat.exp_avg, flat.exp_avg_sq, flat.memory_W, flat.memory_b,
             *scalars, *group.weights,
-            NH=mgg.num_heads, F=mgg.head_dim, P_DTYPE=launch.dtype, BLOCK=group.block, PDL=pdl,
-            num_warps=group.num_warps, **launch_options,
+            mgg.num_heads, mgg.head_dim, launch.dtype, group.block, pdl,  # NH, F, P_DTYPE, BLOCK, PDL
         )  # fmt: skip
+        relaunches.append(relaunch.launch(_mgg_step_kernel, launch.chunks.shape[0], args, **options))
     for p, w in group.copies:
         p.copy_(w)
+    return [r for r in relaunches if r is not None]
+
+
+def relaunch_update(relaunches: list[Relaunch], *, lr: float, beta1: float, beta2: float, eps: float) -> None:
+    """Launch a group's update again with new hyper-parameters (same tensors, same addresses)."""
+    scalars = step_scalars(lr, beta1, beta2, eps)
+    for r in relaunches:
+        r(r.args[: SCALARS.start] + scalars + r.args[SCALARS.stop :])
 
 
 def fused_group_step(

@@ -29,6 +29,9 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents
 
+from . import relaunch
+from .relaunch import Relaunch
+
 if TYPE_CHECKING:
     from .mgg_step import GroupWork
 
@@ -82,17 +85,26 @@ def _step_prologue_kernel(
         bad += _count_nonfinite(ptr, lane, mask, exp_mask, 32)
     if width == 8:
         bad += _count_nonfinite(ptr, lane, mask, exp_mask, 64)
+    # Every program reads the first SLOTS step counts (and the skip counter) before its ticket,
+    # so the last one finds them loaded: only its stores remain once it knows the answer. Only
+    # the last program writes them, after every other program's ticket: no read sees a write.
+    offs = tl.arange(0, SLOTS)
+    valid = offs < n_slots
+    slot = tl.load(step_slots + offs, mask=valid, other=0).to(tl.pointer_type(tl.float32))
+    count = tl.load(slot, mask=valid, other=0.0)
+    skipped_before = tl.load(skipped)
     increment = 1 + (bad > 0).to(tl.int64) * _FLAGGED
     total = tl.atomic_add(ticket, increment, sem="acq_rel") + increment
     if total % _FLAGGED == n_chunks:  # the last program: every chunk has been checked
         found = (total >= _FLAGGED).to(tl.float32)
         tl.store(found_inf, found)
-        tl.store(skipped, tl.load(skipped) + found)
-        start = n_slots * 0
-        while start < n_slots:  # (not range(): triton 3.6's interpreter cannot index with it)
-            offs = start + tl.arange(0, SLOTS)
-            valid = offs < n_slots
-            slot = tl.load(step_slots + offs, mask=valid, other=0).to(tl.pointer_type(tl.float32))
+        tl.store(skipped, skipped_before + found)
+        tl.store(slot, count + (1.0 - found), mask=valid)
+        start = n_slots * 0 + SLOTS
+        while start < n_slots:  # more parameters than SLOTS (not range(): triton 3.6's interpreter)
+            more = start + offs
+            valid = more < n_slots
+            slot = tl.load(step_slots + more, mask=valid, other=0).to(tl.pointer_type(tl.float32))
             tl.store(slot, tl.load(slot, mask=valid, other=0.0) + (1.0 - found), mask=valid)
             start += SLOTS
         tl.store(ticket, 0)
@@ -133,15 +145,17 @@ def _hopper_or_newer(device: torch.device) -> bool:
 
 
 def use_pdl(device: torch.device) -> bool:
-    """Whether the update kernel is launched with programmatic dependent launch (CUDA sm_90+)."""
-    if _forced_pdl:
-        return _forced_pdl[-1]
+    """Whether the update kernel is launched with programmatic dependent launch: only inside
+    ``forced_pdl(True)`` and on CUDA sm_90+. Off by default because it measured slower: on an
+    H100 (2026-11-27, bench/RESULTS.md) the CUDA-graph step took 13.3 us with it, 11.8 without."""
+    if not _forced_pdl or not _forced_pdl[-1]:
+        return False
     return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1" and _hopper_or_newer(device)
 
 
 @contextmanager
 def forced_pdl(enabled: bool) -> Iterator[None]:
-    """Make :func:`use_pdl` return ``enabled`` inside the block (benchmarks compare both)."""
+    """Turn programmatic dependent launch on or off inside the block (benchmarks compare both)."""
     _forced_pdl.append(enabled)
     try:
         yield
@@ -180,7 +194,8 @@ class StepGuard:
         ``skipped`` (float32, on the device; default :attr:`skipped`) gains 1.0 when the step is
         skipped. Returns ``found_inf``; no host synchronisation.
         """
-        return self.launch(self.plan(groups, capturable=capturable), skipped, pdl=pdl)
+        self.launch(self.plan(groups, capturable=capturable), skipped, pdl=pdl)
+        return self.found_inf
 
     def plan(self, groups: Sequence[GroupWork], *, capturable: bool = False) -> ProloguePlan:
         """The cached tables for these gradients (built on a miss; pinned during graph capture)."""
@@ -202,11 +217,14 @@ class StepGuard:
             self.captured[key] = plan
         return plan
 
-    def launch(self, plan: ProloguePlan, skipped: Tensor | None = None, *, pdl: bool = False) -> Tensor:
-        """Run the prologue kernel on a plan from :meth:`plan`; returns ``found_inf``."""
-        _step_prologue_kernel[(plan.n_chunks,)](
-            plan.chunks, plan.n_chunks, plan.slots, plan.n_slots, self.ticket, self.found_inf,
-            self.skipped if skipped is None else skipped,
-            BLOCK=CHECK_BLOCK, SLOTS=SLOT_BLOCK, PDL=pdl, num_warps=NUM_WARPS,
+    def launch(
+        self, plan: ProloguePlan, skipped: Tensor | None = None, *, pdl: bool = False
+    ) -> Relaunch | None:
+        """Run the prologue kernel on a plan from :meth:`plan` (result in :attr:`found_inf`);
+        returns its :class:`Relaunch` (``None`` under the interpreter)."""
+        skipped = self.skipped if skipped is None else skipped
+        args = (
+            plan.chunks, plan.n_chunks, plan.slots, plan.n_slots, self.ticket, self.found_inf, skipped,
+            CHECK_BLOCK, SLOT_BLOCK, pdl,  # BLOCK, SLOTS, PDL
         )  # fmt: skip
-        return self.found_inf
+        return relaunch.launch(_step_prologue_kernel, plan.n_chunks, args, num_warps=NUM_WARPS)

@@ -43,7 +43,9 @@ class _LastFusedStep(NamedTuple):
     weights: Sequence[Tensor]  # the MGG tensors the kernels read (identity checked)
     weight_ptrs: tuple[int, ...]
     prologue: Any  # mgg_fast.kernels.step_prologue.ProloguePlan
-    groups: list[tuple[int, Any]]  # (group index, mgg_fast.kernels.GroupWork without its work list)
+    prologue_relaunch: Any  # its mgg_fast.kernels.relaunch.Relaunch (None under the interpreter)
+    # (group index, mgg_fast.kernels.GroupWork without its work list, the update's Relaunches)
+    groups: list[tuple[int, Any, list]]
     pdl: bool
 
 
@@ -180,23 +182,27 @@ class MGGOptimizer(torch.optim.Optimizer):
             return False
         if self._skipped.is_cuda and torch.cuda.is_current_stream_capturing():
             return False  # the full path pins the tables a captured graph holds
-        found_inf = self._guard.launch(last.prologue, self._skipped, pdl=last.pdl)
-        for gi, group in last.groups:
-            self._update(gi, group, found_inf)
+        from mgg_fast.kernels import fused_group_update, relaunch_update
+
+        # Compiled kernels relaunched directly; through the JIT where there are none (interpreter).
+        if last.prologue_relaunch is not None:
+            last.prologue_relaunch()
+        else:
+            self._guard.launch(last.prologue, self._skipped, pdl=last.pdl)
+        for gi, group, relaunches in last.groups:
+            if relaunches:
+                relaunch_update(relaunches, **self._hyper(gi))
+            else:
+                fused_group_update(group, self.mgg, **self._hyper(gi), found_inf=self._guard.found_inf)
         return True
 
     def _settings(self) -> tuple:
         return (self.mgg, self.backend, self.nonfinite, self.capturable)
 
-    def _update(self, gi: int, group: Any, found_inf: Tensor) -> None:
-        """The fused update of group ``gi`` (prepared as a ``mgg_fast.kernels.GroupWork``)."""
-        from mgg_fast.kernels import fused_group_update
-
-        hyper = self.param_groups[gi]
-        beta1, beta2 = hyper["betas"]
-        fused_group_update(
-            group, self.mgg, lr=hyper["lr"], beta1=beta1, beta2=beta2, eps=hyper["eps"], found_inf=found_inf
-        )
+    def _hyper(self, gi: int) -> dict[str, float]:
+        group = self.param_groups[gi]
+        beta1, beta2 = group["betas"]
+        return {"lr": group["lr"], "beta1": beta1, "beta2": beta2, "eps": group["eps"]}
 
     def _step(self, signature: tuple[int, ...]) -> None:
         """The full step: validate everything, then update (fused and/or reference groups)."""
@@ -214,7 +220,7 @@ class MGGOptimizer(torch.optim.Optimizer):
                 return
         prepared = {}
         if any(fused):
-            from mgg_fast.kernels import StepGuard, prepare_group, use_pdl
+            from mgg_fast.kernels import StepGuard, fused_group_update, prepare_group, use_pdl
 
             for (gi, grads), use_fused in zip(work, fused, strict=True):
                 if use_fused:  # validated, tables looked up: still nothing changed
@@ -227,14 +233,14 @@ class MGGOptimizer(torch.optim.Optimizer):
             # advances the step counts, all on the device: no host synchronisation.
             pdl = use_pdl(device)
             prologue = self._guard.plan(list(prepared.values()), capturable=self.capturable)
-            found_inf = self._guard.launch(prologue, self._skipped, pdl=pdl)
+            prologue_relaunch = self._guard.launch(prologue, self._skipped, pdl=pdl)
+        relaunches = {}
         for gi, grads in work:
+            hyper = self._hyper(gi)
             if gi in prepared:
-                self._update(gi, prepared[gi], found_inf)
+                found_inf = self._guard.found_inf
+                relaunches[gi] = fused_group_update(prepared[gi], self.mgg, **hyper, found_inf=found_inf)
             else:
-                group = self.param_groups[gi]
-                beta1, beta2 = group["betas"]
-                hyper = {"lr": group["lr"], "beta1": beta1, "beta2": beta2, "eps": group["eps"]}
                 compiled = self.backend == "compiled"
                 reference_group_step(self._flat_state(gi), grads, self.mgg, **hyper, compiled=compiled)
         contiguous = -1 not in signature and not any(g.copies for g in prepared.values())
@@ -246,8 +252,9 @@ class MGGOptimizer(torch.optim.Optimizer):
                 weights,
                 tuple(w.data_ptr() for w in weights),
                 prologue,
+                prologue_relaunch,
                 # no gradient tensors kept: the allocator may hand their addresses out again
-                [(gi, g._replace(work=[])) for gi, g in prepared.items()],
+                [(gi, g._replace(work=[]), relaunches[gi]) for gi, g in prepared.items()],
                 pdl,
             )
 
