@@ -20,6 +20,7 @@ COLUMNS = (
     "capturable_step_gpu_us",
     "wall_us",
     "capturable_step_wall_us",
+    "relaunch_wall_us",
 )
 HOST_FLOOR = ("empty_optimizer_step_wall_us", "read_grads_wall_us", "address_check_wall_us")
 
