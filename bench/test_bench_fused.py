@@ -16,6 +16,7 @@ Run: ``pytest bench/test_bench_fused.py --benchmark-only``.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -67,20 +68,24 @@ BYTES_PER_COORD = bytes_per_coord(8)  # 604: what the copy yardstick moves per c
 def gpu_us(fn: Callable[[], object], steps: int, queue_ahead: bool = True) -> float:
     """Device time per call of ``fn`` (CUDA events around ``steps`` back-to-back calls).
 
-    With ``queue_ahead`` the calls are queued behind a ~20 ms GPU sleep so that host overhead
-    does not show (only for callers that never synchronise with the host). One untimed call first.
+    With ``queue_ahead`` the calls are queued behind a GPU sleep longer than the host needs to
+    queue them, so that host overhead does not show (only for callers that never synchronise with
+    the host); if the GPU still caught up with the host the result is NaN rather than a host
+    time. One untimed call first (compiles, builds tables).
     """
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()  # untimed: compiles and builds tables on a first call
+    fn()
     torch.cuda.synchronize()
     if queue_ahead:
-        torch.cuda._sleep(40_000_000)
+        host_s = wall_us(fn, 3) * 1e-6
+        torch.cuda._sleep(int(max(40e6, 3e9 * host_s * steps)))  # >= 1.5x the queueing time at 2 GHz
     start.record()
     for _ in range(steps):
         fn()
+    caught_up = queue_ahead and start.query()  # the sleep ended before every call was queued
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) * 1e3 / steps
+    return math.nan if caught_up else start.elapsed_time(end) * 1e3 / steps
 
 
 def wall_us(fn: Callable[[], object], steps: int) -> float:

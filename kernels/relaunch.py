@@ -6,7 +6,9 @@ time of an optimizer step. When nothing the specialisation depends on has change
 tensors at the same addresses, the same integers and constants; only float arguments differ,
 and Triton does not specialise on float values), the kernel compiled for the first launch is the
 one the JIT would pick again, so it can be launched directly (``CompiledKernel[grid](*args)``,
-which still honours Triton's launch hooks). ``MGGOptimizer``'s repeat path does that.
+which still honours Triton's launch hooks), with addresses in place of tensors.
+``MGGOptimizer``'s repeat path does that: its checks guarantee the same tensors at the same
+addresses.
 """
 
 from __future__ import annotations
@@ -14,14 +16,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import torch
 import triton
 
 
 class Relaunch(NamedTuple):
-    """A compiled kernel bound to its grid, and the arguments of its first launch."""
+    """A compiled kernel bound to its grid, and the arguments of its first launch with every tensor
+    replaced by its address (Triton's launcher otherwise asks each tensor for ``data_ptr()`` and
+    the driver for its attributes, a microsecond per tensor, on every launch)."""
 
     runner: Callable[..., None]
     args: tuple
+    tensors: tuple  # the first launch's tensors, kept alive so that their addresses stay theirs
 
     def __call__(self, args: tuple | None = None) -> None:
         """Launch on the current stream with ``args`` (default: the first launch's)."""
@@ -35,4 +41,5 @@ def launch(kernel: triton.JITFunction, grid: int, args: tuple, **options: Any) -
     compiled = kernel[(grid,)](*args, **options)
     if compiled is None or not hasattr(compiled, "function"):
         return None
-    return Relaunch(compiled[(grid, 1, 1)], args)
+    addresses = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
+    return Relaunch(compiled[(grid, 1, 1)], addresses, tuple(a for a in args if isinstance(a, torch.Tensor)))

@@ -57,7 +57,9 @@ def _count_nonfinite(ptr, lane, mask, exp_mask, BITS: tl.constexpr):
     return tl.sum(((bits & exp_mask) == exp_mask).to(tl.int32), axis=0)
 
 
-@triton.jit
+# Counts are not specialised: Triton would compile n == 1 as a constant (a recompile per count),
+# and triton 3.6 crashes compiling this kernel with n_slots == 1 (TritonGPUCoalesce).
+@triton.jit(do_not_specialize=["n_chunks", "n_slots"])
 def _step_prologue_kernel(
     chunks,
     n_chunks,
