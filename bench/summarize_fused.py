@@ -17,6 +17,7 @@ COLUMNS = (
     "prologue_gpu_us",
     "gpu_us",
     "gpu_us_pdl",
+    "update_only_gpu_us",
     "capturable_step_gpu_us",
     "wall_us",
     "capturable_step_wall_us",

@@ -195,8 +195,18 @@ def test_fused_step_cuda_graph(benchmark, size):
     with forced_pdl(True):
         pdl = _captured_step(_tensors(size, seed=1))
     numbers["gpu_us_pdl"] = gpu_us(pdl.replay, steps)
+    opt = graph.optimizer  # the update kernel alone in a graph: what the prologue adds to a replay
+    update = _update_launcher(opt._flat_state(0), [p.grad for p in params], opt.mgg, _HYPER)
+    update()
+    update_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(update_graph):
+        update()
+    numbers["update_only_gpu_us"] = gpu_us(update_graph.replay, steps)
     _record(benchmark, NUM_TENSORS * SIZES[size], **numbers)
     benchmark.pedantic(lambda: (graph.replay(), _sync()), rounds=_rounds(size), warmup_rounds=1)
+
+
+_HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
 
 
 def _captured_step(params: list[torch.Tensor]) -> torch.cuda.CUDAGraph:
