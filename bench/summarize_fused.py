@@ -12,11 +12,11 @@ from pathlib import Path
 
 COLUMNS = (
     "kernel_gpu_us",
-    "kernel_gpu_us_pdl",
+    "kernel_gpu_us_no_pdl",
     "update_gpu_us",
     "prologue_gpu_us",
     "gpu_us",
-    "gpu_us_pdl",
+    "gpu_us_no_pdl",
     "update_only_gpu_us",
     "capturable_step_gpu_us",
     "wall_us",

@@ -165,8 +165,8 @@ def test_step(benchmark, backend, size):
         hyper = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
         kernels = lambda: fused_group_step(flat, grads, mgg, **hyper, capturable=True)
         numbers["kernel_gpu_us"] = gpu_us(kernels, steps)  # prologue + update
-        with forced_pdl(True):
-            numbers["kernel_gpu_us_pdl"] = gpu_us(kernels, steps)
+        with forced_pdl(False):
+            numbers["kernel_gpu_us_no_pdl"] = gpu_us(kernels, steps)
         numbers["update_gpu_us"] = gpu_us(_update_launcher(flat, grads, mgg, hyper), steps)
         guard, group = StepGuard(DEVICE), prepare_group(flat, grads, mgg, capturable=True)
         numbers["prologue_gpu_us"] = gpu_us(lambda: guard.check([group]), steps)
@@ -192,9 +192,9 @@ def test_fused_step_cuda_graph(benchmark, size):
     graph = _captured_step(params)
     steps = {"38k": 500, "1M": 100, "8M": 20}[size]
     numbers = {"gpu_us": gpu_us(graph.replay, steps), "wall_us": wall_us(graph.replay, steps)}
-    with forced_pdl(True):
-        pdl = _captured_step(_tensors(size, seed=1))
-    numbers["gpu_us_pdl"] = gpu_us(pdl.replay, steps)
+    with forced_pdl(False):
+        no_pdl = _captured_step(_tensors(size, seed=1))
+    numbers["gpu_us_no_pdl"] = gpu_us(no_pdl.replay, steps)
     opt = graph.optimizer  # the update kernel alone in a graph: what the prologue adds to a replay
     update = _update_launcher(opt._flat_state(0), [p.grad for p in params], opt.mgg, _HYPER)
     update()

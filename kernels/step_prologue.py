@@ -147,10 +147,11 @@ def _hopper_or_newer(device: torch.device) -> bool:
 
 
 def use_pdl(device: torch.device) -> bool:
-    """Whether the update kernel is launched with programmatic dependent launch: only inside
-    ``forced_pdl(True)`` and on CUDA sm_90+. Off by default because it measured slower: on an
-    H100 (2026-11-27, bench/RESULTS.md) the CUDA-graph step took 13.3 us with it, 11.8 without."""
-    if not _forced_pdl or not _forced_pdl[-1]:
+    """Whether the update kernel is launched with programmatic dependent launch: on CUDA sm_90+,
+    unless ``forced_pdl(False)``. On an H100 (2026-11-27, bench/RESULTS.md) it made a plain step
+    2% faster at 1 M and 8 M coordinates and 0.2 us faster at 38,400; a CUDA-graph replay at
+    38,400 coordinates was 0.3 us slower (11.3 against 11.0 us), at 1 M and 8 M 2% faster."""
+    if _forced_pdl and not _forced_pdl[-1]:
         return False
     return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1" and _hopper_or_newer(device)
 
