@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -155,7 +156,9 @@ class MGGOptimizer(torch.optim.Optimizer):
                 loss = closure()
         signature = self._signature()
         if not self._repeat_last(signature):
-            with torch.no_grad():
+            device = self.mgg.W1.device  # kernels launch on the current CUDA device: make it this one
+            on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+            with torch.no_grad(), on_device:
                 self._step(signature)
         return loss
 
@@ -180,8 +183,11 @@ class MGGOptimizer(torch.optim.Optimizer):
             return False
         if tuple(w.data_ptr() for w in weights) != last.weight_ptrs:
             return False
-        if self._skipped.is_cuda and torch.cuda.is_current_stream_capturing():
-            return False  # the full path pins the tables a captured graph holds
+        skipped = self._skipped
+        if skipped.is_cuda and (
+            torch.cuda.current_device() != skipped.device.index or torch.cuda.is_current_stream_capturing()
+        ):
+            return False  # the full path selects the device and pins the tables a graph holds
         from mgg_fast.kernels import fused_group_update, relaunch_update
 
         # Compiled kernels relaunched directly; through the JIT where there are none (interpreter).
