@@ -126,6 +126,7 @@ def _mgg_step_kernel(
     if PDL:
         gdc_wait()  # the prologue's found_inf and step counts are final past this point
     mask = lane < tl.where(tl.load(found_inf) == 0, count, 0)  # found_inf: nothing is written
+    g = tl.where(mask, g, 0.0)  # a skipped step's NaN/Inf stays out of the (unstored) arithmetic
     t = tl.load(steps + tl.load(row + 5))  # advanced by the prologue: 1 on the first step
     bc1 = _one_minus_pow(ln_beta1, t + 1.0)  # published quirk: exponent t + 1
     bc2 = _one_minus_pow(ln_beta2, t + 1.0)
