@@ -70,6 +70,10 @@ class MGGOptimizer(torch.optim.Optimizer):
             raises ``FloatingPointError`` instead.
         capturable: keep the step count on the device and never synchronise with the host, so
             ``step()`` can be captured in a CUDA graph (fused backend only).
+
+    A fused step whose parameters, gradients and MGG tensors sit where the previous fused step
+    found them skips validation and relaunches that step's compiled kernels (the repeat path);
+    anything else takes the full step, which validates everything before changing anything.
     """
 
     def __init__(
