@@ -1,0 +1,65 @@
+"""The repeat path's direct relaunch (GPU-only at run time: the interpreter hands back no compiled
+kernel), checked on the CPU with a stand-in for Triton's compiled kernel."""
+
+import inspect
+
+import torch
+from mgg_fast.kernels import mgg_step, relaunch
+
+
+class FakeCompiled:
+    """Records launches like ``CompiledKernel[grid](*args)``."""
+
+    function = object()
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args: self.launches.append((grid, args))
+
+
+class FakeJIT:
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def __getitem__(self, grid):
+        return lambda *args, **options: self.compiled
+
+
+def test_relaunch_passes_addresses_and_keeps_tensors_alive():
+    compiled = FakeCompiled()
+    t = torch.zeros(4)
+    r = relaunch.launch(FakeJIT(compiled), 7, (t, 3, 0.5, "CONST"), num_warps=1)
+    assert r.args == (t.data_ptr(), 3, 0.5, "CONST") and r.tensors == (t,)
+    r()
+    assert compiled.launches == [((7, 1, 1), (t.data_ptr(), 3, 0.5, "CONST"))]
+
+
+def test_launch_without_a_compiled_kernel_gives_no_relaunch():
+    assert relaunch.launch(FakeJIT(None), 1, ()) is None
+
+
+def test_update_relaunch_replaces_exactly_the_scalar_arguments():
+    """SCALARS must sit where the kernel takes step_scalars(); everything else stays."""
+    names = list(inspect.signature(mgg_step._mgg_step_kernel.fn).parameters)
+    scalar_names = [
+        "lr",
+        "beta1",
+        "one_minus_beta1",
+        "ln_beta1",
+        "beta2",
+        "one_minus_beta2",
+        "ln_beta2",
+        "eps",
+    ]
+    assert names[mgg_step.SCALARS] == scalar_names
+    compiled = FakeCompiled()
+    args = tuple(range(len(names)))
+    first = relaunch.Relaunch(compiled[(5, 1, 1)], args, ())
+    mgg_step.relaunch_update([first], lr=0.25, beta1=0.5, beta2=0.75, eps=1e-6)
+    ((_, launched),) = compiled.launches
+    expect = mgg_step.step_scalars(0.25, 0.5, 0.75, 1e-6)
+    assert launched[mgg_step.SCALARS] == expect
+    assert launched[: mgg_step.SCALARS.start] == args[: mgg_step.SCALARS.start]
+    assert launched[mgg_step.SCALARS.stop :] == args[mgg_step.SCALARS.stop :]
