@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -36,8 +37,11 @@ def fused_supported(mgg: MGG) -> bool:
     return mgg.W1.dtype == torch.float32 and sizes_ok
 
 
-class _LastFusedStep(NamedTuple):
-    """The last all-fused step, as :meth:`MGGOptimizer._repeat_last` relaunches it."""
+REPEAT_CACHE_SIZE = 4  # gradient addresses may cycle through a few sets (zero_grad(set_to_none=True))
+
+
+class _FusedStepRecord(NamedTuple):
+    """An all-fused step, as :meth:`MGGOptimizer._repeat` relaunches it."""
 
     signature: tuple[int, ...]  # parameter and gradient addresses
     settings: tuple  # (mgg, backend, nonfinite, capturable)
@@ -112,14 +116,15 @@ class MGGOptimizer(torch.optim.Optimizer):
         self._flag = torch.zeros(1)  # host-path found-inf flag, kept: no per-step allocation
         self._one = torch.ones(1)
         self._guard = None  # mgg_fast.kernels.StepGuard of the fused path, made on its first step
-        self._last: _LastFusedStep | None = None  # what _repeat_last() relaunches
+        # recent all-fused steps by signature (a small LRU), what _repeat() relaunches
+        self._repeats: OrderedDict[tuple[int, ...], _FusedStepRecord] = OrderedDict()
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
 
     # ---- groups and state ----------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        self._last = None
+        self._repeats.clear()
         group = self.param_groups[-1]
         _check_hyperparams(group)
         for p in group["params"]:
@@ -159,7 +164,7 @@ class MGGOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         signature = self._signature()
-        if not self._repeat_last(signature):
+        if not self._repeat(signature):
             device = self.mgg.W1.device  # kernels launch on the current CUDA device: make it this one
             on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
             with torch.no_grad(), on_device:
@@ -175,12 +180,13 @@ class MGGOptimizer(torch.optim.Optimizer):
                 out += (p.data_ptr(), 0 if g is None else g.data_ptr() if g.is_contiguous() else -1)
         return tuple(out)
 
-    def _repeat_last(self, signature: tuple[int, ...]) -> bool:
-        """Launch the last fused step's kernels again if nothing they depend on has changed: the
-        same parameter and gradient addresses (so the tables and the validation still hold), the
-        same MGG tensors at the same addresses and the same settings. Few microseconds of Python."""
-        last = self._last
-        if last is None or last.signature != signature or last.settings != self._settings():
+    def _repeat(self, signature: tuple[int, ...]) -> bool:
+        """Relaunch the kernels of a recent fused step with this signature if nothing they depend
+        on has changed: the same parameter and gradient addresses (so the tables and the
+        validation still hold), the same MGG tensors at the same addresses and the same settings.
+        Few microseconds of Python."""
+        last = self._repeats.get(signature)
+        if last is None or last.settings != self._settings():
             return False
         weights = self.mgg.weights()
         if any(w is not c for w, c in zip(weights, last.weights, strict=True)):
@@ -204,6 +210,7 @@ class MGGOptimizer(torch.optim.Optimizer):
                 relaunch_update(relaunches, **self._hyper(gi))
             else:
                 fused_group_update(group, self.mgg, **self._hyper(gi), found_inf=self._guard.found_inf)
+        self._repeats.move_to_end(signature)
         return True
 
     def _settings(self) -> tuple:
@@ -216,7 +223,7 @@ class MGGOptimizer(torch.optim.Optimizer):
 
     def _step(self, signature: tuple[int, ...]) -> None:
         """The full step: validate everything, then update (fused and/or reference groups)."""
-        self._last = None
+        self._repeats.pop(signature, None)
         work = self._collect()  # validates everything before anything changes
         if not work:
             return
@@ -256,7 +263,7 @@ class MGGOptimizer(torch.optim.Optimizer):
         contiguous = -1 not in signature and not any(g.copies for g in prepared.values())
         if all(fused) and self.nonfinite == "skip" and contiguous:  # no copies: tables stay valid
             weights = next(iter(prepared.values())).weights
-            self._last = _LastFusedStep(
+            self._repeats[signature] = _FusedStepRecord(
                 signature,
                 self._settings(),
                 weights,
@@ -267,6 +274,8 @@ class MGGOptimizer(torch.optim.Optimizer):
                 [(gi, g._replace(work=[]), relaunches[gi]) for gi, g in prepared.items()],
                 pdl,
             )
+            if len(self._repeats) > REPEAT_CACHE_SIZE:
+                self._repeats.popitem(last=False)
 
     def _nonfinite_flag(self, grads: list[Tensor]) -> Tensor:
         """The kept 1-element float flag, set to 1.0 if any gradient holds NaN/Inf (no host sync)."""
@@ -311,6 +320,11 @@ class MGGOptimizer(torch.optim.Optimizer):
                     raise ValueError("optimizer state and parameters are on different devices")
                 if flat is not None and flat.exp_avg.dtype != mgg_dtype:
                     raise TypeError(f"optimizer state is {flat.exp_avg.dtype} but the MGG is now {mgg_dtype}")
+                if flat is not None and [p.numel() for p in group["params"]] != flat.numels:
+                    raise ValueError(
+                        "a parameter changed size since its optimizer state was created "
+                        f"({flat.numels} -> {[p.numel() for p in group['params']]} elements)"
+                    )
                 if (
                     self.capturable
                     and group["params"][0].device.type != "cuda"
@@ -376,7 +390,7 @@ class MGGOptimizer(torch.optim.Optimizer):
                     views[key].copy_(value)
             new_flats.append(flat)
         # validated: commit
-        self._last = None
+        self._repeats.clear()
         for group, saved in zip(self.param_groups, groups, strict=True):
             for key, value in saved.items():
                 if key != "params":

@@ -481,16 +481,17 @@ def test_repeat_fast_path_matches_reference_and_notices_changes(monkeypatch):
     opt.step()  # a copied gradient is never repeated from a table
     assert len(full) == 5
     params[2].grad = square[:2, :]
-    opt.step()
+    opt.step()  # the addresses of two steps before: remembered, repeated
+    assert len(full) == 5
     with torch.no_grad():
         opt.mgg.o_proj.weight = torch.nn.Parameter(opt.mgg.o_proj.weight * 2)  # replaced, not updated
     opt.step()
-    assert len(full) == 7
+    assert len(full) == 6
     opt.load_state_dict(opt.state_dict())
     opt.step()
-    assert len(full) == 8
+    assert len(full) == 7
     opt.step()
-    assert len(full) == 8
+    assert len(full) == 7
 
 
 def test_repeat_fast_path_holds_no_gradients():
@@ -517,3 +518,33 @@ def test_prologue_advances_more_counts_than_one_block():
     guard = StepGuard(torch.device(DEVICE))
     assert guard.check([prepare_group(flat, grads, mgg, capturable=False)]).item() == 0.0
     assert flat.steps.tolist() == [1.0] * 299 + [0.0]
+
+
+def test_repeat_path_remembers_a_few_gradient_address_sets(monkeypatch):
+    """Gradients that alternate between two sets of tensors (as zero_grad(set_to_none=True) can
+    leave them) both repeat; results still match the reference step for step."""
+    mgg = random_mgg(seed=16)
+    ref_params, ref_opt, params, opt = twin_optimizers(mgg, [(5,), (130,)])
+    full = _count_full_steps(monkeypatch, opt)
+    sets = [[torch.zeros(p.shape) for p in params] for _ in range(2)]
+    for step in range(6):
+        set_grads(ref_params, step)
+        for p, q, g in zip(ref_params, params, sets[step % 2], strict=True):
+            q.grad = g.copy_(p.grad)
+        ref_opt.step()
+        opt.step()
+        assert_same_step(ref_params, ref_opt, params, opt)
+    assert len(full) == 2, "only the first step with each set validates"
+
+
+def test_parameter_resized_under_its_state_raises_and_changes_nothing():
+    params = make_params([(6,), (4,)])
+    opt = MGGOptimizer(params, random_mgg(seed=17), lr=0.05, backend="triton")
+    set_grads(params, 0)
+    opt.step()
+    snap = snapshot(params, opt)
+    params[1].data = torch.zeros(9)
+    params[1].grad = torch.ones(9)
+    with pytest.raises(ValueError, match="changed size"):
+        opt.step()
+    assert_unchanged(params[:1], opt, (snap[0][:1], snap[1]))
