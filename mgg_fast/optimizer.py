@@ -75,9 +75,9 @@ class MGGOptimizer(torch.optim.Optimizer):
         capturable: keep the step count on the device and never synchronise with the host, so
             ``step()`` can be captured in a CUDA graph (fused backend only).
 
-    A fused step whose parameters, gradients and MGG tensors sit where the previous fused step
-    found them skips validation and relaunches that step's compiled kernels (the repeat path);
-    anything else takes the full step, which validates everything before changing anything.
+    A fused step whose parameters, gradients and MGG tensors sit where one of the last four
+    fused steps found them skips validation and relaunches that step's compiled kernels (the
+    repeat path); anything else takes the full step, which validates everything first.
     """
 
     def __init__(
