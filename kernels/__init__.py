@@ -8,7 +8,7 @@
 
 from .mgg_forward import fused_mgg_forward
 from .mgg_step import GroupWork, fused_group_step, fused_group_update, prepare_group, relaunch_update
-from .step_prologue import StepGuard, use_pdl
+from .step_prologue import StepGuard
 
 __all__ = [
     "GroupWork",
@@ -18,5 +18,4 @@ __all__ = [
     "fused_mgg_forward",
     "prepare_group",
     "relaunch_update",
-    "use_pdl",
 ]

@@ -162,6 +162,7 @@ class GroupWork(NamedTuple):
     weights: list[Tensor]  # the MGG's learned tensors as the kernel takes them
     block: int
     num_warps: int
+    pdl: bool  # programmatic dependent launch for this step (the prologue and the update agree)
 
 
 def _build_launch(flat: FlatState, work: list[tuple[int, Tensor, Tensor]], block: int) -> _Launch:
@@ -252,7 +253,8 @@ def prepare_group(flat: FlatState, grads: list[Tensor | None], mgg: MGG, *, capt
         if capturable and flat.exp_avg.is_cuda and torch.cuda.is_current_stream_capturing():
             # A captured graph holds the table's address: keep it alive past LRU eviction.
             flat.cache.setdefault(CAPTURED_PLANS_KEY, {})[key] = launches
-    return GroupWork(flat, work, copies, key, launches, weights, block, num_warps)
+    pdl = use_pdl(flat.exp_avg.device)
+    return GroupWork(flat, work, copies, key, launches, weights, block, num_warps, pdl)
 
 
 def step_scalars(lr: float, beta1: float, beta2: float, eps: float) -> tuple[float, ...]:
@@ -280,7 +282,7 @@ def fused_group_update(
     :func:`relaunch_update`, which repeats the update while the tensors stay where they are."""
     flat = group.flat
     scalars = step_scalars(lr, beta1, beta2, eps)
-    pdl = use_pdl(flat.exp_avg.device)
+    pdl = group.pdl
     options = {"num_warps": group.num_warps, **({"launch_pdl": True} if pdl else {})}
     relaunches = []
     for launch in group.launches:
@@ -334,5 +336,5 @@ def fused_group_step(
         guard = flat.cache.get(GUARD_CACHE_KEY) or flat.cache.setdefault(
             GUARD_CACHE_KEY, StepGuard(flat.exp_avg.device)
         )
-    found_inf = guard.check([group], capturable=capturable, pdl=use_pdl(flat.exp_avg.device))
+    found_inf = guard.check([group], capturable=capturable, pdl=group.pdl)
     fused_group_update(group, mgg, lr=lr, beta1=beta1, beta2=beta2, eps=eps, found_inf=found_inf)

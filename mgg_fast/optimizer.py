@@ -51,7 +51,6 @@ class _FusedStepRecord(NamedTuple):
     prologue_relaunch: Any  # its mgg_fast.kernels.relaunch.Relaunch (None under the interpreter)
     # (group index, mgg_fast.kernels.GroupWork without its work list, the update's Relaunches)
     groups: list[tuple[int, Any, list]]
-    pdl: bool
 
 
 class MGGOptimizer(torch.optim.Optimizer):
@@ -204,7 +203,7 @@ class MGGOptimizer(torch.optim.Optimizer):
         if last.prologue_relaunch is not None:
             last.prologue_relaunch()
         else:
-            self._guard.launch(last.prologue, self._skipped, pdl=last.pdl)
+            self._guard.launch(last.prologue, self._skipped, pdl=last.groups[0][1].pdl)
         for gi, group, relaunches in last.groups:
             if relaunches:
                 relaunch_update(relaunches, **self._hyper(gi))
@@ -237,7 +236,7 @@ class MGGOptimizer(torch.optim.Optimizer):
                 return
         prepared = {}
         if any(fused):
-            from mgg_fast.kernels import StepGuard, fused_group_update, prepare_group, use_pdl
+            from mgg_fast.kernels import StepGuard, fused_group_update, prepare_group
 
             for (gi, grads), use_fused in zip(work, fused, strict=True):
                 if use_fused:  # validated, tables looked up: still nothing changed
@@ -248,9 +247,9 @@ class MGGOptimizer(torch.optim.Optimizer):
                 self._guard = StepGuard(device)
             # One launch checks every fused gradient, decides the whole step, counts a skip and
             # advances the step counts, all on the device: no host synchronisation.
-            pdl = use_pdl(device)
-            prologue = self._guard.plan(list(prepared.values()), capturable=self.capturable)
-            prologue_relaunch = self._guard.launch(prologue, self._skipped, pdl=pdl)
+            groups = list(prepared.values())  # one device: their PDL choice is the same
+            prologue = self._guard.plan(groups, capturable=self.capturable)
+            prologue_relaunch = self._guard.launch(prologue, self._skipped, pdl=groups[0].pdl)
         relaunches = {}
         for gi, grads in work:
             hyper = self._hyper(gi)
@@ -272,7 +271,6 @@ class MGGOptimizer(torch.optim.Optimizer):
                 prologue_relaunch,
                 # no gradient tensors kept: the allocator may hand their addresses out again
                 [(gi, g._replace(work=[]), relaunches[gi]) for gi, g in prepared.items()],
-                pdl,
             )
             if len(self._repeats) > REPEAT_CACHE_SIZE:
                 self._repeats.popitem(last=False)
