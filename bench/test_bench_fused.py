@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from mgg_fast.kernels import StepGuard, fused_group_step, fused_group_update, prepare_group, relaunch_update
+from mgg_fast.kernels import StepGuard, fused_group_step, fused_group_update, prepare_group
 from mgg_fast.kernels.memory_layer import forced_config
 from mgg_fast.kernels.step_prologue import forced_pdl
 
@@ -170,10 +170,9 @@ def test_step(benchmark, backend, size):
         numbers["update_gpu_us"] = gpu_us(_update_launcher(flat, grads, mgg, hyper), steps)
         guard, group = StepGuard(DEVICE), prepare_group(flat, grads, mgg, capturable=True)
         numbers["prologue_gpu_us"] = gpu_us(lambda: guard.check([group]), steps)
-        last = next(reversed(opt._repeats.values()), None)  # the repeat path's kernels, no checks
-        if last is not None and last.prologue_relaunch is not None:
-            relaunches = last.groups[0][2]
-            launches = lambda: (last.prologue_relaunch(), relaunch_update(relaunches, **hyper))
+        last = opt._repeats[0] if opt._repeats else None  # the repeat path's kernels, no checks
+        if last is not None and last.launches is not None:
+            launches = lambda: [runner(*args) for runner, args in last.launches]
             numbers["relaunch_wall_us"] = wall_us(launches, steps)
         cap = MGGOptimizer(params, _mgg(), lr=1e-3, backend="triton", capturable=True)
         cap.step()
@@ -279,7 +278,9 @@ def _update_launcher(flat, grads, mgg, hyper, found=None) -> Callable[[], None]:
 def test_host_floor(benchmark):
     """What any ``torch.optim`` step costs on this host before doing anything, beside the parts of
     the MGG step's host time: an empty ``Optimizer.step()`` (torch's hook and profiler wrapper),
-    reading the 50 gradients, and ``MGGOptimizer``'s address check of the repeat path."""
+    reading the 50 gradients, ``MGGOptimizer``'s address check of the repeat path, and a whole
+    repeat-path ``opt.step()`` with its kernel launches replaced by no-ops (its Python alone; runs
+    on the CPU too)."""
     benchmark.group = "host-38k"
     params = _tensors("38k")
 
@@ -297,5 +298,34 @@ def test_host_floor(benchmark):
         "read_grads_wall_us": wall_us(lambda: [p.grad for p in params], 2000),
         "address_check_wall_us": wall_us(opt._signature, 2000),
     }
+    _stand_in_repeat(opt)
+    before = [p.detach().clone() for p in params]
+    numbers["repeat_step_python_wall_us"] = wall_us(opt.step, 2000)
+    assert all(torch.equal(p, q) for p, q in zip(params, before, strict=True)), "no-op launches only"
     _record(benchmark, NUM_TENSORS * SIZES["38k"], **numbers)
     benchmark.pedantic(empty.step, rounds=200, warmup_rounds=1)
+
+
+def _stand_in_repeat(opt: MGGOptimizer) -> None:
+    """Make ``opt``'s next steps take the repeat path with no-op launches in place of the two
+    compiled kernels (same argument counts), so that its Python can be timed on any host."""
+    from mgg_fast.kernels.mgg_step import _mgg_step_kernel
+    from mgg_fast.kernels.step_prologue import _step_prologue_kernel
+
+    from mgg_fast.optimizer import _FusedStepRecord
+
+    weights = list(opt.mgg.weights())
+    no_op = lambda *args: None
+    launches = [(no_op, (0,) * len(k.arg_names)) for k in (_step_prologue_kernel, _mgg_step_kernel)]
+    opt._repeats = [
+        _FusedStepRecord(
+            opt._signature(),
+            opt._settings(),
+            weights,
+            [w.data_ptr() for w in weights],
+            None,
+            [(0, None, [])],
+            [opt._hyper_values(0)],
+            launches,
+        )
+    ]

@@ -7,7 +7,7 @@
 """
 
 from .mgg_forward import fused_mgg_forward
-from .mgg_step import GroupWork, fused_group_step, fused_group_update, prepare_group, relaunch_update
+from .mgg_step import GroupWork, fused_group_step, fused_group_update, prepare_group, rebind_update
 from .step_prologue import StepGuard
 
 __all__ = [
@@ -17,5 +17,5 @@ __all__ = [
     "fused_group_update",
     "fused_mgg_forward",
     "prepare_group",
-    "relaunch_update",
+    "rebind_update",
 ]

@@ -279,7 +279,7 @@ def fused_group_update(
     has set ``found_inf`` and advanced the step counts: nothing is written when it is nonzero.
 
     Returns a :class:`Relaunch` per launch (none under the interpreter) for
-    :func:`relaunch_update`, which repeats the update while the tensors stay where they are."""
+    :func:`rebind_update`, to repeat the update while the tensors stay where they are."""
     flat = group.flat
     scalars = step_scalars(lr, beta1, beta2, eps)
     pdl = group.pdl
@@ -298,11 +298,13 @@ def fused_group_update(
     return [r for r in relaunches if r is not None]
 
 
-def relaunch_update(relaunches: list[Relaunch], *, lr: float, beta1: float, beta2: float, eps: float) -> None:
-    """Launch a group's update again with new hyper-parameters (same tensors, same addresses)."""
+def rebind_update(
+    relaunches: list[Relaunch], *, lr: float, beta1: float, beta2: float, eps: float
+) -> list[Relaunch]:
+    """A group's update relaunches with new hyper-parameters (same tensors, same addresses);
+    nothing is launched."""
     scalars = step_scalars(lr, beta1, beta2, eps)
-    for r in relaunches:
-        r(r.args[: SCALARS.start] + scalars + r.args[SCALARS.stop :])
+    return [r._replace(args=r.args[: SCALARS.start] + scalars + r.args[SCALARS.stop :]) for r in relaunches]
 
 
 def fused_group_step(

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import optimizer as _torch_optimizer
 
 from mgg_fast.flat_state import STATE_KEYS, FlatState
 from mgg_fast.mgg import MGG
@@ -38,19 +40,25 @@ def fused_supported(mgg: MGG) -> bool:
 
 
 REPEAT_CACHE_SIZE = 4  # gradient addresses may cycle through a few sets (zero_grad(set_to_none=True))
+_data_ptr = torch.Tensor.data_ptr  # unbound C methods: the per-step address check calls them often
+_is_contiguous = torch.Tensor.is_contiguous
 
 
-class _FusedStepRecord(NamedTuple):
-    """An all-fused step, as :meth:`MGGOptimizer._repeat` relaunches it."""
+@dataclass(slots=True, eq=False)
+class _FusedStepRecord:
+    """An all-fused step, as :meth:`MGGOptimizer._repeat` launches it again."""
 
-    signature: tuple[int, ...]  # parameter and gradient addresses
+    signature: list[int]  # parameter and gradient addresses (MGGOptimizer._signature)
     settings: tuple  # (mgg, backend, nonfinite, capturable)
     weights: Sequence[Tensor]  # the MGG tensors the kernels read (identity checked)
-    weight_ptrs: tuple[int, ...]
+    weight_ptrs: list[int]
     prologue: Any  # mgg_fast.kernels.step_prologue.ProloguePlan
-    prologue_relaunch: Any  # its mgg_fast.kernels.relaunch.Relaunch (None under the interpreter)
-    # (group index, mgg_fast.kernels.GroupWork without its work list, the update's Relaunches)
+    # (group index, mgg_fast.kernels.GroupWork without its work list, its update Relaunches)
     groups: list[tuple[int, Any, list]]
+    hypers: list[tuple]  # per entry of groups: the (lr, betas, eps) its launches were bound to
+    # (runner, args) of the compiled prologue then every update, bound to `hypers`;
+    # None where the JIT hands back no compiled kernel (the interpreter)
+    launches: list[tuple[Callable[..., None], tuple]] | None
 
 
 class MGGOptimizer(torch.optim.Optimizer):
@@ -115,8 +123,8 @@ class MGGOptimizer(torch.optim.Optimizer):
         self._flag = torch.zeros(1)  # host-path found-inf flag, kept: no per-step allocation
         self._one = torch.ones(1)
         self._guard = None  # mgg_fast.kernels.StepGuard of the fused path, made on its first step
-        # recent all-fused steps by signature (a small LRU), what _repeat() relaunches
-        self._repeats: OrderedDict[tuple[int, ...], _FusedStepRecord] = OrderedDict()
+        # recent all-fused steps, most recent first: what _repeat() launches again
+        self._repeats: list[_FusedStepRecord] = []
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
 
     # ---- groups and state ----------------------------------------------------------------------
@@ -156,8 +164,7 @@ class MGGOptimizer(torch.optim.Optimizer):
 
     # ---- the step ----------------------------------------------------------------------------
 
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One MGG step over every parameter that has a gradient; see the class docstring."""
+    def _step_with_closure(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -170,59 +177,95 @@ class MGGOptimizer(torch.optim.Optimizer):
                 self._step(signature)
         return loss
 
-    def _signature(self) -> tuple[int, ...]:
-        """Per parameter: its address and its gradient's (0: no gradient, -1: not contiguous)."""
+    # torch's step-hook and profiler wrapper, for when hooks or the profiler need it
+    _hooked_step = torch.optim.Optimizer.profile_hook_step(_step_with_closure)
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One MGG step over every parameter that has a gradient; see the class docstring.
+
+        Step hooks (this optimizer's and the global ones) and the profiler's record are honoured;
+        without any, torch's wrapper that provides them (microseconds per step) is skipped."""
+        if (
+            self._optimizer_step_pre_hooks
+            or self._optimizer_step_post_hooks
+            or _torch_optimizer._global_optimizer_pre_hooks
+            or _torch_optimizer._global_optimizer_post_hooks
+            or torch._C._autograd._profiler_enabled()
+        ):
+            return self._hooked_step(closure)
+        return self._step_with_closure(closure)
+
+    step.hooked = True  # torch.optim.Optimizer wraps an unmarked step(); this one wraps itself
+
+    def _signature(self) -> list[int]:
+        """Per group: its parameters' addresses, then their gradients' (0: none, -1: not contiguous)."""
         out: list[int] = []
         for group in self.param_groups:
-            for p in group["params"]:
-                g = p.grad
-                out += (p.data_ptr(), 0 if g is None else g.data_ptr() if g.is_contiguous() else -1)
-        return tuple(out)
+            params = group["params"]
+            grads = [p.grad for p in params]
+            out += map(_data_ptr, params)
+            out += [0 if g is None else _data_ptr(g) if _is_contiguous(g) else -1 for g in grads]
+        return out
 
-    def _repeat(self, signature: tuple[int, ...]) -> bool:
-        """Relaunch the kernels of a recent fused step with this signature if nothing they depend
-        on has changed: the same parameter and gradient addresses (so the tables and the
+    def _repeat(self, signature: list[int]) -> bool:
+        """Launch the kernels of a recent fused step with this signature again if nothing they
+        depend on has changed: the same parameter and gradient addresses (so the tables and the
         validation still hold), the same MGG tensors at the same addresses and the same settings.
-        Few microseconds of Python."""
-        last = self._repeats.get(signature)
-        if last is None or last.settings != self._settings():
+        Hyper-parameters are read anew. Few microseconds of Python."""
+        record = next((r for r in self._repeats if r.signature == signature), None)
+        if record is None or record.settings != self._settings():
             return False
         weights = self.mgg.weights()
-        if any(w is not c for w, c in zip(weights, last.weights, strict=True)):
+        if not all(map(operator.is_, weights, record.weights)):
             return False
-        if tuple(w.data_ptr() for w in weights) != last.weight_ptrs:
+        if list(map(_data_ptr, weights)) != record.weight_ptrs:
             return False
         skipped = self._skipped
         if skipped.is_cuda and (
             torch.cuda.current_device() != skipped.device.index or torch.cuda.is_current_stream_capturing()
         ):
             return False  # the full path selects the device and pins the tables a graph holds
-        from mgg_fast.kernels import fused_group_update, relaunch_update
+        if record.launches is None:  # no compiled kernels to launch directly: through the JIT
+            from mgg_fast.kernels import fused_group_update
 
-        # Compiled kernels relaunched directly; through the JIT where there are none (interpreter).
-        if last.prologue_relaunch is not None:
-            last.prologue_relaunch()
-        else:
-            self._guard.launch(last.prologue, self._skipped, pdl=last.groups[0][1].pdl)
-        for gi, group, relaunches in last.groups:
-            if relaunches:
-                relaunch_update(relaunches, **self._hyper(gi))
-            else:
+            self._guard.launch(record.prologue, skipped, pdl=record.groups[0][1].pdl)
+            for gi, group, _ in record.groups:
                 fused_group_update(group, self.mgg, **self._hyper(gi), found_inf=self._guard.found_inf)
-        self._repeats.move_to_end(signature)
+        else:
+            hypers = [self._hyper_values(gi) for gi, _, _ in record.groups]
+            if hypers != record.hypers:
+                self._rebind(record, hypers)
+            for runner, args in record.launches:
+                runner(*args)
+        if self._repeats[0] is not record:
+            self._repeats.remove(record)
+            self._repeats.insert(0, record)
         return True
+
+    def _rebind(self, record: _FusedStepRecord, hypers: list[tuple]) -> None:
+        """Bind the record's update launches to new hyper-parameters."""
+        from mgg_fast.kernels import rebind_update
+
+        groups = []
+        for (gi, group, relaunches), (lr, (beta1, beta2), eps) in zip(record.groups, hypers, strict=True):
+            groups.append((gi, group, rebind_update(relaunches, lr=lr, beta1=beta1, beta2=beta2, eps=eps)))
+        record.groups, record.hypers = groups, hypers
+        record.launches = record.launches[:1] + [(r.runner, r.args) for _, _, rs in groups for r in rs]
 
     def _settings(self) -> tuple:
         return (self.mgg, self.backend, self.nonfinite, self.capturable)
 
-    def _hyper(self, gi: int) -> dict[str, float]:
+    def _hyper_values(self, gi: int) -> tuple:
         group = self.param_groups[gi]
-        beta1, beta2 = group["betas"]
-        return {"lr": group["lr"], "beta1": beta1, "beta2": beta2, "eps": group["eps"]}
+        return group["lr"], tuple(group["betas"]), group["eps"]
 
-    def _step(self, signature: tuple[int, ...]) -> None:
+    def _hyper(self, gi: int) -> dict[str, float]:
+        lr, (beta1, beta2), eps = self._hyper_values(gi)
+        return {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps}
+
+    def _step(self, signature: list[int]) -> None:
         """The full step: validate everything, then update (fused and/or reference groups)."""
-        self._repeats.pop(signature, None)
+        self._repeats = [r for r in self._repeats if r.signature != signature]
         work = self._collect()  # validates everything before anything changes
         if not work:
             return
@@ -262,18 +305,20 @@ class MGGOptimizer(torch.optim.Optimizer):
         contiguous = -1 not in signature and not any(g.copies for g in prepared.values())
         if all(fused) and self.nonfinite == "skip" and contiguous:  # no copies: tables stay valid
             weights = next(iter(prepared.values())).weights
-            self._repeats[signature] = _FusedStepRecord(
+            groups = [(gi, g._replace(work=[]), relaunches[gi]) for gi, g in prepared.items()]
+            compiled = [prologue_relaunch, *(r for _, _, rs in groups for r in rs)]
+            direct = prologue_relaunch is not None and all(rs for _, _, rs in groups)
+            record = _FusedStepRecord(
                 signature,
                 self._settings(),
                 weights,
-                tuple(w.data_ptr() for w in weights),
+                list(map(_data_ptr, weights)),
                 prologue,
-                prologue_relaunch,
-                # no gradient tensors kept: the allocator may hand their addresses out again
-                [(gi, g._replace(work=[]), relaunches[gi]) for gi, g in prepared.items()],
+                groups,  # no gradient tensors kept: the allocator may hand their addresses out again
+                [self._hyper_values(gi) for gi, _, _ in groups],
+                [(r.runner, r.args) for r in compiled] if direct else None,
             )
-            if len(self._repeats) > REPEAT_CACHE_SIZE:
-                self._repeats.popitem(last=False)
+            self._repeats = [record, *self._repeats[: REPEAT_CACHE_SIZE - 1]]
 
     def _nonfinite_flag(self, grads: list[Tensor]) -> Tensor:
         """The kept 1-element float flag, set to 1.0 if any gradient holds NaN/Inf (no host sync)."""

@@ -286,3 +286,42 @@ def test_compiled_backend_matches_reference_with_skipped_params():
     for p, q in zip(params, twins, strict=True):
         assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6)
         assert_close(compiled.state[q]["memory_W"], eager.state[p]["memory_W"], rtol=1e-5, atol=1e-6)
+
+
+def test_step_hooks_profiler_and_lr_scheduler_still_work():
+    """step() skips torch's hook/profiler wrapper only when nothing needs it."""
+    import warnings
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    _mgg, params, opt = make()
+    calls = []
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o)))
+    post = opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o)))
+    set_grads(params, 0)
+    opt.step()
+    assert calls == [("pre", opt), ("post", opt)]
+    pre.remove(), post.remove()
+    glob = register_optimizer_step_pre_hook(lambda o, args, kwargs: calls.append(("global", o)))
+    try:
+        opt.step()
+    finally:
+        glob.remove()
+    assert calls[2:] == [("global", opt)]
+    opt.step()
+    assert len(calls) == 3, "removed hooks are not called"
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert "Optimizer.step#MGGOptimizer.step" in {e.name for e in prof.events()}
+
+    before = [p.detach().clone() for p in params]
+    loss = opt.step(lambda: torch.tensor(3.0))  # a closure's loss comes back
+    assert loss.item() == 3.0 and not all(torch.equal(p, q) for p, q in zip(params, before, strict=True))
+
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns if it thinks opt.step() was not called
+        opt.step()
+        scheduler.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.005)

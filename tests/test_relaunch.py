@@ -57,7 +57,9 @@ def test_update_relaunch_replaces_exactly_the_scalar_arguments():
     compiled = FakeCompiled()
     args = tuple(range(len(names)))
     first = relaunch.Relaunch(compiled[(5, 1, 1)], args, ())
-    mgg_step.relaunch_update([first], lr=0.25, beta1=0.5, beta2=0.75, eps=1e-6)
+    (rebound,) = mgg_step.rebind_update([first], lr=0.25, beta1=0.5, beta2=0.75, eps=1e-6)
+    assert compiled.launches == [], "rebinding launches nothing"
+    rebound()
     ((_, launched),) = compiled.launches
     expect = mgg_step.step_scalars(0.25, 0.5, 0.75, 1e-6)
     assert launched[mgg_step.SCALARS] == expect
