@@ -21,7 +21,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # before the kernels are defined: real
 
 import triton
 import triton.language as tl
-from mgg_fast.kernels import mgg_forward, mgg_step, step_prologue
+from mgg_fast.kernels import mgg_forward, mgg_step, mgg_step_single, step_prologue
 from mgg_fast.kernels.memory_layer import MAX_HIDDEN, SUPPORTED_HEAD_DIMS, launch_config
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -31,8 +31,8 @@ TARGET = GPUTarget("cuda", 90, 32)
 # with bf16 parameters) and is still 20% faster than two warps; more than this means a
 # configuration that was never measured is spilling.
 SPILL_BUDGET = 16
-POINTER_TYPES = {"table": "*i64", "chunks": "*i64", "step_slots": "*i64", "ticket": "*i64"}
-INT_ARGS = {"n", "n_chunks", "n_slots"}
+POINTER_TYPES = {"table": "*i64", "chunks": "*i64", "checks": "*i64", "step_slots": "*i64", "ticket": "*i64"}
+INT_ARGS = {"n", "n_chunks", "n_checks", "n_slots"}
 FP32_POINTERS = {"steps", "found_inf", "token", "skipped"}
 
 
@@ -92,6 +92,9 @@ def configurations(everything: bool):
     block, warps = launch_config(1, 8)
     bf16 = {"NH": 1, "F": 8, "P_DTYPE": tl.bfloat16, "BLOCK": block, "PDL": True}
     yield "step-bf16", mgg_step._mgg_step_kernel, bf16, warps
+    single = {"NH": 1, "F": 8, "P_DTYPE": tl.float32, "BLOCK": block}
+    single |= {"CHECK": step_prologue.CHECK_BLOCK, "SLOTS": step_prologue.SLOT_BLOCK}
+    yield "single", mgg_step_single._mgg_step_single_kernel, single, warps
     for pdl in (False, True):
         prologue = {"BLOCK": step_prologue.CHECK_BLOCK, "SLOTS": step_prologue.SLOT_BLOCK, "PDL": pdl}
         yield "prologue", step_prologue._step_prologue_kernel, prologue, step_prologue.NUM_WARPS

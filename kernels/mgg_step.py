@@ -78,40 +78,9 @@ def _to_param_dtype(x, P_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _mgg_step_kernel(
-    table,
-    steps,
-    found_inf,
-    m_ptr,
-    v_ptr,
-    W_ptr,
-    b_ptr,
-    lr,
-    beta1,
-    one_minus_beta1,
-    ln_beta1,
-    beta2,
-    one_minus_beta2,
-    ln_beta2,
-    eps,
-    q_w,
-    k_w,
-    v_w,
-    o_w,
-    pn_w,
-    pn_b,
-    ln_w,
-    ln_b,
-    lr_w,
-    lr_b,
-    token,
-    NH: tl.constexpr,
-    F: tl.constexpr,
-    P_DTYPE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    row = table + tl.program_id(0).to(tl.int64) * TABLE_COLUMNS
+def chunk_inputs(table, chunk, m_ptr, v_ptr, P_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """One chunk's table row and its loaded gradient, parameter and moments (fp32)."""
+    row = table + chunk.to(tl.int64) * TABLE_COLUMNS
     p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
     lane = tl.arange(0, BLOCK)
@@ -123,11 +92,20 @@ def _mgg_step_kernel(
     p = tl.load(p_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + coords, mask=valid, other=0.0)
     v = tl.load(v_ptr + coords, mask=valid, other=0.0)
-    if PDL:
-        gdc_wait()  # the prologue's found_inf and step counts are final past this point
-    mask = lane < tl.where(tl.load(found_inf) == 0, count, 0)  # found_inf: nothing is written
+    return row, p_ptr, coords, offs, count, g, p, m, v
+
+
+@triton.jit
+def chunk_update(
+    p_ptr, coords, offs, mask, g, p, m, v, t,
+    m_ptr, v_ptr, W_ptr, b_ptr,
+    lr, beta1, one_minus_beta1, ln_beta1, beta2, one_minus_beta2, ln_beta2, eps,
+    q_w, k_w, v_w, o_w, pn_w, pn_b, ln_w, ln_b, lr_w, lr_b, token,
+    NH: tl.constexpr, F: tl.constexpr, P_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Moments, memory step and parameter update of one chunk at step count ``t`` (1 on the first
+    step); stores where ``mask`` holds."""
     g = tl.where(mask, g, 0.0)  # a skipped step's NaN/Inf stays out of the (unstored) arithmetic
-    t = tl.load(steps + tl.load(row + 5))  # advanced by the prologue: 1 on the first step
     bc1 = _one_minus_pow(ln_beta1, t + 1.0)  # published quirk: exponent t + 1
     bc2 = _one_minus_pow(ln_beta2, t + 1.0)
     m = beta1 * m + one_minus_beta1 * g
@@ -141,6 +119,28 @@ def _mgg_step_kernel(
     tl.store(m_ptr + coords, m, mask=mask)
     tl.store(v_ptr + coords, v, mask=mask)
     tl.store(p_ptr + offs, _to_param_dtype(p - lr * out, P_DTYPE), mask=mask)
+
+
+@triton.jit
+def _mgg_step_kernel(
+    table, steps, found_inf, m_ptr, v_ptr, W_ptr, b_ptr,
+    lr, beta1, one_minus_beta1, ln_beta1, beta2, one_minus_beta2, ln_beta2, eps,
+    q_w, k_w, v_w, o_w, pn_w, pn_b, ln_w, ln_b, lr_w, lr_b, token,
+    NH: tl.constexpr, F: tl.constexpr, P_DTYPE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    row, p_ptr, coords, offs, count, g, p, m, v = chunk_inputs(
+        table, tl.program_id(0), m_ptr, v_ptr, P_DTYPE, BLOCK
+    )
+    if PDL:
+        gdc_wait()  # the prologue's found_inf and step counts are final past this point
+    mask = tl.arange(0, BLOCK) < tl.where(tl.load(found_inf) == 0, count, 0)  # found_inf: no writes
+    t = tl.load(steps + tl.load(row + 5))  # advanced by the prologue: 1 on the first step
+    chunk_update(
+        p_ptr, coords, offs, mask, g, p, m, v, t, m_ptr, v_ptr, W_ptr, b_ptr,
+        lr, beta1, one_minus_beta1, ln_beta1, beta2, one_minus_beta2, ln_beta2, eps,
+        q_w, k_w, v_w, o_w, pn_w, pn_b, ln_w, ln_b, lr_w, lr_b, token,
+        NH, F, P_DTYPE, BLOCK,
+    )  # fmt: skip
 
 
 class _Launch(NamedTuple):
@@ -274,11 +274,11 @@ def fused_group_update(
     beta2: float,
     eps: float,
     found_inf: Tensor,
-) -> list[Relaunch]:
+) -> list[Relaunch | None]:
     """The update kernel of a prepared group, after the step prologue (:meth:`StepGuard.check`)
     has set ``found_inf`` and advanced the step counts: nothing is written when it is nonzero.
 
-    Returns a :class:`Relaunch` per launch (none under the interpreter) for
+    Returns a :class:`Relaunch` per launch (``None`` under the interpreter) for
     :func:`rebind_update`, to repeat the update while the tensors stay where they are."""
     flat = group.flat
     scalars = step_scalars(lr, beta1, beta2, eps)
@@ -293,9 +293,14 @@ def fused_group_update(
             mgg.num_heads, mgg.head_dim, launch.dtype, group.block, pdl,  # NH, F, P_DTYPE, BLOCK, PDL
         )  # fmt: skip
         relaunches.append(relaunch.launch(_mgg_step_kernel, launch.chunks.shape[0], args, **options))
+    copy_back(group)
+    return relaunches
+
+
+def copy_back(group: GroupWork) -> None:
+    """Copy the updated working copies of non-contiguous parameters back into them."""
     for p, w in group.copies:
         p.copy_(w)
-    return [r for r in relaunches if r is not None]
 
 
 def rebind_update(

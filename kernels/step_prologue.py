@@ -46,7 +46,7 @@ EXPONENT_MASKS = {
     torch.float32: 0x7F800000,
     torch.float64: 0x7FF0000000000000,
 }
-_FLAGGED = tl.constexpr(1 << 32)  # ticket increment of a program that saw a non-finite value
+FLAGGED = tl.constexpr(1 << 32)  # ticket increment of a program that saw a non-finite value
 
 
 @triton.jit
@@ -55,6 +55,38 @@ def _count_nonfinite(ptr, lane, mask, exp_mask, BITS: tl.constexpr):
     int_type: tl.constexpr = tl.int16 if BITS == 16 else (tl.int32 if BITS == 32 else tl.int64)
     bits = tl.load(ptr.to(tl.pointer_type(int_type)) + lane, mask=mask, other=0).to(tl.int64)
     return tl.sum(((bits & exp_mask) == exp_mask).to(tl.int32), axis=0)
+
+
+@triton.jit
+def check_chunk(chunks, index, BLOCK: tl.constexpr):
+    """NaN/Inf elements (int64) in row ``index`` of a check table: [grad ptr, count, element
+    bytes, exponent mask]."""
+    row = chunks + index.to(tl.int64) * 4
+    ptr = tl.load(row)
+    lane = tl.arange(0, BLOCK)
+    mask = lane < tl.load(row + 1)
+    width = tl.load(row + 2)
+    exp_mask = tl.load(row + 3)
+    bad = tl.load(row + 1) * 0  # int64 zero
+    if width == 2:
+        bad += _count_nonfinite(ptr, lane, mask, exp_mask, 16)
+    if width == 4:
+        bad += _count_nonfinite(ptr, lane, mask, exp_mask, 32)
+    if width == 8:
+        bad += _count_nonfinite(ptr, lane, mask, exp_mask, 64)
+    return bad
+
+
+@triton.jit
+def advance_step_counts(step_slots, start, n_slots, add, SLOTS: tl.constexpr):
+    """Add ``add`` to the float32 step counts at addresses ``step_slots[start:n_slots]``."""
+    offs = tl.arange(0, SLOTS)
+    while start < n_slots:  # not range(): triton 3.6's interpreter
+        more = start + offs
+        valid = more < n_slots
+        slot = tl.load(step_slots + more, mask=valid, other=0).to(tl.pointer_type(tl.float32))
+        tl.store(slot, tl.load(slot, mask=valid, other=0.0) + add, mask=valid)
+        start += SLOTS
 
 
 # Counts are not specialised: Triton would compile n == 1 as a constant (a recompile per count),
@@ -74,19 +106,7 @@ def _step_prologue_kernel(
 ):
     if PDL:
         gdc_launch_dependents()  # the update kernel may start loading; it waits for this one
-    row = chunks + tl.program_id(0).to(tl.int64) * 4  # [grad ptr, count, element bytes, exponent mask]
-    ptr = tl.load(row)
-    lane = tl.arange(0, BLOCK)
-    mask = lane < tl.load(row + 1)
-    width = tl.load(row + 2)
-    exp_mask = tl.load(row + 3)
-    bad = tl.load(row + 1) * 0  # int64 zero
-    if width == 2:
-        bad += _count_nonfinite(ptr, lane, mask, exp_mask, 16)
-    if width == 4:
-        bad += _count_nonfinite(ptr, lane, mask, exp_mask, 32)
-    if width == 8:
-        bad += _count_nonfinite(ptr, lane, mask, exp_mask, 64)
+    bad = check_chunk(chunks, tl.program_id(0), BLOCK)
     # Every program reads the first SLOTS step counts (and the skip counter) before its ticket,
     # so the last one finds them loaded: only its stores remain once it knows the answer. Only
     # the last program writes them, after every other program's ticket: no read sees a write.
@@ -95,20 +115,14 @@ def _step_prologue_kernel(
     slot = tl.load(step_slots + offs, mask=valid, other=0).to(tl.pointer_type(tl.float32))
     count = tl.load(slot, mask=valid, other=0.0)
     skipped_before = tl.load(skipped)
-    increment = 1 + (bad > 0).to(tl.int64) * _FLAGGED
+    increment = 1 + (bad > 0).to(tl.int64) * FLAGGED
     total = tl.atomic_add(ticket, increment, sem="acq_rel") + increment
-    if total % _FLAGGED == n_chunks:  # the last program: every chunk has been checked
-        found = (total >= _FLAGGED).to(tl.float32)
+    if total % FLAGGED == n_chunks:  # the last program: every chunk has been checked
+        found = (total >= FLAGGED).to(tl.float32)
         tl.store(found_inf, found)
         tl.store(skipped, skipped_before + found)
         tl.store(slot, count + (1.0 - found), mask=valid)
-        start = n_slots * 0 + SLOTS
-        while start < n_slots:  # more parameters than SLOTS (not range(): triton 3.6's interpreter)
-            more = start + offs
-            valid = more < n_slots
-            slot = tl.load(step_slots + more, mask=valid, other=0).to(tl.pointer_type(tl.float32))
-            tl.store(slot, tl.load(slot, mask=valid, other=0.0) + (1.0 - found), mask=valid)
-            start += SLOTS
+        advance_step_counts(step_slots, n_slots * 0 + SLOTS, n_slots, 1.0 - found, SLOTS)
         tl.store(ticket, 0)
 
 
@@ -170,7 +184,9 @@ class StepGuard:
     """Device state of the whole-step non-finite decision of one optimizer.
 
     ``found_inf`` (float32 ``[1]``) is 1.0 after :meth:`check` saw a NaN/Inf in any gradient of
-    the step; the fused update kernels then write nothing. ``ticket`` is the prologue's counter.
+    the step; the fused update kernels then write nothing. ``ticket`` holds the counters of the
+    prologue (``[0]``) and of the single-launch step (arrivals ``[0]``, departures ``[1]``); every
+    launch leaves them at zero.
     Check tables are cached by gradient address (a small LRU; tables used while a CUDA graph was
     being captured are pinned, since the graph holds their addresses).
     """
@@ -178,7 +194,7 @@ class StepGuard:
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.found_inf = torch.zeros(1, dtype=torch.float32, device=device)
-        self.ticket = torch.zeros(1, dtype=torch.int64, device=device)
+        self.ticket = torch.zeros(2, dtype=torch.int64, device=device)  # arrivals, departures
         self.skipped = torch.zeros((), dtype=torch.float32, device=device)  # when check() gets none
         self.plans: OrderedDict = OrderedDict()
         self.captured: dict = {}

@@ -44,20 +44,29 @@ _data_ptr = torch.Tensor.data_ptr  # unbound C methods: the per-step address che
 _is_contiguous = torch.Tensor.is_contiguous
 
 
+@functools.cache
+def _kernels():
+    """``mgg_fast.kernels``, imported on first use (it imports Triton)."""
+    import mgg_fast.kernels
+
+    return mgg_fast.kernels
+
+
 @dataclass(slots=True, eq=False)
 class _FusedStepRecord:
     """An all-fused step, as :meth:`MGGOptimizer._repeat` launches it again."""
 
     signature: list[int]  # parameter and gradient addresses (MGGOptimizer._signature)
-    settings: tuple  # (mgg, backend, nonfinite, capturable)
+    settings: tuple  # MGGOptimizer._settings()
     weights: Sequence[Tensor]  # the MGG tensors the kernels read (identity checked)
     weight_ptrs: list[int]
     prologue: Any  # mgg_fast.kernels.step_prologue.ProloguePlan
-    # (group index, mgg_fast.kernels.GroupWork without its work list, its update Relaunches)
-    groups: list[tuple[int, Any, list]]
+    groups: list[tuple[int, Any]]  # (group index, mgg_fast.kernels.GroupWork without its work list)
+    # (group index, or None for the prologue; its Relaunch) per launch
+    compiled: list[tuple[int | None, Any]]
     hypers: list[tuple]  # per entry of groups: the (lr, betas, eps) its launches were bound to
-    # (runner, args) of the compiled prologue then every update, bound to `hypers`;
-    # None where the JIT hands back no compiled kernel (the interpreter)
+    # (runner, args) of every launch, bound to `hypers`; None where the JIT hands back no
+    # compiled kernel (the interpreter): _launch_fused() again
     launches: list[tuple[Callable[..., None], tuple]] | None
 
 
@@ -226,13 +235,9 @@ class MGGOptimizer(torch.optim.Optimizer):
         ):
             return False  # the full path selects the device and pins the tables a graph holds
         if record.launches is None:  # no compiled kernels to launch directly: through the JIT
-            from mgg_fast.kernels import fused_group_update
-
-            self._guard.launch(record.prologue, skipped, pdl=record.groups[0][1].pdl)
-            for gi, group, _ in record.groups:
-                fused_group_update(group, self.mgg, **self._hyper(gi), found_inf=self._guard.found_inf)
+            self._launch_fused(record.groups, record.prologue)
         else:
-            hypers = [self._hyper_values(gi) for gi, _, _ in record.groups]
+            hypers = [self._hyper_values(gi) for gi, _ in record.groups]
             if hypers != record.hypers:
                 self._rebind(record, hypers)
             for runner, args in record.launches:
@@ -244,16 +249,41 @@ class MGGOptimizer(torch.optim.Optimizer):
 
     def _rebind(self, record: _FusedStepRecord, hypers: list[tuple]) -> None:
         """Bind the record's update launches to new hyper-parameters."""
-        from mgg_fast.kernels import rebind_update
+        by_group = dict(zip((gi for gi, _ in record.groups), hypers, strict=True))
+        compiled = []
+        for gi, r in record.compiled:
+            if gi is not None:
+                lr, (beta1, beta2), eps = by_group[gi]
+                (r,) = _kernels().rebind_update([r], lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+            compiled.append((gi, r))
+        record.compiled, record.hypers = compiled, hypers
+        record.launches = [(r.runner, r.args) for _, r in compiled]
 
-        groups = []
-        for (gi, group, relaunches), (lr, (beta1, beta2), eps) in zip(record.groups, hypers, strict=True):
-            groups.append((gi, group, rebind_update(relaunches, lr=lr, beta1=beta1, beta2=beta2, eps=eps)))
-        record.groups, record.hypers = groups, hypers
-        record.launches = record.launches[:1] + [(r.runner, r.args) for _, _, rs in groups for r in rs]
+    def _launch_fused(self, groups: list[tuple[int, Any]], prologue: Any) -> list[tuple[int | None, Any]]:
+        """Launch the fused step of prepared groups: the step prologue then each group's update,
+        or a single launch (one group of one dtype, where ``use_single_launch``). Returns (group
+        index, or None for the prologue; its Relaunch or None) per launch."""
+        kernels, guard, skipped = _kernels(), self._guard, self._skipped
+        (first_gi, first), *_ = groups
+        if len(groups) == 1 and len(first.launches) == 1 and kernels.use_single_launch(skipped.device):
+            hyper = self._hyper(first_gi)
+            return [
+                (first_gi, kernels.single_launch_step(first, self.mgg, guard, prologue, skipped, **hyper))
+            ]
+        # One launch checks every fused gradient, decides the whole step, counts a skip and
+        # advances the step counts, all on the device: no host synchronisation.
+        launched: list[tuple[int | None, Any]] = [(None, guard.launch(prologue, skipped, pdl=first.pdl))]
+        for gi, group in groups:
+            updates = kernels.fused_group_update(
+                group, self.mgg, **self._hyper(gi), found_inf=guard.found_inf
+            )
+            launched += [(gi, r) for r in updates]
+        return launched
 
     def _settings(self) -> tuple:
-        return (self.mgg, self.backend, self.nonfinite, self.capturable)
+        """What a fused step's kernels were chosen for (compared before a repeat)."""
+        single = _kernels().use_single_launch(self._skipped.device)
+        return (self.mgg, self.backend, self.nonfinite, self.capturable, single)
 
     def _hyper_values(self, gi: int) -> tuple:
         group = self.param_groups[gi]
@@ -279,44 +309,37 @@ class MGGOptimizer(torch.optim.Optimizer):
                 return
         prepared = {}
         if any(fused):
-            from mgg_fast.kernels import StepGuard, fused_group_update, prepare_group
-
+            kernels = _kernels()
             for (gi, grads), use_fused in zip(work, fused, strict=True):
                 if use_fused:  # validated, tables looked up: still nothing changed
                     flat = self._flat_state(gi)
-                    prepared[gi] = prepare_group(flat, grads, self.mgg, capturable=self.capturable)
+                    prepared[gi] = kernels.prepare_group(flat, grads, self.mgg, capturable=self.capturable)
             device = self._skipped.device
             if self._guard is None or self._guard.device != device:
-                self._guard = StepGuard(device)
-            # One launch checks every fused gradient, decides the whole step, counts a skip and
-            # advances the step counts, all on the device: no host synchronisation.
-            groups = list(prepared.values())  # one device: their PDL choice is the same
-            prologue = self._guard.plan(groups, capturable=self.capturable)
-            prologue_relaunch = self._guard.launch(prologue, self._skipped, pdl=groups[0].pdl)
-        relaunches = {}
+                self._guard = kernels.StepGuard(device)
+            prologue = self._guard.plan(list(prepared.values()), capturable=self.capturable)
+            launched = self._launch_fused(list(prepared.items()), prologue)
         for gi, grads in work:
-            hyper = self._hyper(gi)
-            if gi in prepared:
-                found_inf = self._guard.found_inf
-                relaunches[gi] = fused_group_update(prepared[gi], self.mgg, **hyper, found_inf=found_inf)
-            else:
+            if gi not in prepared:
                 compiled = self.backend == "compiled"
+                hyper = self._hyper(gi)
                 reference_group_step(self._flat_state(gi), grads, self.mgg, **hyper, compiled=compiled)
         contiguous = -1 not in signature and not any(g.copies for g in prepared.values())
         if all(fused) and self.nonfinite == "skip" and contiguous:  # no copies: tables stay valid
             weights = next(iter(prepared.values())).weights
-            groups = [(gi, g._replace(work=[]), relaunches[gi]) for gi, g in prepared.items()]
-            compiled = [prologue_relaunch, *(r for _, _, rs in groups for r in rs)]
-            direct = prologue_relaunch is not None and all(rs for _, _, rs in groups)
+            # no gradient tensors kept: the allocator may hand their addresses out again
+            groups = [(gi, g._replace(work=[])) for gi, g in prepared.items()]
+            direct = all(r is not None for _, r in launched)
             record = _FusedStepRecord(
                 signature,
                 self._settings(),
                 weights,
                 list(map(_data_ptr, weights)),
                 prologue,
-                groups,  # no gradient tensors kept: the allocator may hand their addresses out again
-                [self._hyper_values(gi) for gi, _, _ in groups],
-                [(r.runner, r.args) for r in compiled] if direct else None,
+                groups,
+                launched if direct else [],
+                [self._hyper_values(gi) for gi, _ in groups],
+                [(r.runner, r.args) for _, r in launched] if direct else None,
             )
             self._repeats = [record, *self._repeats[: REPEAT_CACHE_SIZE - 1]]
 

@@ -4,7 +4,7 @@ kernel), checked on the CPU with a stand-in for Triton's compiled kernel."""
 import inspect
 
 import torch
-from mgg_fast.kernels import mgg_step, relaunch
+from mgg_fast.kernels import mgg_step, mgg_step_single, relaunch
 
 
 class FakeCompiled:
@@ -41,7 +41,7 @@ def test_launch_without_a_compiled_kernel_gives_no_relaunch():
 
 
 def test_update_relaunch_replaces_exactly_the_scalar_arguments():
-    """SCALARS must sit where the kernel takes step_scalars(); everything else stays."""
+    """SCALARS must sit where both step kernels take step_scalars(); everything else stays."""
     names = list(inspect.signature(mgg_step._mgg_step_kernel.fn).parameters)
     scalar_names = [
         "lr",
@@ -54,6 +54,8 @@ def test_update_relaunch_replaces_exactly_the_scalar_arguments():
         "eps",
     ]
     assert names[mgg_step.SCALARS] == scalar_names
+    single = list(inspect.signature(mgg_step_single._mgg_step_single_kernel.fn).parameters)
+    assert single[mgg_step.SCALARS] == scalar_names, "rebind_update serves the single launch too"
     compiled = FakeCompiled()
     args = tuple(range(len(names)))
     first = relaunch.Relaunch(compiled[(5, 1, 1)], args, ())
