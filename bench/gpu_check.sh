@@ -2,14 +2,16 @@
 # One-shot GPU check of the fused MGG kernels (run once on a lent H100; < 10 minutes, usually about 5).
 #
 #   bash bench/gpu_check.sh            # writes to ${OUT:-bench/out}
-#   QUICK=1 bash bench/gpu_check.sh    # skips step 4 and the f=16/32 sweeps (about 3 minutes less)
+#   QUICK=1 bash bench/gpu_check.sh    # skips step 5 and the f=16/32 sweeps (about 3 minutes less)
 #
 # 1. versions: nvidia-smi, torch, triton          -> env.txt
 # 2. kernel tests on the GPU (no TRITON_INTERPRET) -> kernel_tests.txt
 # 3. fused-step benchmarks (JSON) + summary        -> bench_fused.json, bench_fused.txt, summary.md
 #    (fused vs reference vs Adam(fused=True) at 38,400 / 1 M / 8 M coords, CUDA-graph replay,
 #    copy-bandwidth yardstick, memory at 8 M, BLOCK x num_warps sweep)
-# 4. the rest of bench/ (other benchmarks), time-boxed -> bench_other.json, bench_other.txt
+# 4. the opt-in single-launch step: its GPU tests and benchmarks, each time-boxed on its own (a
+#    grid barrier that hung would cost only this step) -> single_tests.txt, bench_single.json
+# 5. the rest of bench/ (other benchmarks), time-boxed -> bench_other.json, bench_other.txt
 # Every step runs under `timeout`; a failing step is recorded and the script goes on, then exits 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,12 +60,19 @@ workers=()
 $PY -c "import xdist" 2>/dev/null && workers=(-n 4)
 run 150 kernel_tests.txt $PY -m pytest tests/test_kernels_step.py tests/test_kernels_forward.py \
     "${workers[@]}" -p no:cacheprovider -rs --durations=5
-quick=()
-[ "${QUICK:-0}" = 1 ] && quick=(-k "not 1M-16 and not 1M-32")
+filter="not single_launch"
+[ "${QUICK:-0}" = 1 ] && filter="$filter and not 1M-16 and not 1M-32"
 run 250 bench_fused.txt $PY -m pytest bench/test_bench_fused.py --benchmark-only -p no:cacheprovider \
-    "${quick[@]}" --benchmark-json="$OUT_DIR/bench_fused.json"
-if [ -s "$OUT_DIR/bench_fused.json" ]; then
-    $PY bench/summarize_fused.py "$OUT_DIR/bench_fused.json" | tee "$OUT_DIR/summary.md"
+    -k "$filter" --benchmark-json="$OUT_DIR/bench_fused.json"
+run 60 single_tests.txt $PY -m pytest tests/test_kernels_step_single.py -p no:cacheprovider -rs
+run 90 bench_single.txt $PY -m pytest bench/test_bench_fused.py --benchmark-only -p no:cacheprovider \
+    -k single_launch --benchmark-json="$OUT_DIR/bench_single.json"
+runs=()
+for json in bench_fused.json bench_single.json; do
+    [ -s "$OUT_DIR/$json" ] && runs+=("$OUT_DIR/$json")
+done
+if [ "${#runs[@]}" -gt 0 ]; then
+    $PY bench/summarize_fused.py "${runs[@]}" | tee "$OUT_DIR/summary.md"
 fi
 if [ "${QUICK:-0}" != 1 ]; then
     run 150 bench_other.txt $PY -m pytest bench/ --benchmark-only -p no:cacheprovider \

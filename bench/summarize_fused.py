@@ -1,7 +1,8 @@
 """Summarise ``pytest bench/test_bench_fused.py --benchmark-json=X`` against the DESIGN.md targets.
 
-Usage: ``python bench/summarize_fused.py bench.json > summary.md``. Prints a table of every case
-(per-step numbers from ``extra_info``) and one line per target with PASS/FAIL/MISSING.
+Usage: ``python bench/summarize_fused.py bench.json [more.json ...] > summary.md`` (the cases of
+several runs of one session, e.g. the time-boxed single-launch run, are merged). Prints a table of
+every case (per-step numbers from ``extra_info``) and one line per target with PASS/FAIL/MISSING.
 """
 
 from __future__ import annotations
@@ -22,8 +23,15 @@ COLUMNS = (
     "wall_us",
     "capturable_step_wall_us",
     "relaunch_wall_us",
+    "graph_gpu_us",
+    "graph_wall_us",
 )
-HOST_FLOOR = ("empty_optimizer_step_wall_us", "read_grads_wall_us", "address_check_wall_us")
+HOST_FLOOR = (
+    "empty_optimizer_step_wall_us",
+    "read_grads_wall_us",
+    "address_check_wall_us",
+    "repeat_step_python_wall_us",
+)
 
 
 def _cases(data: dict) -> dict[str, dict]:
@@ -59,6 +67,7 @@ def _targets(cases: dict[str, dict]) -> list[tuple[str, float | None, str, bool 
         get("test_step[fused-8M]", k) for k in ("optimizer_bytes", "transient_bytes", "state_bytes")
     )
     adam_wall = get("test_step[adam_fused-38k]", "wall_us")  # DESIGN's 0.20 ms is this wall clock
+    single_38k = "test_single_launch_step[38k]"
     graph_wall = get("test_fused_step_cuda_graph[38k]", "wall_us")
     return [
         _target("fused step GPU time, 38,400 coords (us)", kernel_38k, "<= 15", 15),
@@ -76,6 +85,15 @@ def _targets(cases: dict[str, dict]) -> list[tuple[str, float | None, str, bool 
             get("test_step[fused-38k]", "capturable_step_wall_us"),
             "<= 30",
             30,
+        ),
+        _target(
+            "single launch (opt-in): CUDA-graph replay, 38,400 coords (us)",
+            get(single_38k, "graph_gpu_us"),
+            "<= 10",
+            10,
+        ),
+        _target(
+            "single launch (opt-in): opt.step() wall clock (us)", get(single_38k, "wall_us"), "<= 30", 30
         ),
         _target("fused step GPU time, 8 M coords (us)", kernel_8m, "<= 1750", 1750),
         _target(
@@ -99,9 +117,10 @@ def _targets(cases: dict[str, dict]) -> list[tuple[str, float | None, str, bool 
     ]
 
 
-def summarize(path: str | Path) -> str:
-    data = json.loads(Path(path).read_text())
-    cases = _cases(data)
+def summarize(*paths: str | Path) -> str:
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    data = runs[0]
+    cases = {name: case for run in runs for name, case in _cases(run).items()}
     machine = data.get("machine_info", {})
     device = next((c.get("device") for c in cases.values() if c.get("device")), "?")
     lines = [
@@ -136,4 +155,4 @@ def summarize(path: str | Path) -> str:
 
 
 if __name__ == "__main__":
-    sys.stdout.write(summarize(sys.argv[1]))
+    sys.stdout.write(summarize(*sys.argv[1:]))

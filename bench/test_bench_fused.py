@@ -22,7 +22,13 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from mgg_fast.kernels import StepGuard, fused_group_step, fused_group_update, prepare_group
+from mgg_fast.kernels import (
+    StepGuard,
+    forced_single_launch,
+    fused_group_step,
+    fused_group_update,
+    prepare_group,
+)
 from mgg_fast.kernels.memory_layer import forced_config
 from mgg_fast.kernels.step_prologue import forced_pdl
 
@@ -203,6 +209,26 @@ def test_fused_step_cuda_graph(benchmark, size):
     numbers["update_only_gpu_us"] = gpu_us(update_graph.replay, steps)
     _record(benchmark, NUM_TENSORS * SIZES[size], **numbers)
     benchmark.pedantic(lambda: (graph.replay(), _sync()), rounds=_rounds(size), warmup_rounds=1)
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_GPU)
+@pytest.mark.parametrize("size", list(SIZES))
+def test_single_launch_step(benchmark, size):
+    """The opt-in single-launch step (``forced_single_launch``): ``opt.step()`` and a CUDA-graph
+    replay of it, beside ``test_step[fused-*]`` and ``test_fused_step_cuda_graph[*]`` (the
+    two-kernel step) of the same run. ``bench/gpu_check.sh`` runs it on its own, time-boxed."""
+    benchmark.group = f"single-{size}"
+    params = _tensors(size)
+    steps = {"38k": 500, "1M": 100, "8M": 20}[size]
+    with forced_single_launch(True):
+        opt = MGGOptimizer(params, _mgg(), lr=1e-3, backend="triton")
+        opt.step()
+        numbers = {"gpu_us": gpu_us(opt.step, steps), "wall_us": wall_us(opt.step, steps)}
+        graph = _captured_step(_tensors(size, seed=1))
+        numbers["graph_gpu_us"] = gpu_us(graph.replay, steps)
+        numbers["graph_wall_us"] = wall_us(graph.replay, steps)
+        _record(benchmark, NUM_TENSORS * SIZES[size], **numbers)
+        benchmark.pedantic(lambda: (opt.step(), _sync()), rounds=_rounds(size), warmup_rounds=1)
 
 
 _HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}

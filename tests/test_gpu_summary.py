@@ -48,7 +48,9 @@ def test_targets_pass_fail_and_missing(tmp_path):
     }
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(data))
-    text = summarize_fused.summarize(path)
+    single = {"benchmarks": [_bench("test_single_launch_step[38k]", 1e-5, coords=38400, graph_gpu_us=9.5)]}
+    (tmp_path / "single.json").write_text(json.dumps(single))
+    text = summarize_fused.summarize(path, tmp_path / "single.json")  # runs merged
     assert _status(text, "fused step GPU time, 38,400") == "PASS"  # 12 <= 15
     assert _status(text, "opt.step() wall clock,") == "PASS"  # 25 <= 30
     assert _status(text, "opt.step() wall clock (capturable)") == "FAIL"  # 40 > 30
@@ -57,4 +59,6 @@ def test_targets_pass_fail_and_missing(tmp_path):
     assert _status(text, "fraction of copy bandwidth") == "FAIL"  # 0.9 < 0.92
     assert _status(text, "(kept + transient memory)") == "PASS"  # 1.04 <= 1.05
     assert _status(text, "CUDA-graph replay") == "MISSING"
+    assert _status(text, "single launch (opt-in): CUDA-graph replay") == "PASS"  # 9.5 <= 10
+    assert _status(text, "single launch (opt-in): opt.step() wall") == "MISSING"
     assert _status(text, "torch Adam(fused) wall") == "MISSING"  # needs the graph case too
