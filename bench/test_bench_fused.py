@@ -345,13 +345,14 @@ def _stand_in_repeat(opt: MGGOptimizer) -> None:
     launches = [(no_op, (0,) * len(k.arg_names)) for k in (_step_prologue_kernel, _mgg_step_kernel)]
     opt._repeats = [
         _FusedStepRecord(
-            opt._signature(),
-            opt._settings(),
-            weights,
-            [w.data_ptr() for w in weights],
-            None,
-            [(0, None, [])],
-            [opt._hyper_values(0)],
-            launches,
+            signature=opt._signature(),
+            settings=opt._settings(),
+            weights=weights,
+            weight_ptrs=[w.data_ptr() for w in weights],
+            prologue=None,
+            groups=[(0, None)],
+            compiled=[],
+            hypers=[opt._hyper_values(0)],
+            launches=launches,
         )
     ]

@@ -69,7 +69,7 @@ def _mgg_step_single_kernel(
     increment = 1 + (bad > 0).to(tl.int64) * FLAGGED
     arrived = tl.atomic_add(ticket, increment, sem="acq_rel") + increment
     while arrived % FLAGGED < programs:  # grid barrier: all programs are resident (cooperative)
-        arrived = tl.atomic_add(ticket, 0, sem="acquire")
+        arrived = tl.load(ticket, volatile=True)  # a plain read: no atomics contend with arrivals
     found = arrived >= FLAGGED
     lane = tl.arange(0, BLOCK)
     c = pid

@@ -77,6 +77,15 @@ def test_single_launch_matches_two_kernels_bitwise(dtype):
     assert guard.ticket.tolist() == [0, 0]
 
 
+def test_single_launch_of_empty_tensors_only_advances_step_counts():
+    mgg = random_mgg(seed=24)
+    flat = FlatState.zeros(make_params([(0,), (0, 3)]), mgg.W1, mgg.b1[:, 0, :], torch.float32)
+    group = prepare_group(flat, [torch.zeros(0), torch.zeros(0, 3)], mgg, capturable=False)
+    guard = StepGuard(torch.device(DEVICE))
+    single_launch_step(group, mgg, guard, guard.plan([group]), torch.zeros(()), **HYPER)
+    assert flat.steps.tolist() == [1.0, 1.0] and guard.found_inf.item() == 0.0
+
+
 def test_single_launch_rejects_mixed_dtypes():
     mgg = random_mgg(seed=22)
     params = make_params([(4,), (3,)])
