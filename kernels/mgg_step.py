@@ -23,6 +23,7 @@ gradient, parameter and moments, then waits for the prologue's decision.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from typing import NamedTuple
@@ -312,6 +313,12 @@ def rebind_update(
     return [r._replace(args=r.args[: SCALARS.start] + scalars + r.args[SCALARS.stop :]) for r in relaunches]
 
 
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` the current CUDA device inside the block (Triton launches on the current
+    one); nothing for other devices."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def fused_group_step(
     flat: FlatState,
     grads: list[Tensor | None],
@@ -329,7 +336,8 @@ def fused_group_step(
 
     ``grads`` is aligned with ``flat.params``; a ``None`` gradient leaves that parameter, its
     state and its step count untouched. ``guard`` holds the device-side skip decision and its
-    skipped-step counter (default: one kept in ``flat.cache``). No host synchronisation; with
+    skipped-step counter (default: one kept in ``flat.cache``). Launches on the state's device
+    whatever the current CUDA device. No host synchronisation; with
     ``capturable=True`` a missing pointer table during CUDA-graph capture raises (warm up first).
 
     Supported: float32 optimizer state only (use ``backend="reference"`` for float64);
@@ -343,5 +351,6 @@ def fused_group_step(
         guard = flat.cache.get(GUARD_CACHE_KEY) or flat.cache.setdefault(
             GUARD_CACHE_KEY, StepGuard(flat.exp_avg.device)
         )
-    found_inf = guard.check([group], capturable=capturable, pdl=group.pdl)
-    fused_group_update(group, mgg, lr=lr, beta1=beta1, beta2=beta2, eps=eps, found_inf=found_inf)
+    with on_device(flat.exp_avg.device):
+        found_inf = guard.check([group], capturable=capturable, pdl=group.pdl)
+        fused_group_update(group, mgg, lr=lr, beta1=beta1, beta2=beta2, eps=eps, found_inf=found_inf)

@@ -36,7 +36,7 @@ from torch import Tensor
 from mgg_fast.mgg import MGG
 
 from . import relaunch
-from .mgg_step import GroupWork, chunk_inputs, chunk_update, copy_back, step_scalars
+from .mgg_step import GroupWork, chunk_inputs, chunk_update, copy_back, on_device, step_scalars
 from .relaunch import Relaunch
 from .step_prologue import (
     CHECK_BLOCK,
@@ -165,12 +165,14 @@ def single_launch_step(
         n_chunks, plan.chunks, plan.n_chunks, plan.slots, plan.n_slots, guard.ticket, skipped,
         mgg.num_heads, mgg.head_dim, launch.dtype, group.block, CHECK_BLOCK, SLOT_BLOCK,
     )  # fmt: skip
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        grid, options = 1, {}  # programs run one after another: a barrier needs them all at once
-    else:
-        options = {"num_warps": group.num_warps, "launch_cooperative_grid": True}
-        compiled = _mgg_step_single_kernel.warmup(*args, grid=(1,), **options)
-        grid = min(max(n_chunks, plan.n_chunks), resident_programs(compiled, flat.exp_avg.device))
-    result = relaunch.launch(_mgg_step_single_kernel, grid, args, **options)
+    device = flat.exp_avg.device
+    with on_device(device):
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            grid, options = 1, {}  # programs run one after another: a barrier needs them all at once
+        else:
+            options = {"num_warps": group.num_warps, "launch_cooperative_grid": True}
+            compiled = _mgg_step_single_kernel.warmup(*args, grid=(1,), **options)
+            grid = min(max(n_chunks, plan.n_chunks), resident_programs(compiled, device))
+        result = relaunch.launch(_mgg_step_single_kernel, grid, args, **options)
     copy_back(group)
     return result
