@@ -134,3 +134,12 @@ def test_cuda_graph_capture_of_single_launch_step(monkeypatch):
     with forced_single_launch(True):
         _capture_and_replay()
     assert calls, "the captured step was a single launch"
+
+
+@pytest.mark.parametrize("case", ["hetero", "official_homog"])
+def test_parity_vectors_with_single_launches(step_vectors, case):
+    """The optimizer-step parity vectors, every step a single launch (float32 tolerances)."""
+    from test_kernels_step import test_optimizer_steps_parity as steps_match_the_vectors
+
+    with forced_single_launch(True):
+        steps_match_the_vectors(step_vectors, case)
