@@ -67,3 +67,34 @@ def test_update_relaunch_replaces_exactly_the_scalar_arguments():
     assert launched[mgg_step.SCALARS] == expect
     assert launched[: mgg_step.SCALARS.start] == args[: mgg_step.SCALARS.start]
     assert launched[mgg_step.SCALARS.stop :] == args[mgg_step.SCALARS.stop :]
+
+
+def test_optimizer_repeat_rebinds_only_when_hyper_parameters_change():
+    """The repeat path launches its stored (runner, args) as they are while lr/betas/eps stay, and
+    rebinds the update launches (never the prologue's) when they change. Stand-in compiled
+    kernels, since the interpreter hands back none."""
+    from mgg_fast import MGG, MGGOptimizer
+
+    params = [torch.zeros(5, requires_grad=True)]
+    params[0].grad = torch.ones(5)
+    opt = MGGOptimizer(params, MGG(), lr=0.1, backend="triton")
+    opt.step()
+    (record,) = opt._repeats
+    n_args = len(inspect.signature(mgg_step._mgg_step_kernel.fn).parameters)
+    compiled = FakeCompiled()
+    prologue = relaunch.Relaunch(compiled[("prologue",)], ("P",) * 10, ())
+    update = relaunch.Relaunch(compiled[("update",)], tuple(range(n_args)), ())
+    record.compiled, record.launches = [(None, prologue), (0, update)], [prologue[:2], update[:2]]
+    opt.step()
+    assert compiled.launches == [(("prologue",), prologue.args), (("update",), update.args)]
+    compiled.launches.clear()
+    opt.param_groups[0]["lr"] = 0.25
+    opt.param_groups[0]["betas"] = [0.5, 0.75]  # a list (as load_state_dict may leave it) is fine
+    opt.step()
+    (_, p_args), (_, u_args) = compiled.launches
+    assert p_args == prologue.args
+    assert u_args[mgg_step.SCALARS] == mgg_step.step_scalars(0.25, 0.5, 0.75, 1e-8)
+    assert u_args[: mgg_step.SCALARS.start] == update.args[: mgg_step.SCALARS.start]
+    compiled.launches.clear()
+    opt.step()
+    assert compiled.launches[1][1] == u_args, "bound once, launched as bound"
