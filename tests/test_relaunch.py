@@ -1,8 +1,11 @@
 """The repeat path's direct relaunch (GPU-only at run time: the interpreter hands back no compiled
-kernel), checked on the CPU with a stand-in for Triton's compiled kernel."""
+kernel), checked on the CPU with a stand-in for Triton's compiled kernel; and the single-launch
+step's grid from CUDA's occupancy query, with a stand-in driver."""
 
 import inspect
+import types
 
+import pytest
 import torch
 from mgg_fast.kernels import mgg_step, mgg_step_single, relaunch
 
@@ -98,3 +101,28 @@ def test_optimizer_repeat_rebinds_only_when_hyper_parameters_change():
     compiled.launches.clear()
     opt.step()
     assert compiled.launches[1][1] == u_args, "bound once, launched as bound"
+
+
+def test_resident_programs_asks_cuda_for_blocks_per_multiprocessor(monkeypatch):
+    """The grid of the single-launch step: CUDA's occupancy for the compiled kernel's function,
+    threads and shared memory, times the multiprocessors (stand-ins for the driver and kernel)."""
+    calls, status = [], [0]
+
+    class FakeDriver:
+        def cuOccupancyMaxActiveBlocksPerMultiprocessor(self, blocks, function, threads, shared):
+            calls.append((function.value, threads.value, shared.value))
+            blocks._obj.value = 6
+            return status[0]
+
+    class Compiled(FakeCompiled):
+        function = 1234
+        metadata = types.SimpleNamespace(num_warps=2, shared=16)
+
+    monkeypatch.setattr(mgg_step_single, "_libcuda", FakeDriver)
+    props = types.SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    assert mgg_step_single.resident_programs(Compiled(), torch.device("cuda")) == 6 * 132
+    assert calls == [(1234, 64, 16)]
+    status[0] = 2
+    with pytest.raises(RuntimeError, match="occupancy"):
+        mgg_step_single.resident_programs(Compiled(), torch.device("cuda"))
