@@ -14,14 +14,15 @@ two-pass and several heads stay numerically stable without holding all of ``u`` 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import torch
 import triton
 import triton.language as tl
 
 from mgg_fast.reference import LN_EPS, TTT_BASE_LR, MGGWeights
+
+from .overrides import Override
 
 SUPPORTED_HEAD_DIMS = (8, 16, 32)
 MAX_HIDDEN = 64
@@ -40,7 +41,7 @@ def check_mgg_shape(num_heads: int, head_dim: int) -> None:
 
 INTERPRET_BLOCK = 128  # few, fat programs under the interpreter
 MEASURED_CONFIG = {8: (32, 1), 16: (8, 1), 32: (2, 1)}  # head dim f -> (BLOCK, warps), one head
-_forced: list[tuple[int, int]] = []  # stack of forced_config() overrides
+_forced_config: Override[tuple[int, int]] = Override()
 
 
 def launch_config(num_heads: int, f: int, *, min_warps: int = 1) -> tuple[int, int]:
@@ -56,8 +57,8 @@ def launch_config(num_heads: int, f: int, *, min_warps: int = 1) -> tuple[int, i
     (never swept) asks for ``min_warps=2``, below which it spills (``bench/compile_sm90.py --all``).
     Under ``TRITON_INTERPRET=1`` every program costs ~0.1 s: few fat ones.
     """
-    if _forced:
-        return _forced[-1]
+    if _forced_config.value is not None:
+        return _forced_config.value
     if os.environ.get("TRITON_INTERPRET") == "1":
         return INTERPRET_BLOCK, 1
     block, warps = MEASURED_CONFIG[f]
@@ -66,16 +67,11 @@ def launch_config(num_heads: int, f: int, *, min_warps: int = 1) -> tuple[int, i
     return block, min(max(warps, min_warps), 8)
 
 
-@contextmanager
-def forced_config(block: int, num_warps: int) -> Iterator[None]:
+def forced_config(block: int, num_warps: int) -> AbstractContextManager[None]:
     """Make :func:`launch_config` return ``(block, num_warps)`` inside the block (config sweeps)."""
     if block < 1 or block & (block - 1):
         raise ValueError(f"BLOCK must be a power of two, got {block}")
-    _forced.append((block, num_warps))
-    try:
-        yield
-    finally:
-        _forced.pop()
+    return _forced_config.forced((block, num_warps))
 
 
 def weight_args(w: MGGWeights, device: torch.device) -> list[torch.Tensor]:

@@ -25,8 +25,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import torch
 import triton
@@ -37,6 +36,7 @@ from mgg_fast.mgg import MGG
 
 from . import relaunch
 from .mgg_step import GroupWork, chunk_inputs, chunk_update, copy_back, on_device, step_scalars
+from .overrides import Override
 from .relaunch import Relaunch
 from .step_prologue import (
     CHECK_BLOCK,
@@ -94,7 +94,7 @@ def _mgg_step_single_kernel(
         tl.store(ticket + 1, 0)
 
 
-_forced_single: list[bool] = []  # stack of forced_single_launch() overrides
+_forced_single: Override[bool] = Override()
 
 
 def use_single_launch(device: torch.device) -> bool:
@@ -102,19 +102,14 @@ def use_single_launch(device: torch.device) -> bool:
 
     Off unless :func:`forced_single_launch` turns it on: it has run only under the interpreter
     (one program) and waits for a GPU measurement against the two-kernel step."""
-    if not (_forced_single and _forced_single[-1]):
+    if not _forced_single.value:
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@contextmanager
-def forced_single_launch(enabled: bool) -> Iterator[None]:
+def forced_single_launch(enabled: bool) -> AbstractContextManager[None]:
     """Turn the single-launch step on or off inside the block (tests and benchmarks)."""
-    _forced_single.append(enabled)
-    try:
-        yield
-    finally:
-        _forced_single.pop()
+    return _forced_single.forced(enabled)
 
 
 @functools.cache

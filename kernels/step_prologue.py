@@ -19,8 +19,8 @@ from __future__ import annotations
 import functools
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -30,6 +30,7 @@ from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents
 
 from . import relaunch
+from .overrides import Override
 from .relaunch import Relaunch
 
 if TYPE_CHECKING:
@@ -152,7 +153,7 @@ def _build_plan(groups: Sequence[GroupWork], device: torch.device) -> ProloguePl
     return ProloguePlan(chunks, torch.tensor(slots, dtype=torch.int64).to(device), len(rows), len(slots))
 
 
-_forced_pdl: list[bool] = []  # stack of forced_pdl() overrides
+_forced_pdl: Override[bool] = Override()
 
 
 @functools.cache
@@ -165,19 +166,14 @@ def use_pdl(device: torch.device) -> bool:
     unless ``forced_pdl(False)``. On an H100 (2026-11-27, bench/RESULTS.md) it made a plain step
     2% faster at 1 M and 8 M coordinates and 0.2 us faster at 38,400; a CUDA-graph replay at
     38,400 coordinates was 0.3 us slower (11.3 against 11.0 us), at 1 M and 8 M 2% faster."""
-    if _forced_pdl and not _forced_pdl[-1]:
+    if _forced_pdl.value is False:
         return False
     return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1" and _hopper_or_newer(device)
 
 
-@contextmanager
-def forced_pdl(enabled: bool) -> Iterator[None]:
+def forced_pdl(enabled: bool) -> AbstractContextManager[None]:
     """Turn programmatic dependent launch on or off inside the block (benchmarks compare both)."""
-    _forced_pdl.append(enabled)
-    try:
-        yield
-    finally:
-        _forced_pdl.pop()
+    return _forced_pdl.forced(enabled)
 
 
 class StepGuard:
