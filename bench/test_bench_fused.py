@@ -177,8 +177,8 @@ def test_step(benchmark, backend, size):
         guard, group = StepGuard(DEVICE), prepare_group(flat, grads, mgg, capturable=True)
         numbers["prologue_gpu_us"] = gpu_us(lambda: guard.check([group]), steps)
         last = opt._repeats[0] if opt._repeats else None  # the repeat path's kernels, no checks
-        if last is not None and last.launches is not None:
-            launches = lambda: [runner(*args) for runner, args in last.launches]
+        if last is not None and last.compiled:
+            launches = lambda: [launch() for _, launch in last.compiled]
             numbers["relaunch_wall_us"] = wall_us(launches, steps)
         cap = MGGOptimizer(params, _mgg(), lr=1e-3, backend="triton", capturable=True)
         cap.step()
@@ -336,13 +336,16 @@ def _stand_in_repeat(opt: MGGOptimizer) -> None:
     """Make ``opt``'s next steps take the repeat path with no-op launches in place of the two
     compiled kernels (same argument counts), so that its Python can be timed on any host."""
     from mgg_fast.kernels.mgg_step import _mgg_step_kernel
+    from mgg_fast.kernels.relaunch import Relaunch
     from mgg_fast.kernels.step_prologue import _step_prologue_kernel
 
     from mgg_fast.optimizer import _FusedStepRecord
 
     weights = list(opt.mgg.weights())
     no_op = lambda *args: None
-    launches = [(no_op, (0,) * len(k.arg_names)) for k in (_step_prologue_kernel, _mgg_step_kernel)]
+    prologue, update = (
+        Relaunch(no_op, (0,) * len(k.arg_names), ()) for k in (_step_prologue_kernel, _mgg_step_kernel)
+    )
     opt._repeats = [
         _FusedStepRecord(
             signature=opt._signature(),
@@ -351,8 +354,7 @@ def _stand_in_repeat(opt: MGGOptimizer) -> None:
             weight_ptrs=[w.data_ptr() for w in weights],
             prologue=None,
             groups=[(0, None)],
-            compiled=[],
+            compiled=[(None, prologue), (0, update)],
             hypers=[opt._hyper_values(0)],
-            launches=launches,
         )
     ]

@@ -29,9 +29,9 @@ class Relaunch(NamedTuple):
     args: tuple
     tensors: tuple  # the first launch's tensors, kept alive so that their addresses stay theirs
 
-    def __call__(self, args: tuple | None = None) -> None:
-        """Launch on the current stream with ``args`` (default: the first launch's)."""
-        self.runner(*(self.args if args is None else args))
+    def __call__(self) -> None:
+        """Launch on the current stream."""
+        self.runner(*self.args)
 
 
 def launch(kernel: triton.JITFunction, grid: int, args: tuple, **options: Any) -> Relaunch | None:

@@ -62,12 +62,10 @@ class _FusedStepRecord:
     weight_ptrs: list[int]
     prologue: Any  # mgg_fast.kernels.step_prologue.ProloguePlan
     groups: list[tuple[int, Any]]  # (group index, mgg_fast.kernels.GroupWork without its work list)
-    # (group index, or None for the prologue; its Relaunch) per launch
+    # (group index, or None for the prologue; its Relaunch bound to `hypers`) per launch; empty
+    # where the JIT hands back no compiled kernel (the interpreter): _launch_fused() again
     compiled: list[tuple[int | None, Any]]
     hypers: list[tuple]  # per entry of groups: the (lr, betas, eps) its launches were bound to
-    # (runner, args) of every launch, bound to `hypers`; None where the JIT hands back no
-    # compiled kernel (the interpreter): _launch_fused() again
-    launches: list[tuple[Callable[..., None], tuple]] | None
 
 
 class MGGOptimizer(torch.optim.Optimizer):
@@ -234,14 +232,14 @@ class MGGOptimizer(torch.optim.Optimizer):
             torch.cuda.current_device() != skipped.device.index or torch.cuda.is_current_stream_capturing()
         ):
             return False  # the full path selects the device and pins the tables a graph holds
-        if record.launches is None:  # no compiled kernels to launch directly: through the JIT
+        if not record.compiled:  # no compiled kernels to launch directly: through the JIT
             self._launch_fused(record.groups, record.prologue)
         else:
             hypers = [self._hyper_values(gi) for gi, _ in record.groups]
             if hypers != record.hypers:
                 self._rebind(record, hypers)
-            for runner, args in record.launches:
-                runner(*args)
+            for _, launch in record.compiled:
+                launch()
         if self._repeats[0] is not record:
             self._repeats.remove(record)
             self._repeats.insert(0, record)
@@ -257,7 +255,6 @@ class MGGOptimizer(torch.optim.Optimizer):
                 (r,) = _kernels().rebind_update([r], lr=lr, beta1=beta1, beta2=beta2, eps=eps)
             compiled.append((gi, r))
         record.compiled, record.hypers = compiled, hypers
-        record.launches = [(r.runner, r.args) for _, r in compiled]
 
     def _launch_fused(self, groups: list[tuple[int, Any]], prologue: Any) -> list[tuple[int | None, Any]]:
         """Launch the fused step of prepared groups: the step prologue then each group's update,
@@ -339,7 +336,6 @@ class MGGOptimizer(torch.optim.Optimizer):
                 groups,
                 launched if direct else [],
                 [self._hyper_values(gi) for gi, _ in groups],
-                [(r.runner, r.args) for _, r in launched] if direct else None,
             )
             self._repeats = [record, *self._repeats[: REPEAT_CACHE_SIZE - 1]]
 
