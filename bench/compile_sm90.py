@@ -34,12 +34,15 @@ SPILL_BUDGET = 16
 POINTER_TYPES = {"table": "*i64", "chunks": "*i64", "checks": "*i64", "step_slots": "*i64", "ticket": "*i64"}
 INT_ARGS = {"n", "n_chunks", "n_checks", "n_slots"}
 FP32_POINTERS = {"steps", "found_inf", "token", "skipped"}
+BF16_MEMORY = {"W_ptr": "*bf16"}  # MGGOptimizer(memory_W_dtype=torch.bfloat16)
 
 
-def _signature(fn: triton.JITFunction) -> dict[str, str]:
+def _signature(fn: triton.JITFunction, pointers: dict[str, str]) -> dict[str, str]:
     sig = {}
     for p in fn.params:
-        if p.is_constexpr:
+        if p.name in pointers:
+            sig[p.name] = pointers[p.name]
+        elif p.is_constexpr:
             sig[p.name] = "constexpr"
         elif p.name in INT_ARGS:
             sig[p.name] = "i32"
@@ -57,9 +60,12 @@ def _ptxas() -> str:
     return str(bin_dir / "ptxas")
 
 
-def compile_report(fn: triton.JITFunction, constexprs: dict, num_warps: int) -> tuple[int, int]:
-    """(registers per thread, spill bytes) of ``fn`` compiled for sm_90 with these constants."""
-    src = ASTSource(fn=fn, signature=_signature(fn), constexprs=constexprs)
+def compile_report(
+    fn: triton.JITFunction, constexprs: dict, num_warps: int, pointers: dict[str, str]
+) -> tuple[int, int]:
+    """(registers per thread, spill bytes) of ``fn`` compiled for sm_90 with these constants
+    (``pointers``: argument types other than the default fp32 ones)."""
+    src = ASTSource(fn=fn, signature=_signature(fn, pointers), constexprs=constexprs)
     kernel = triton.compile(src, target=TARGET, options={"num_warps": num_warps})
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "k.ptx"
@@ -76,7 +82,8 @@ def compile_report(fn: triton.JITFunction, constexprs: dict, num_warps: int) -> 
 
 
 def configurations(everything: bool):
-    """(kernel name, fn, constexprs, num_warps) for the launch configs of the chosen MGG sizes."""
+    """(kernel name, fn, constexprs, num_warps, pointer types) for the launch configs of the chosen
+    MGG sizes."""
     sizes = [(1, 8)]
     if everything:
         sizes = [(nh, f) for f in SUPPORTED_HEAD_DIMS for nh in (1, 2, MAX_HIDDEN // f)]
@@ -84,20 +91,21 @@ def configurations(everything: bool):
         block, warps = launch_config(nh, f)
         for pdl in (False, True):
             step = {"NH": nh, "F": f, "P_DTYPE": tl.float32, "BLOCK": block, "PDL": pdl}
-            yield "step", mgg_step._mgg_step_kernel, step, warps
+            yield "step", mgg_step._mgg_step_kernel, step, warps, {}
         block, warps = launch_config(nh, f, min_warps=2)
         for tiled in (True, False):
             forward = {"NH": nh, "F": f, "TILED": tiled, "BLOCK": block}
-            yield "forward", mgg_forward._mgg_forward_kernel, forward, warps
+            yield "forward", mgg_forward._mgg_forward_kernel, forward, warps, {}
     block, warps = launch_config(1, 8)
     bf16 = {"NH": 1, "F": 8, "P_DTYPE": tl.bfloat16, "BLOCK": block, "PDL": True}
-    yield "step-bf16", mgg_step._mgg_step_kernel, bf16, warps
+    yield "step-bf16", mgg_step._mgg_step_kernel, bf16, warps, {}
+    yield "step-bf16W", mgg_step._mgg_step_kernel, bf16 | {"P_DTYPE": tl.float32}, warps, BF16_MEMORY
     single = {"NH": 1, "F": 8, "P_DTYPE": tl.float32, "BLOCK": block}
     single |= {"CHECK": step_prologue.CHECK_BLOCK, "SLOTS": step_prologue.SLOT_BLOCK}
-    yield "single", mgg_step_single._mgg_step_single_kernel, single, warps
+    yield "single", mgg_step_single._mgg_step_single_kernel, single, warps, {}
     for pdl in (False, True):
         prologue = {"BLOCK": step_prologue.CHECK_BLOCK, "SLOTS": step_prologue.SLOT_BLOCK, "PDL": pdl}
-        yield "prologue", step_prologue._step_prologue_kernel, prologue, step_prologue.NUM_WARPS
+        yield "prologue", step_prologue._step_prologue_kernel, prologue, step_prologue.NUM_WARPS, {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="every supported (nh, f), not only H=8 nh=1")
     args = parser.parse_args(argv)
     worst = 0
-    for name, fn, constexprs, warps in configurations(args.all):
-        regs, spills = compile_report(fn, constexprs, warps)
+    for name, fn, constexprs, warps, pointers in configurations(args.all):
+        regs, spills = compile_report(fn, constexprs, warps, pointers)
         worst = max(worst, spills)
         shown = {k: (str(v) if isinstance(v, tl.dtype) else v) for k, v in constexprs.items()}
         print(f"{name:10s} {shown} num_warps={warps}: {regs} registers, {spills} bytes spilled")

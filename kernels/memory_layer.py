@@ -89,6 +89,21 @@ def weight_args(w: MGGWeights, device: torch.device) -> list[torch.Tensor]:
     return [t if t.is_contiguous() else t.contiguous() for t in w]
 
 
+# The interpreter's fp32->bf16 cast truncates; the GPU's rounds to nearest-even, as torch does.
+_ROUND_BF16_BY_HAND = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def rounded_to(x, DTYPE: tl.constexpr):
+    """fp32 ``x`` rounded to ``DTYPE`` to nearest-even, as torch rounds (under the interpreter by
+    bit arithmetic for bf16, after which its cast is exact)."""
+    if _ROUND_BF16_BY_HAND and tl.bfloat16 == DTYPE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        x = tl.where(x == x, ((bits >> 16) << 16).to(tl.float32, bitcast=True), x)  # NaN stays NaN
+    return x.to(DTYPE)
+
+
 @triton.jit
 def _layer_norm_hat(z, F: tl.constexpr):
     """Rows of ``z [BLOCK, F]`` normalised (biased variance, eps LN_EPS), and their std."""
@@ -136,7 +151,8 @@ def memory_layer_block(
     ``coords [BLOCK]`` (int64) index the state rows ``W [N, NH, F, F]``/``b [N, NH, F]``; with
     ``TILED`` the incoming memory is the learned ``W1 [NH, F, F]``/``b1 [NH, 1, F]`` for every
     coordinate. The new memory is stored (where ``mask``) to ``W_out``/``b_out`` (which may alias
-    ``W_in``/``b_in``: each element is read before it is written by the same program).
+    ``W_in``/``b_in``: each element is read before it is written by the same program). ``W``
+    may be fp32 or bf16 (computed in fp32, rounded to nearest-even on store).
     """
     fi = tl.arange(0, F)
     fj = fi
@@ -168,6 +184,7 @@ def memory_layer_block(
             b = tl.broadcast_to(tl.load(b_in + feat)[None, :], (BLOCK, F))
         else:
             W = tl.load(W_in + row_W + h * F * F + tile_off, mask=mask[:, None, None], other=0.0)
+            W = W.to(tl.float32)  # memory_W may be stored as bf16
             b = tl.load(b_in + row_b + feat[None, :], mask=mask[:, None], other=0.0)
 
         # Inner loss 0.5*||LN(kW + b) - (v - k)||^2: its gradient wrt Z with the LN fused in.
@@ -183,7 +200,8 @@ def memory_layer_block(
         eta_grad = eta[:, None] * grad_z
         W_new = W - k[:, :, None] * eta_grad[:, None, :]
         b_new = b - eta_grad
-        tl.store(W_out + row_W + h * F * F + tile_off, W_new, mask=mask[:, None, None])
+        W_store = rounded_to(W_new, W_out.dtype.element_ty)
+        tl.store(W_out + row_W + h * F * F + tile_off, W_store, mask=mask[:, None, None])
         tl.store(b_out + row_b + feat[None, :], b_new, mask=mask[:, None])
         z_bar = qW - tl.sum(q * k, axis=1)[:, None] * eta_grad + b_new
         z_bar_hat, _ = _layer_norm_hat(z_bar, F)

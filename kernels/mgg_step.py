@@ -2,7 +2,8 @@
 
 Naive reference: :func:`mgg_fast.optimizer.reference_group_step` (built on
 :mod:`mgg_fast.reference`). Per active coordinate the kernel reads grad, param, m, v, W, b once
-and writes param, m, v, W, b once (604 bytes for fp32, H=8, nh=1); features, projections, the
+and writes param, m, v, W, b once (604 bytes for fp32, H=8, nh=1; 348 with ``memory_W`` stored
+as bf16); features, projections, the
 memory update, post-norm, o_proj and tanh stay in registers.
 
 Layout: the group's parameters are cut into chunks of ``BLOCK`` coordinates that never straddle
@@ -38,7 +39,7 @@ from mgg_fast.flat_state import FlatState
 from mgg_fast.mgg import MGG
 
 from . import relaunch
-from .memory_layer import check_mgg_shape, launch_config, memory_layer_block, weight_args
+from .memory_layer import check_mgg_shape, launch_config, memory_layer_block, rounded_to, weight_args
 from .relaunch import Relaunch
 from .step_prologue import StepGuard, use_pdl
 
@@ -64,18 +65,6 @@ def _one_minus_pow(ln_beta, e):
         1.0 + x / 2 * (1.0 + x / 3 * (1.0 + x / 4 * (1.0 + x / 5 * (1.0 + x / 6 * (1.0 + x / 7)))))
     )
     return tl.where(x > -0.25, series, 1.0 - tl.exp(x))
-
-
-@triton.jit
-def _to_param_dtype(x, P_DTYPE: tl.constexpr):
-    """Round fp32 to the parameter dtype to nearest-even (as torch does). For bf16 the rounding is
-    explicit bit arithmetic, after which the cast is exact: the interpreter's fp32->bf16 cast
-    truncates, the GPU's rounds, so both now give torch's result."""
-    if tl.bfloat16 == P_DTYPE:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        x = tl.where(x == x, ((bits >> 16) << 16).to(tl.float32, bitcast=True), x)  # NaN stays NaN
-    return x.to(P_DTYPE)
 
 
 @triton.jit
@@ -119,7 +108,7 @@ def chunk_update(
     )  # fmt: skip
     tl.store(m_ptr + coords, m, mask=mask)
     tl.store(v_ptr + coords, v, mask=mask)
-    tl.store(p_ptr + offs, _to_param_dtype(p - lr * out, P_DTYPE), mask=mask)
+    tl.store(p_ptr + offs, rounded_to(p - lr * out, P_DTYPE), mask=mask)
 
 
 @triton.jit
@@ -223,6 +212,10 @@ def prepare_group(flat: FlatState, grads: list[Tensor | None], mgg: MGG, *, capt
         raise TypeError(
             f"the fused MGG step keeps float32 state, the MGG is {flat.exp_avg.dtype}; "
             "use backend='reference' for float64"
+        )
+    if flat.memory_W.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(
+            f"the fused MGG step stores memory_W as float32 or bfloat16, got {flat.memory_W.dtype}"
         )
     check_mgg_shape(mgg.num_heads, mgg.head_dim)
     weights = weight_args(mgg.weights(), flat.exp_avg.device)
@@ -340,7 +333,8 @@ def fused_group_step(
     whatever the current CUDA device. No host synchronisation; with
     ``capturable=True`` a missing pointer table during CUDA-graph capture raises (warm up first).
 
-    Supported: float32 optimizer state only (use ``backend="reference"`` for float64);
+    Supported: float32 optimizer state only (use ``backend="reference"`` for float64), with
+    ``memory_W`` in float32 or bfloat16;
     float32/bfloat16/float16/float64 parameters (computed in fp32, rounded once on store); head
     dim 8/16/32 with hidden size <= 64. See :func:`prepare_group` for what is validated.
     """

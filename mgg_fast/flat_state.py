@@ -18,7 +18,8 @@ STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "memory_W", "memory_b")
 
 @dataclass
 class FlatState:
-    """Flat state of one parameter group (all on the parameters' device, dtype ``dtype``)."""
+    """Flat state of one parameter group, on the parameters' device: the state dtype throughout,
+    except ``memory_W``, which may be stored narrower (bfloat16; computed in the state dtype)."""
 
     params: list[Tensor]
     numels: list[int]
@@ -42,12 +43,21 @@ class FlatState:
         return out
 
     @classmethod
-    def zeros(cls, params: list[Tensor], W1: Tensor, b1: Tensor, dtype: torch.dtype) -> FlatState:
-        """Fresh state: zero moments, memory tiled from the learned ``W1 [nh,f,f]``/``b1 [nh,f]``."""
+    def zeros(
+        cls,
+        params: list[Tensor],
+        W1: Tensor,
+        b1: Tensor,
+        dtype: torch.dtype,
+        memory_W_dtype: torch.dtype | None = None,
+    ) -> FlatState:
+        """Fresh state: zero moments, memory tiled from the learned ``W1 [nh,f,f]``/``b1 [nh,f]``
+        (``memory_W`` in ``memory_W_dtype``, default ``dtype``)."""
         device = params[0].device
         numels = [p.numel() for p in params]
         n = sum(numels)
-        W = W1.detach().to(device=device, dtype=dtype).unsqueeze(0).expand(n, -1, -1, -1).contiguous()
+        W = W1.detach().to(device=device, dtype=dtype).to(memory_W_dtype or dtype)
+        W = W.unsqueeze(0).expand(n, -1, -1, -1).contiguous()
         b = b1.detach().to(device=device, dtype=dtype).unsqueeze(0).expand(n, -1, -1).contiguous()
         zeros = torch.zeros(n, device=device, dtype=dtype)
         steps = torch.zeros(len(params), device=device, dtype=torch.float32)

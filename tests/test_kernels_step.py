@@ -132,6 +132,27 @@ def test_fused_matches_reference_param_dtypes(dtype):
     assert opt.state[params[0]]["exp_avg"].dtype == torch.float32
 
 
+def test_fused_matches_reference_with_bf16_memory():
+    """memory_W stored as bf16: the kernel rounds to nearest-even as the reference does, so only
+    elements whose fp32 values straddle a rounding boundary may differ (by one bf16 ulp)."""
+    mgg = random_mgg(seed=4)
+    ref_params, ref_opt, params, opt = twin_optimizers(mgg, SHAPES, memory_W_dtype=torch.bfloat16)
+    for step in range(3):
+        step_twins(ref_params, ref_opt, params, opt, step, none=(3,) if step == 1 else ())
+        for p, q in zip(ref_params, params, strict=True):
+            W, ref_W = opt.state[q]["memory_W"], ref_opt.state[p]["memory_W"]
+            assert W.dtype == ref_W.dtype == torch.bfloat16
+            assert_close(W.float(), ref_W.float(), rtol=2**-7, atol=0.0)  # at most one ulp apart
+            # truncating instead of rounding would change about half of them
+            assert torch.ne(W, ref_W).sum().item() <= 0.01 * W.numel()
+            # a W element one ulp off moves its coordinate's output by ~1e-4 (times lr = 0.05)
+            assert_close(q.detach(), p.detach(), rtol=1e-4, atol=1e-5)
+            for key in ("exp_avg", "exp_avg_sq", "step"):  # independent of W
+                assert_close(opt.state[q][key], ref_opt.state[p][key], **F32)
+            assert_close(opt.state[q]["memory_b"], ref_opt.state[p]["memory_b"], rtol=1e-4, atol=1e-5)
+    assert ref_opt.state[ref_params[3]]["step"].item() == 2
+
+
 @pytest.mark.parametrize(("hidden", "heads"), [(16, 2), (24, 3), (32, 1), (64, 2)])
 def test_fused_matches_reference_mgg_sizes(hidden, heads):
     mgg = random_mgg(hidden, heads, seed=hidden)
@@ -339,6 +360,10 @@ def test_unsupported_state_and_sizes_raise_clearly():
         fused_group_step(opt._flat_state(0), [torch.ones(5)], opt.mgg, **kw)
     with pytest.raises(ValueError, match="1 parameters"):
         fused_group_step(opt._flat_state(0), [None, None], opt.mgg, **kw)
+    flat = FlatState.zeros(params, opt.mgg.W1, opt.mgg.b1[:, 0, :], torch.float32, torch.float16)
+    with pytest.raises(TypeError, match="memory_W as float32 or bfloat16"):
+        fused_group_step(flat, [torch.ones(4)], opt.mgg, **kw)
+    assert flat.steps.item() == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA GPU")

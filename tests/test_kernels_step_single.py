@@ -34,23 +34,29 @@ def _default_device():
         yield
 
 
-def _twin_flats(mgg, shapes, dtype):
+def _twin_flats(mgg, shapes, dtype, memory_W_dtype=None):
     """Two flat states over identical parameters (single-launch and two-kernel)."""
     params = make_params(shapes, dtype, seed=3)
     twins = [p.detach().clone() for p in params]
-    return [FlatState.zeros(ps, mgg.W1, mgg.b1[:, 0, :], torch.float32) for ps in (params, twins)]
+    return [
+        FlatState.zeros(ps, mgg.W1, mgg.b1[:, 0, :], torch.float32, memory_W_dtype) for ps in (params, twins)
+    ]
 
 
 def _bits(t):
     return t.detach().reshape(-1).view(torch.int8)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_single_launch_matches_two_kernels_bitwise(dtype):
+@pytest.mark.parametrize(
+    ("dtype", "memory_W_dtype"),
+    [(torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.bfloat16)],
+    ids=["fp32", "bf16", "bf16_memory"],
+)
+def test_single_launch_matches_two_kernels_bitwise(dtype, memory_W_dtype):
     """Same bits as prologue + update over steps with a skipped parameter, a NaN step and an
     empty tensor; the counters and tickets end where the two-kernel step leaves them."""
     mgg = random_mgg(seed=21)
-    single, double = _twin_flats(mgg, SHAPES, dtype)
+    single, double = _twin_flats(mgg, SHAPES, dtype, memory_W_dtype)
     guard, skipped, two_guard = (
         StepGuard(torch.device(DEVICE)),
         torch.zeros(()),

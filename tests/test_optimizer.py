@@ -325,3 +325,55 @@ def test_step_hooks_profiler_and_lr_scheduler_still_work():
         opt.step()
         scheduler.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.005)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bf16_memory_is_the_state_dtype_step_rounded(dtype):
+    """With ``memory_W_dtype=torch.bfloat16`` a step computes exactly what a full-precision step
+    from the same (bf16-valued) state computes, and stores memory_W rounded to nearest-even."""
+    mgg, params, full = make(dtype, seed=2)
+    params_bf = [p.detach().clone().requires_grad_(True) for p in params]
+    narrow = MGGOptimizer(
+        params_bf, copy.deepcopy(mgg), lr=0.01, backend="reference", memory_W_dtype=torch.bfloat16
+    )
+    assert_close(narrow._flat_state(0).memory_W, full._flat_state(0).memory_W.bfloat16(), rtol=0, atol=0)
+    for step in range(3):
+        full._flat_state(0).memory_W.copy_(narrow._flat_state(0).memory_W)  # same starting memory
+        set_grads(params, step)
+        set_grads(params_bf, step)
+        if step == 1:  # a parameter without gradient: the partial-group path
+            params[2].grad = params_bf[2].grad = None
+        full.step()
+        narrow.step()
+        for p, q in zip(params, params_bf, strict=True):
+            assert torch.equal(p.detach(), q.detach())
+            for key in ("exp_avg", "exp_avg_sq", "memory_b", "step"):
+                assert torch.equal(full.state[p][key], narrow.state[q][key]), key
+            W = narrow.state[q]["memory_W"]
+            assert W.dtype == torch.bfloat16 and narrow.state[q]["exp_avg"].dtype == dtype
+            assert torch.equal(W, full.state[p]["memory_W"].bfloat16())
+    assert narrow.state[params_bf[2]]["step"].item() == 2
+
+
+def test_bf16_memory_state_dict_round_trip_and_validation():
+    mgg, params, opt = make(torch.float32, memory_W_dtype=torch.bfloat16)
+    for step in range(2):
+        set_grads(params, step)
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    params2 = [p.detach().clone().requires_grad_(True) for p in params]
+    opt2 = MGGOptimizer(params2, copy.deepcopy(mgg), backend="reference", memory_W_dtype=torch.bfloat16)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    set_grads(params, 5)
+    set_grads(params2, 5)
+    opt.step()
+    opt2.step()
+    for p, q in zip(params, params2, strict=True):
+        assert torch.equal(p.detach(), q.detach())
+        assert torch.equal(opt.state[p]["memory_W"], opt2.state[q]["memory_W"])
+    p = [torch.zeros(3, requires_grad=True)]
+    for bad in (torch.float16, torch.float64, "bfloat16"):
+        with pytest.raises(ValueError, match="memory_W_dtype"):
+            MGGOptimizer(p, MGG(), memory_W_dtype=bad)
