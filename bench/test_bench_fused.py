@@ -63,12 +63,14 @@ def _mgg(head_dim: int = 8) -> MGG:
     return MGG(hidden_size=head_dim).to(DEVICE)
 
 
-def bytes_per_coord(head_dim: int) -> int:
-    """Least fp32 traffic of one step per coordinate, one head: 604 B at f = 8."""
-    return 7 * 4 + 2 * 4 * (head_dim * head_dim + head_dim)
+def bytes_per_coord(head_dim: int, memory_W_bytes: int = 4) -> int:
+    """Least traffic of one step per coordinate, one head, fp32 but for the memory matrices:
+    604 B at f = 8 (348 B with them in bf16)."""
+    return 7 * 4 + 2 * (memory_W_bytes * head_dim * head_dim + 4 * head_dim)
 
 
 BYTES_PER_COORD = bytes_per_coord(8)  # 604: what the copy yardstick moves per coordinate
+BF16_MEMORY_BYTES_PER_COORD = bytes_per_coord(8, memory_W_bytes=2)  # 348
 
 
 def gpu_us(fn: Callable[[], object], steps: int, queue_ahead: bool = True) -> float:
@@ -115,6 +117,8 @@ def _record(benchmark, coords: int, head_dim: int = 8, **numbers: float) -> None
     if main:
         info["coords_per_s"] = coords / (main * 1e-6)
         info["gb_per_s_at_604B"] = coords * bytes_per_coord(head_dim) / (main * 1e-6) / 1e9
+        if info.get("memory_W_dtype") == "bfloat16":
+            info["gb_per_s_at_348B"] = coords * BF16_MEMORY_BYTES_PER_COORD / (main * 1e-6) / 1e9
 
 
 def _memory(make_opt: Callable[[], torch.optim.Optimizer], params: list[torch.Tensor]) -> dict[str, int]:
@@ -185,6 +189,27 @@ def test_step(benchmark, backend, size):
         numbers["capturable_step_gpu_us"] = gpu_us(cap.step, steps)
         numbers["capturable_step_wall_us"] = wall_us(cap.step, steps)
     _record(benchmark, coords, **numbers)
+    benchmark.pedantic(lambda: (opt.step(), _sync()), rounds=_rounds(size), warmup_rounds=1)
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_GPU)
+@pytest.mark.parametrize("size", list(SIZES))
+def test_fused_step_bf16_memory(benchmark, size):
+    """The fused step with ``memory_W_dtype=torch.bfloat16`` (opt-in): 348 instead of 604
+    bytes/coordinate; compare with ``test_step[fused-*]`` of the same run."""
+    benchmark.group = f"step-{size}"
+    benchmark.extra_info["memory_W_dtype"] = "bfloat16"
+    params = _tensors(size)
+    make = lambda: MGGOptimizer(params, _mgg(), lr=1e-3, backend="triton", memory_W_dtype=torch.bfloat16)
+    numbers = _memory(make, params)
+    opt = make()
+    opt.step()
+    steps = {"38k": 100, "1M": 50, "8M": 20}[size]
+    numbers["wall_us"] = wall_us(opt.step, steps)
+    flat, grads, mgg = opt._flat_state(0), [p.grad for p in params], opt.mgg
+    kernels = lambda: fused_group_step(flat, grads, mgg, **_HYPER, capturable=True)
+    numbers["kernel_gpu_us"] = gpu_us(kernels, steps)
+    _record(benchmark, NUM_TENSORS * SIZES[size], **numbers)
     benchmark.pedantic(lambda: (opt.step(), _sync()), rounds=_rounds(size), warmup_rounds=1)
 
 

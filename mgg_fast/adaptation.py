@@ -45,6 +45,8 @@ class MGTTA(nn.Module):
         backend: MGG step backend (``"auto"``, ``"triton"``, ``"reference"``, ``"compiled"``; see
             :class:`MGGOptimizer`).
         betas: moment coefficients of the MGG features and of Adam.
+        memory_W_dtype: storage dtype of the MGG's memory matrices (``None`` or
+            ``torch.bfloat16``; see :class:`MGGOptimizer`); ``"mgg"`` only.
 
     Attributes:
         num_updates: optimizer steps since construction or the last :meth:`reset`.
@@ -70,6 +72,7 @@ class MGTTA(nn.Module):
         class_mask: Sequence[int] | Tensor | None = None,
         backend: str = "auto",
         betas: tuple[float, float] = (0.9, 0.99),
+        memory_W_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -83,13 +86,20 @@ class MGTTA(nn.Module):
         self.lr = DEFAULT_LR[optimizer] if lr is None else lr
         self.param_names = [name for name, _ in named]
         params = [p for _, p in named]
+        if optimizer != "mgg" and memory_W_dtype is not None:
+            raise ValueError(f"memory_W_dtype is a setting of the 'mgg' optimizer, not of {optimizer!r}")
         if optimizer == "mgg" and backend == "triton" and not triton_usable(self.device):
             raise ValueError(
                 f"backend='triton' needs a CUDA model (or TRITON_INTERPRET=1); it is on {self.device}"
             )
         if optimizer == "mgg":
             self.optimizer: torch.optim.Optimizer = MGGOptimizer(
-                params, _mgg_on(mgg, self.device), lr=self.lr, betas=betas, backend=backend
+                params,
+                _mgg_on(mgg, self.device),
+                lr=self.lr,
+                betas=betas,
+                backend=backend,
+                memory_W_dtype=memory_W_dtype,
             )
         elif optimizer == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=SGD_MOMENTUM)

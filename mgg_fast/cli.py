@@ -138,6 +138,13 @@ def _benchmark_sizes(p: argparse.ArgumentParser) -> None:
         "--batch-size", type=_positive_int, default=BenchmarkConfig.batch_size, help="test-time batch size"
     )
     p.add_argument("--out", type=Path, default=Path("mgg_fast_results"), help="report folder")
+    p.add_argument(
+        "--mgg-memory",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="storage of the MGG optimizer's per-coordinate memory matrices (bfloat16: less memory "
+        "traffic, slightly different results)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,6 +256,7 @@ def _benchmark_config(args: argparse.Namespace, device: torch.device) -> Any:
         n_train=args.source_images,
         seed=args.seed,
         device=str(device),
+        mgg_memory=args.mgg_memory,
     )
 
 
@@ -387,7 +395,9 @@ def _adapt_folder(args: argparse.Namespace, device: torch.device, mgg: Any) -> N
         stats = clean_source_stats(src.model)
         _say(f"{arch} on {len(data)} images from {args.data} ({'labeled' if data.labeled else 'unlabeled'})")
         for method in METHODS:
-            runner = Runner(src.model, method, lr=lrs.get(method), mgg=mgg, stats=stats, backend="auto")
+            runner = Runner(
+                src.model, method, lr=lrs.get(method), mgg=mgg, stats=stats, mgg_memory=args.mgg_memory
+            )
             correct, confidence = 0, 0.0
             for x, y in batches:
                 probs = runner(x).softmax(1).cpu()

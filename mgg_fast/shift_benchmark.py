@@ -61,6 +61,7 @@ METHODS = ("noadapt", "tent", "adam", "mgg")
 OPTIMIZER_OF = {"tent": "sgd", "adam": "adam", "mgg": "mgg"}
 LABELS = {"noadapt": "NoAdapt", "tent": "Tent (SGD)", "adam": "Adam", "mgg": "MGG"}
 ACC_AT = (1, 5, 10)
+MEMORY_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # --mgg-memory: MGG memory_W storage
 # SGD's step scales with the gradient (tiny on small models' norm params): a wider, ×10 grid. Adam
 # and MGG take normalised steps (the MGG's output is in (-1, 1)): the same ×5 grid for both.
 DEFAULT_GRID = {
@@ -94,6 +95,7 @@ class BenchmarkConfig:
     seed: int = 0
     device: str = "cpu"
     backend: str = "auto"
+    mgg_memory: str = "float32"  # storage of the MGG optimizer's memory matrices (MEMORY_DTYPES)
 
     def validate(self) -> None:
         """Raise ``ValueError`` for sizes or names that cannot work."""
@@ -104,6 +106,8 @@ class BenchmarkConfig:
             raise ValueError("batch-size must be at least 2 for the foa loss (it uses the batch std)")
         if not 1 <= self.severity <= 5:
             raise ValueError(f"severity must be in 1..5, got {self.severity}")
+        if self.mgg_memory not in MEMORY_DTYPES:
+            raise ValueError(f"mgg-memory must be one of {', '.join(MEMORY_DTYPES)}, got {self.mgg_memory!r}")
         for arch in self.archs:
             if arch not in ARCHS:
                 raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
@@ -149,9 +153,12 @@ class Runner:
         stats: SourceStats | None = None,
         loss: str = "foa",
         backend: str = "auto",
+        mgg_memory: str = "float32",
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if mgg_memory not in MEMORY_DTYPES:
+            raise ValueError(f"mgg_memory must be one of {', '.join(MEMORY_DTYPES)}, got {mgg_memory!r}")
         self.model = copy.deepcopy(model)
         self.device = next(self.model.parameters()).device
         self.adapter: MGTTA | None = None
@@ -166,6 +173,7 @@ class Runner:
                 loss=loss,
                 source_stats=stats,
                 backend=backend,
+                memory_W_dtype=MEMORY_DTYPES[mgg_memory] if method == "mgg" else None,
             )
         self.seconds = 0.0
         self.step_seconds = 0.0
@@ -273,6 +281,27 @@ def clean_source_stats(model: nn.Module, n_images: int = 512) -> SourceStats:
     return fit_source_stats(model, (x for x, _ in clean))
 
 
+def _runner(
+    model: nn.Module,
+    method: str,
+    cfg: BenchmarkConfig,
+    *,
+    lr: float | None,
+    mgg: MGG | None,
+    stats: SourceStats | None,
+) -> Runner:
+    return Runner(
+        model,
+        method,
+        lr=lr,
+        mgg=mgg,
+        stats=stats,
+        loss=cfg.loss,
+        backend=cfg.backend,
+        mgg_memory=cfg.mgg_memory,
+    )
+
+
 def _tune(
     method: str,
     model: nn.Module,
@@ -286,7 +315,7 @@ def _tune(
     best: tuple[float, float, MGG | None] = (-1.0, 0.0, None)
     for lr in cfg.lr_grid[method]:
         mgg = make_mgg(lr) if make_mgg is not None else None
-        runner = Runner(model, method, lr=lr, mgg=mgg, stats=stats, loss=cfg.loss, backend=cfg.backend)
+        runner = _runner(model, method, cfg, lr=lr, mgg=mgg, stats=stats)
         score = summarize(episodic_accuracy(runner, tune), cfg.batch_size)["mean"]
         scores[f"{lr:g}"] = score
         if score > best[0]:
@@ -304,7 +333,7 @@ def _evaluate(
     mgg: MGG | None,
     stats: SourceStats | None,
 ) -> dict[str, Any]:
-    runner = Runner(model, method, lr=lr, mgg=mgg, stats=stats, loss=cfg.loss, backend=cfg.backend)
+    runner = _runner(model, method, cfg, lr=lr, mgg=mgg, stats=stats)
     episodic = summarize(episodic_accuracy(runner, streams), cfg.batch_size)
     timing = {
         "ms_per_batch": 1e3 * runner.seconds / runner.batches,
@@ -521,12 +550,18 @@ def _arch_title(arch: str, r: dict[str, Any]) -> str:
     )
 
 
+def _memory_note(cfg: dict[str, Any]) -> str:
+    memory = cfg.get("mgg_memory", "float32")
+    return "" if memory == "float32" else f"; MGG memory_W stored as {memory}"
+
+
 def format_text(results: dict[str, Any]) -> str:
     """The terminal report: per architecture, the summary table and the per-corruption table."""
     cfg = results["config"]
     parts = [
         f"Corrupted MNIST, severity {cfg['severity']}, {len(cfg['corruptions'])} corruptions × "
         f"{cfg['n_test']} images, batch {cfg['batch_size']}, loss {cfg['loss']} (accuracy in %, online)"
+        + _memory_note(cfg)
     ]
     for arch, r in results["archs"].items():
         parts += ["", _arch_title(arch, r), _text_table(SUMMARY_HEADER, summary_rows(r)), ""]
@@ -551,7 +586,8 @@ def format_markdown(results: dict[str, Any]) -> str:
             if results["given_mgg"]
             else f"meta-trained on {cfg['n_meta']} unlabeled "
             f"validation-corruption images, {cfg['meta_epochs']} epochs."
-        ),
+        )
+        + _memory_note(cfg),
         "",
         "Accuracies are online (%): each batch is predicted, then adapted on. *episodic*: reset before "
         "each corruption; *continual*: one stream over all corruptions. *acc@k*: accuracy on the batch "

@@ -106,9 +106,12 @@ def test_only_norm_params_change(name, optimizer, stats, trained_mgg):
     assert adapter.num_updates == 2 and torch.isfinite(adapter.last_loss)
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("optimizer", [*OPTIMIZERS, "mgg_bf16_memory"])
 def test_reset_restores_bitwise(optimizer, stats, trained_mgg):
-    adapter = adapter_for("resnet", optimizer, stats, trained_mgg)
+    if optimizer == "mgg_bf16_memory":
+        adapter = adapter_for("resnet", "mgg", stats, trained_mgg, memory_W_dtype=torch.bfloat16)
+    else:
+        adapter = adapter_for("resnet", optimizer, stats, trained_mgg)
     initial = snapshot(adapter.model)
     xs = batches(3)
     first = [adapter(x) for x in xs]
@@ -249,6 +252,10 @@ def test_construction_errors(stats):
         MGTTA(model, optimizer="rmsprop", loss="entropy")
     with pytest.raises(ValueError, match="loss must be one of"):
         MGTTA(model, optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match="memory_W_dtype is a setting of the 'mgg' optimizer"):
+        MGTTA(model, optimizer="adam", loss="entropy", memory_W_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="memory_W_dtype must be"):
+        MGTTA(model, optimizer="mgg", mgg=MGG(), loss="entropy", memory_W_dtype=torch.float16)
     assert not model.training and all(p.requires_grad for p in model.parameters())  # untouched
     assert all(torch.equal(v, model_before[k]) for k, v in snapshot(model).items())
     if not torch.cuda.is_available():

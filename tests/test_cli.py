@@ -77,6 +77,7 @@ def test_subcommand_help(capsys, command):
         (["demo", "--corruptions", "fogg"], ["unknown corruption 'fogg'"]),
         (["demo", "--archs", "vgg"], ["unknown architecture 'vgg'"]),
         (["demo", "--device", "tpu"], ["device"]),
+        (["demo", "--mgg-memory", "fp8"], ["--mgg-memory", "invalid choice"]),
         (["train", "--data", "/nonexistent/folder"], ["does not exist"]),
         (["train", "--epochs", "-1"], ["--epochs"]),
         (["adapt", "--mgg", "/nonexistent/mgg.pt"], ["no MGG checkpoint"]),
@@ -120,7 +121,7 @@ def test_train_then_adapt_on_a_folder(capsys, tmp_path):
     write_pngs(labeled, [3, 3, 7, 7, 1, 1])
     code, out, err = run_cli(
         capsys, "adapt", "--mgg", str(ckpt), "--data", str(labeled), "--archs", "resnet", "--batch-size", "3",
-        "--cache-dir", str(cache), *SMALL_SOURCE,
+        "--mgg-memory", "bfloat16", "--cache-dir", str(cache), *SMALL_SOURCE,
     )  # fmt: skip
     assert code == 0, err
     assert "6 images" in out and "labeled" in out

@@ -25,5 +25,5 @@ def test_kernels_compile_for_sm90_without_spills():
     )
     report = result.stdout + result.stderr
     assert result.returncode == 0, report  # 1 when any configuration spills registers
-    for kernel in ("step ", "forward ", "step-bf16 ", "single ", "prologue "):
+    for kernel in ("step ", "forward ", "step-bf16 ", "step-bf16W ", "single ", "prologue "):
         assert kernel in result.stdout, report

@@ -182,6 +182,8 @@ def test_config_rejects_bad_sizes_and_names():
         BenchmarkConfig(corruptions=("fogg",)).validate()
     with pytest.raises(ValueError, match="unknown architecture"):
         BenchmarkConfig(archs=("vgg",)).validate()
+    with pytest.raises(ValueError, match="mgg-memory must be one of float32, bfloat16"):
+        BenchmarkConfig(mgg_memory="fp8").validate()
 
 
 def test_image_folder_flat_and_classes(tmp_path):
