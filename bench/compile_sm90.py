@@ -28,8 +28,8 @@ from triton.compiler import ASTSource
 
 TARGET = GPUTarget("cuda", 90, 32)
 # The fastest measured config of the default MGG (32 coordinates, one warp) spills 12 bytes (16
-# with bf16 parameters) and is still 20% faster than two warps; more than this means a
-# configuration that was never measured is spilling.
+# with bf16 memory matrices, triton 3.8) and is still 20% faster than two warps; more than this
+# means a configuration that was never measured is spilling.
 SPILL_BUDGET = 16
 POINTER_TYPES = {"table": "*i64", "chunks": "*i64", "checks": "*i64", "step_slots": "*i64", "ticket": "*i64"}
 INT_ARGS = {"n", "n_chunks", "n_checks", "n_slots"}
