@@ -7,8 +7,8 @@
 # 1. versions: nvidia-smi, torch, triton          -> env.txt
 # 2. kernel tests on the GPU (no TRITON_INTERPRET) -> kernel_tests.txt
 # 3. fused-step benchmarks (JSON) + summary        -> bench_fused.json, bench_fused.txt, summary.md
-#    (fused vs reference vs Adam(fused=True) at 38,400 / 1 M / 8 M coords, CUDA-graph replay,
-#    copy-bandwidth yardstick, memory at 8 M, BLOCK x num_warps sweep)
+#    (fused vs reference vs Adam(fused=True) at 38,400 / 1 M / 8 M coords, the opt-in bf16 memory
+#    matrices, CUDA-graph replay, copy-bandwidth yardstick, memory at 8 M, BLOCK x num_warps sweeps)
 # 4. the opt-in single-launch step: its GPU tests and benchmarks, each time-boxed on its own (a
 #    grid barrier that hung would cost only this step) -> single_tests.txt, bench_single.json
 # 5. the rest of bench/ (other benchmarks), time-boxed -> bench_other.json, bench_other.txt

@@ -290,13 +290,22 @@ def test_copy_bandwidth(benchmark, size):
 
 
 @pytest.mark.skipif(not CUDA, reason=NO_GPU)
-@pytest.mark.parametrize(("size", "head_dim"), [("38k", 8), ("8M", 8), ("1M", 16), ("1M", 32)])
-def test_fused_config_sweep(benchmark, size, head_dim):
+@pytest.mark.parametrize(
+    ("size", "head_dim", "memory_W_dtype"),
+    [
+        *(
+            pytest.param(size, f, None, id=f"{size}-{f}")
+            for size, f in (("38k", 8), ("8M", 8), ("1M", 16), ("1M", 32))
+        ),
+        pytest.param("8M", 8, torch.bfloat16, id="8M-8-bf16memory"),
+    ],
+)
+def test_fused_config_sweep(benchmark, size, head_dim, memory_W_dtype):
     """Kernel time of every (BLOCK, num_warps) of the sweep (one head of ``head_dim``), to retune
-    ``launch_config``."""
+    ``launch_config`` (the bf16-memory case: whether half the memory bytes want another one)."""
     benchmark.group = f"sweep-{size}-f{head_dim}"
     params = _tensors(size)
-    opt = MGGOptimizer(params, _mgg(head_dim), lr=1e-3, backend="triton")
+    opt = MGGOptimizer(params, _mgg(head_dim), lr=1e-3, backend="triton", memory_W_dtype=memory_W_dtype)
     opt.step()
     flat, grads, mgg = opt._flat_state(0), [p.grad for p in params], opt.mgg
     found = torch.zeros(1, device=DEVICE)
