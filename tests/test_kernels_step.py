@@ -132,17 +132,21 @@ def test_fused_matches_reference_param_dtypes(dtype):
     assert opt.state[params[0]]["exp_avg"].dtype == torch.float32
 
 
-def test_fused_matches_reference_with_bf16_memory():
+@pytest.mark.parametrize(("hidden", "heads"), [(8, 1), (32, 2)])
+def test_fused_matches_reference_with_bf16_memory(hidden, heads):
     """memory_W stored as bf16: the kernel rounds to nearest-even as the reference does, so only
     elements whose fp32 values straddle a rounding boundary may differ (by one bf16 ulp)."""
-    mgg = random_mgg(seed=4)
+    mgg = random_mgg(hidden, heads, seed=4)
     ref_params, ref_opt, params, opt = twin_optimizers(mgg, SHAPES, memory_W_dtype=torch.bfloat16)
     for step in range(3):
         step_twins(ref_params, ref_opt, params, opt, step, none=(3,) if step == 1 else ())
         for p, q in zip(ref_params, params, strict=True):
             W, ref_W = opt.state[q]["memory_W"], ref_opt.state[p]["memory_W"]
             assert W.dtype == ref_W.dtype == torch.bfloat16
-            assert_close(W.float(), ref_W.float(), rtol=2**-7, atol=0.0)  # at most one ulp apart
+            # one ulp apart; an element rounded differently in an earlier step carries its error
+            # (an ulp of its old, possibly larger value) into the next: atol of the largest ulp
+            largest_ulp = 2**-7 * ref_W.float().abs().max().item() if ref_W.numel() else 0.0
+            assert_close(W.float(), ref_W.float(), rtol=2**-7, atol=largest_ulp)
             # truncating instead of rounding would change about half of them
             assert torch.ne(W, ref_W).sum().item() <= 0.01 * W.numel()
             # a W element one ulp off moves its coordinate's output by ~1e-4 (times lr = 0.05)
