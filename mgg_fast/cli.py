@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         **fmt,
         help="optimizer-step throughput: reference vs fused (CUDA) vs torch Adam",
         description="Time one optimizer step over N coordinates (tensors of 768, like ViT-B/16 norms): "
-        "the reference MGG step, the fused Triton step (CUDA only) and torch Adam(foreach).",
+        "the reference MGG step, the fused Triton step (CUDA only; also with bf16 memory matrices) "
+        "and torch Adam(foreach).",
     )
     bench.add_argument(
         "--sizes",
@@ -426,7 +427,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
         ("torch Adam(foreach)", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True)),
     ]
     if cuda:
-        kinds.insert(1, ("MGG fused", lambda ps: MGGOptimizer(ps, MGG().to(device), backend="triton")))
+        kinds[1:1] = [
+            ("MGG fused", lambda ps: MGGOptimizer(ps, MGG().to(device), backend="triton")),
+            (
+                "MGG fused, bf16 W",
+                lambda ps: MGGOptimizer(
+                    ps, MGG().to(device), backend="triton", memory_W_dtype=torch.bfloat16
+                ),
+            ),
+        ]
     where = torch.cuda.get_device_name(device) if cuda else "CPU"
     _say(f"optimizer step on {where}, torch {torch.__version__}")
     _say(f"{'coords':>10}  {'optimizer':<20} {'µs/step':>10} {'coords/s':>10}")
