@@ -203,9 +203,10 @@ def _ln(beta: float) -> float:
 def prepare_group(flat: FlatState, grads: list[Tensor | None], mgg: MGG, *, capturable: bool) -> GroupWork:
     """Everything a fused step of this group needs, validated before anything changes.
 
-    Raises ``TypeError`` for float64 state or parameter dtypes the kernels lack, ``ValueError``
-    for unsupported MGG sizes and for gradients that do not match their parameters (checked when
-    a table is built for new addresses), ``RuntimeError`` for a missing table during capture.
+    Raises ``TypeError`` for float64 state, a ``memory_W`` neither float32 nor bfloat16, or
+    parameter dtypes the kernels lack; ``ValueError`` for unsupported MGG sizes and for gradients
+    that do not match their parameters (checked when a table is built for new addresses);
+    ``RuntimeError`` for a missing table during capture.
     Non-contiguous gradients are copied; non-contiguous parameters get a contiguous working copy.
     """
     if flat.exp_avg.dtype != torch.float32:
