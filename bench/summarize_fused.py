@@ -23,6 +23,7 @@ COLUMNS = (
     "wall_us",
     "capturable_step_wall_us",
     "relaunch_wall_us",
+    "relaunch_public_wall_us",
     "graph_gpu_us",
     "graph_wall_us",
 )

@@ -7,7 +7,9 @@ import types
 
 import pytest
 import torch
+import triton
 from mgg_fast.kernels import mgg_step, mgg_step_single, relaunch
+from triton.compiler.compiler import CompiledKernel
 
 
 class FakeCompiled:
@@ -37,6 +39,48 @@ def test_relaunch_passes_addresses_and_keeps_tensors_alive():
     assert r.args == (t.data_ptr(), 3, 0.5, "CONST") and r.tensors == (t,)
     r()
     assert compiled.launches == [((7, 1, 1), (t.data_ptr(), 3, 0.5, "CONST"))]
+
+
+class LauncherCompiled(FakeCompiled):
+    """Also has the launcher that ``CompiledKernel[grid]`` calls (``run``), as Triton's does."""
+
+    packed_metadata = (1, 1, 0)
+
+    def __init__(self):
+        super().__init__()
+        self.direct = []
+
+    def run(self, *args):
+        self.direct.append(args)
+
+
+def test_relaunch_calls_the_launcher_directly_unless_a_hook_is_registered(monkeypatch):
+    monkeypatch.setattr(relaunch, "current_stream", lambda device: ("stream", device))
+    compiled = LauncherCompiled()
+    t = torch.zeros(4)
+    r = relaunch.launch(FakeJIT(compiled), 7, (t, 3, 0.5))
+    r()
+    launcher_args = (7, 1, 1, ("stream", None), compiled.function, (1, 1, 0), None, None, None)
+    assert compiled.direct == [(*launcher_args, t.data_ptr(), 3, 0.5)] and compiled.launches == []
+    hook = lambda metadata: None
+    triton.knobs.runtime.launch_exit_hook.add(hook)
+    try:
+        r()  # a profiler's hook sees the launch, with its metadata: the public way
+    finally:
+        triton.knobs.runtime.launch_exit_hook.remove(hook)
+    assert compiled.launches == [((7, 1, 1), (t.data_ptr(), 3, 0.5))] and len(compiled.direct) == 1
+    r()
+    assert len(compiled.direct) == 2
+
+
+def test_triton_launches_compiled_kernels_the_way_the_direct_relaunch_does():
+    """The direct relaunch passes what CompiledKernel[grid] passes to its launcher, minus the
+    hooks: this fails if a Triton version changes that calling convention."""
+    source = " ".join(inspect.getsource(CompiledKernel.__getitem__).split())
+    assert (
+        "self.run(grid[0], grid[1], grid[2], stream, self.function, self.packed_metadata, "
+        "launch_metadata, knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *args)"
+    ) in source
 
 
 def test_launch_without_a_compiled_kernel_gives_no_relaunch():
