@@ -27,3 +27,18 @@ def test_kernels_compile_for_sm90_without_spills():
     assert result.returncode == 0, report  # 1 when any configuration spills registers
     for kernel in ("step ", "forward ", "step-bf16 ", "step-bf16W ", "single ", "prologue "):
         assert kernel in result.stdout, report
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason=f"no bundled ptxas at {PTXAS}")
+def test_relaunch_overhead_script_runs():
+    """bench/relaunch_overhead.py (the no-GPU estimate of the direct relaunch) still works with
+    the installed triton: it compiles the update kernel and times both launch paths."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "relaunch_overhead.py")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("public runner") == 3 and "direct" in result.stdout, result.stdout
