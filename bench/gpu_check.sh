@@ -62,7 +62,7 @@ run 150 kernel_tests.txt $PY -m pytest tests/test_kernels_step.py tests/test_ker
     "${workers[@]}" -p no:cacheprovider -rs --durations=5
 filter="not single_launch"
 [ "${QUICK:-0}" = 1 ] && filter="$filter and not 1M-16 and not 1M-32"
-run 250 bench_fused.txt $PY -m pytest bench/test_bench_fused.py --benchmark-only -p no:cacheprovider \
+run 300 bench_fused.txt $PY -m pytest bench/test_bench_fused.py --benchmark-only -p no:cacheprovider \
     -k "$filter" --benchmark-json="$OUT_DIR/bench_fused.json"
 run 60 single_tests.txt $PY -m pytest tests/test_kernels_step_single.py -p no:cacheprovider -rs
 run 90 bench_single.txt $PY -m pytest bench/test_bench_fused.py --benchmark-only -p no:cacheprovider \

@@ -9,6 +9,7 @@ import io
 
 import pytest
 import torch
+import triton
 from conftest import F32
 from mgg_fast.kernels import StepGuard, fused_group_step, fused_group_update, prepare_group
 from mgg_fast.kernels.mgg_step import CAPTURED_PLANS_KEY, TABLE_CACHE_KEY
@@ -521,6 +522,31 @@ def test_repeat_fast_path_matches_reference_and_notices_changes(monkeypatch):
     assert len(full) == 7
     opt.step()
     assert len(full) == 7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="direct relaunches exist on a GPU only")
+def test_repeat_fast_path_shows_every_launch_to_a_triton_launch_hook(monkeypatch):
+    """With a launch hook registered (as profilers do), repeats take Triton's public launch path,
+    so the hook sees both launches of every step, and the results stay the reference's."""
+    mgg = random_mgg(seed=17)
+    ref_params, ref_opt, params, opt = twin_optimizers(mgg, [(7,), (130,)])
+    full = _count_full_steps(monkeypatch, opt)
+    for p in params:
+        p.grad = torch.zeros(p.shape)
+    seen = []
+    hook = lambda metadata: seen.append(metadata.get()["name"])
+    triton.knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        for step in range(3):
+            set_grads(ref_params, step)
+            for p, q in zip(ref_params, params, strict=True):
+                q.grad.copy_(p.grad)
+            ref_opt.step()
+            opt.step()
+            assert_same_step(ref_params, ref_opt, params, opt)
+    finally:
+        triton.knobs.runtime.launch_enter_hook.remove(hook)
+    assert len(full) == 1 and len(seen) == 6, seen
 
 
 def test_repeat_fast_path_holds_no_gradients():
