@@ -3,8 +3,8 @@
 Naive reference: :func:`mgg_fast.optimizer.reference_group_step` (built on
 :mod:`mgg_fast.reference`). Per active coordinate the kernel reads grad, param, m, v, W, b once
 and writes param, m, v, W, b once (604 bytes for fp32, H=8, nh=1; 348 with ``memory_W`` stored
-as bf16); features, projections, the
-memory update, post-norm, o_proj and tanh stay in registers.
+as bf16); features, projections, the memory update, post-norm, o_proj and tanh stay in
+registers.
 
 Layout: the group's parameters are cut into chunks of ``BLOCK`` coordinates that never straddle
 two tensors; one program per chunk, one launch for the whole group (one per parameter dtype if a
