@@ -2,7 +2,8 @@
 # One-shot GPU check of the fused MGG kernels (run once on a lent H100; < 10 minutes, usually about 5).
 #
 #   bash bench/gpu_check.sh            # writes to ${OUT:-bench/out}
-#   QUICK=1 bash bench/gpu_check.sh    # skips step 5 and the f=16/32 sweeps (about 3 minutes less)
+#   QUICK=1 bash bench/gpu_check.sh    # skips step 5, the f=16/32 sweeps and the multi-head steps
+#                                      # (about 3 minutes less)
 #
 # 1. versions: nvidia-smi, torch, triton          -> env.txt
 # 2. kernel tests on the GPU (no TRITON_INTERPRET) -> kernel_tests.txt
@@ -61,7 +62,7 @@ $PY -c "import xdist" 2>/dev/null && workers=(-n 4)
 run 150 kernel_tests.txt $PY -m pytest tests/test_kernels_step.py tests/test_kernels_forward.py \
     "${workers[@]}" -p no:cacheprovider -rs --durations=5
 filter="not single_launch"
-[ "${QUICK:-0}" = 1 ] && filter="$filter and not 1M-16 and not 1M-32"
+[ "${QUICK:-0}" = 1 ] && filter="$filter and not 1M-16 and not 1M-32 and not heads"
 run 300 bench_fused.txt $PY -m pytest bench/test_bench_fused.py --benchmark-only -p no:cacheprovider \
     -k "$filter" --benchmark-json="$OUT_DIR/bench_fused.json"
 run 60 single_tests.txt $PY -m pytest tests/test_kernels_step_single.py -p no:cacheprovider -rs

@@ -140,8 +140,10 @@ def summarize(*paths: str | Path) -> str:
         "|---|---|---|" + "---|" * len(COLUMNS) + "---|---|",
     ]
     for name, c in cases.items():
-        kept = ("optimizer_bytes", "transient_bytes", "state_bytes", "best", "gb_per_s_at_348B")
-        extra = {k: c[k] for k in kept if k in c}
+        kept = ("optimizer_bytes", "transient_bytes", "state_bytes", "best", "config")
+        extra = {
+            k: c[k] for k in c if k in kept or (k.startswith("gb_per_s_at_") and k != "gb_per_s_at_604B")
+        }
         lines.append(
             f"| {name} | {c.get('coords', '-'):,} | {_fmt(c['median_us'])} | "
             + " | ".join(_fmt(c.get(k)) for k in COLUMNS)

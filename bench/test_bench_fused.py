@@ -31,7 +31,7 @@ from mgg_fast.kernels import (
     fused_group_update,
     prepare_group,
 )
-from mgg_fast.kernels.memory_layer import forced_config
+from mgg_fast.kernels.memory_layer import forced_config, launch_config
 from mgg_fast.kernels.step_prologue import forced_pdl
 
 from mgg_fast import MGG, MGGOptimizer
@@ -65,10 +65,10 @@ def _mgg(head_dim: int = 8) -> MGG:
     return MGG(hidden_size=head_dim).to(DEVICE)
 
 
-def bytes_per_coord(head_dim: int, memory_W_bytes: int = 4) -> int:
-    """Least traffic of one step per coordinate, one head, fp32 but for the memory matrices:
-    604 B at f = 8 (348 B with them in bf16)."""
-    return 7 * 4 + 2 * (memory_W_bytes * head_dim * head_dim + 4 * head_dim)
+def bytes_per_coord(head_dim: int, memory_W_bytes: int = 4, heads: int = 1) -> int:
+    """Least traffic of one step per coordinate, fp32 but for the memory matrices: 604 B for one
+    head of 8 (348 B with the matrices in bf16)."""
+    return 7 * 4 + 2 * heads * (memory_W_bytes * head_dim * head_dim + 4 * head_dim)
 
 
 BYTES_PER_COORD = bytes_per_coord(8)  # 604: what the copy yardstick moves per coordinate
@@ -108,7 +108,9 @@ def wall_us(fn: Callable[[], object], steps: int) -> float:
     return (time.perf_counter() - t0) * 1e6 / steps
 
 
-def _record(benchmark, coords: int, head_dim: int = 8, **numbers: float) -> None:
+def _record(benchmark, coords: int, head_dim: int = 8, traffic: int | None = None, **numbers: float) -> None:
+    """Store the case's numbers in ``extra_info``, with coordinates/s and GB/s against the 604
+    bytes/coordinate of one fp32 head of ``head_dim`` (or against ``traffic`` bytes)."""
     info = benchmark.extra_info
     info["coords"] = coords
     info["device"] = torch.cuda.get_device_name() if CUDA else "cpu"
@@ -118,9 +120,10 @@ def _record(benchmark, coords: int, head_dim: int = 8, **numbers: float) -> None
     main = numbers.get("kernel_gpu_us", numbers.get("gpu_us", numbers.get("wall_us")))
     if main:
         info["coords_per_s"] = coords / (main * 1e-6)
-        info["gb_per_s_at_604B"] = coords * bytes_per_coord(head_dim) / (main * 1e-6) / 1e9
-        if info.get("memory_W_dtype") == "bfloat16":
-            info["gb_per_s_at_348B"] = coords * BF16_MEMORY_BYTES_PER_COORD / (main * 1e-6) / 1e9
+        if traffic is None:
+            info["gb_per_s_at_604B"] = coords * bytes_per_coord(head_dim) / (main * 1e-6) / 1e9
+        else:
+            info[f"gb_per_s_at_{traffic}B"] = coords * traffic / (main * 1e-6) / 1e9
 
 
 def _memory(make_opt: Callable[[], torch.optim.Optimizer], params: list[torch.Tensor]) -> dict[str, int]:
@@ -224,7 +227,7 @@ def test_fused_step_bf16_memory(benchmark, size):
     flat, grads, mgg = opt._flat_state(0), [p.grad for p in params], opt.mgg
     kernels = lambda: fused_group_step(flat, grads, mgg, **_HYPER, capturable=True)
     numbers["kernel_gpu_us"] = gpu_us(kernels, steps)
-    _record(benchmark, NUM_TENSORS * SIZES[size], **numbers)
+    _record(benchmark, NUM_TENSORS * SIZES[size], traffic=BF16_MEMORY_BYTES_PER_COORD, **numbers)
     benchmark.pedantic(lambda: (opt.step(), _sync()), rounds=_rounds(size), warmup_rounds=1)
 
 
@@ -341,6 +344,28 @@ def test_fused_config_sweep(benchmark, size, head_dim, memory_W_dtype):
         group = prepare_group(flat, grads, mgg, capturable=False)
         run = lambda: fused_group_update(group, mgg, **hyper, found_inf=found)
         benchmark.pedantic(lambda: (run(), _sync()), rounds=_rounds(size), warmup_rounds=1)
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_GPU)
+@pytest.mark.parametrize("size", ["38k", "8M"])
+@pytest.mark.parametrize(
+    ("hidden", "heads"), [(16, 2), (32, 4), (64, 8)], ids=["heads-2x8", "heads-4x8", "heads-8x8"]
+)
+def test_fused_step_heads(benchmark, size, hidden, heads):
+    """The fused step (prologue + update) of multi-head MGGs with the launch table's config, beside
+    one head of 8 in the same run: what the head-count heuristic of ``launch_config`` gives."""
+    benchmark.group = f"heads-{size}"
+    params = _tensors(size)
+    torch.manual_seed(0)
+    opt = MGGOptimizer(params, MGG(hidden, heads).to(DEVICE), lr=1e-3, backend="triton")
+    opt.step()
+    flat, grads, mgg = opt._flat_state(0), [p.grad for p in params], opt.mgg
+    steps = {"38k": 100, "8M": 10}[size]
+    kernels = lambda: fused_group_step(flat, grads, mgg, **_HYPER, capturable=True)
+    numbers = {"kernel_gpu_us": gpu_us(kernels, steps), "config": launch_config(heads, hidden // heads)}
+    traffic = bytes_per_coord(hidden // heads, heads=heads)
+    _record(benchmark, NUM_TENSORS * SIZES[size], traffic=traffic, **numbers)
+    benchmark.pedantic(lambda: (kernels(), _sync()), rounds=_rounds(size), warmup_rounds=1)
 
 
 def _update_launcher(flat, grads, mgg, hyper, found=None) -> Callable[[], None]:

@@ -44,6 +44,14 @@ def test_targets_pass_fail_and_missing(tmp_path):
             ),
             _bench("test_copy_bandwidth[8M]", 2e-3, coords=8_000_000, gpu_us=1620.0),
             _bench("test_fused_step_bf16_memory[8M]", 1e-3, coords=8_000_000, kernel_gpu_us=1000.0),
+            _bench(
+                "test_fused_step_heads[heads-2x8-38k]",
+                2e-5,
+                coords=38400,
+                kernel_gpu_us=20.0,
+                config=[32, 4],
+                gb_per_s_at_1180B=2265.6,
+            ),
             _bench("test_step[adam_fused-38k]", 2e-4, coords=38400, wall_us=200.0),
         ],
     }
@@ -58,6 +66,8 @@ def test_targets_pass_fail_and_missing(tmp_path):
     assert "empty_optimizer_step_wall_us 9.5" in text
     assert _status(text, "fused step GPU time, 8 M") == "FAIL"  # 1800 > 1750
     assert _status(text, "bf16 memory_W (opt-in)") == "PASS"  # 1000 <= 1100
+    heads = next(line for line in text.splitlines() if line.startswith("| test_fused_step_heads"))
+    assert "'config': [32, 4]" in heads and "'gb_per_s_at_1180B': 2265.6" in heads
     assert _status(text, "fraction of copy bandwidth") == "FAIL"  # 0.9 < 0.92
     assert _status(text, "(kept + transient memory)") == "PASS"  # 1.04 <= 1.05
     assert _status(text, "CUDA-graph replay") == "MISSING"
