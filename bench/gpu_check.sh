@@ -62,8 +62,12 @@ $PY -c "import xdist" 2>/dev/null && workers=(-n 4)
 run 150 kernel_tests.txt $PY -m pytest tests/test_kernels_step.py tests/test_kernels_forward.py \
     "${workers[@]}" -p no:cacheprovider -rs --durations=5
 filter="not single_launch"
-[ "${QUICK:-0}" = 1 ] && filter="$filter and not 1M-16 and not 1M-32 and not heads"
-run 300 bench_fused.txt $PY -m pytest bench/test_bench_fused.py --benchmark-only -p no:cacheprovider \
+fused_box=400  # seconds; the full run sweeps f=16/32 and times multi-head steps too
+if [ "${QUICK:-0}" = 1 ]; then
+    filter="$filter and not 1M-16 and not 1M-32 and not heads"
+    fused_box=300
+fi
+run "$fused_box" bench_fused.txt $PY -m pytest bench/test_bench_fused.py --benchmark-only -p no:cacheprovider \
     -k "$filter" --benchmark-json="$OUT_DIR/bench_fused.json"
 run 60 single_tests.txt $PY -m pytest tests/test_kernels_step_single.py -p no:cacheprovider -rs
 run 90 bench_single.txt $PY -m pytest bench/test_bench_fused.py --benchmark-only -p no:cacheprovider \
