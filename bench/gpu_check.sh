@@ -59,7 +59,7 @@ run() {  # run <seconds> <log> <command...>: time-boxed, logged, failure recorde
 # every new (sizes, dtype, BLOCK, warps) compiles for 1-3 s: spread the tests over workers if xdist is there
 workers=()
 $PY -c "import xdist" 2>/dev/null && workers=(-n 4)
-run 150 kernel_tests.txt $PY -m pytest tests/test_kernels_step.py tests/test_kernels_forward.py \
+run 150 kernel_tests.txt $PY -m pytest tests/test_kernels_step.py tests/test_kernels_forward.py tests/test_relaunch.py \
     "${workers[@]}" -p no:cacheprovider -rs --durations=5
 filter="not single_launch"
 fused_box=400  # seconds; the full run sweeps f=16/32 and times multi-head steps too

@@ -122,9 +122,10 @@ def test_optimizer_repeat_rebinds_only_when_hyper_parameters_change():
     kernels, since the interpreter hands back none."""
     from mgg_fast import MGG, MGGOptimizer
 
-    params = [torch.zeros(5, requires_grad=True)]
-    params[0].grad = torch.ones(5)
-    opt = MGGOptimizer(params, MGG(), lr=0.1, backend="triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: through the interpreter
+    params = [torch.zeros(5, device=device, requires_grad=True)]
+    params[0].grad = torch.ones(5, device=device)
+    opt = MGGOptimizer(params, MGG().to(device), lr=0.1, backend="triton")
     opt.step()
     (record,) = opt._repeats
     n_args = len(inspect.signature(mgg_step._mgg_step_kernel.fn).parameters)
