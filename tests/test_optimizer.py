@@ -27,6 +27,14 @@ def set_grads(params, seed):
         p.grad = torch.randn(p.shape, dtype=p.dtype, generator=gen)
 
 
+def saved_and_loaded(state_dict):
+    """``state_dict`` through ``torch.save`` and ``torch.load(weights_only=True)``."""
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
 def snapshot(params, opt):
     return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
 
@@ -58,13 +66,11 @@ def test_state_dict_round_trip_continues_identically():
     for step in range(3):
         set_grads(params, step)
         opt.step()
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    buf.seek(0)
+    saved = saved_and_loaded(opt.state_dict())
     for p, q in zip(params2, params, strict=True):
         p.data.copy_(q.detach())
     opt2 = MGGOptimizer(params2, mgg2, lr=0.5, backend="reference")  # lr comes back from the state
-    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    opt2.load_state_dict(saved)
     assert opt2.param_groups[0]["lr"] == 0.01
     for step in range(3, 6):
         set_grads(params, step)
@@ -360,12 +366,9 @@ def test_bf16_memory_state_dict_round_trip_and_validation():
     for step in range(2):
         set_grads(params, step)
         opt.step()
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    buf.seek(0)
     params2 = [p.detach().clone().requires_grad_(True) for p in params]
     opt2 = MGGOptimizer(params2, copy.deepcopy(mgg), backend="reference", memory_W_dtype=torch.bfloat16)
-    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    opt2.load_state_dict(saved_and_loaded(opt.state_dict()))
     set_grads(params, 5)
     set_grads(params2, 5)
     opt.step()
