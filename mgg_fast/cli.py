@@ -428,13 +428,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     ]
     if cuda:
         kinds[1:1] = [
-            ("MGG fused", lambda ps: MGGOptimizer(ps, MGG().to(device), backend="triton")),
-            (
-                "MGG fused, bf16 W",
-                lambda ps: MGGOptimizer(
-                    ps, MGG().to(device), backend="triton", memory_W_dtype=torch.bfloat16
-                ),
-            ),
+            (name, lambda ps, w=w: MGGOptimizer(ps, MGG().to(device), backend="triton", memory_W_dtype=w))
+            for name, w in (("MGG fused", None), ("MGG fused, bf16 W", torch.bfloat16))
         ]
     where = torch.cuda.get_device_name(device) if cuda else "CPU"
     _say(f"optimizer step on {where}, torch {torch.__version__}")

@@ -73,6 +73,13 @@ DEFAULT_GRID = {
 Batch = tuple[Tensor, Tensor]
 
 
+def memory_dtype(name: str) -> torch.dtype | None:
+    """The ``memory_W_dtype`` of a ``--mgg-memory`` name; ``ValueError`` for an unknown one."""
+    if name not in MEMORY_DTYPES:
+        raise ValueError(f"mgg-memory must be one of {', '.join(MEMORY_DTYPES)}, got {name!r}")
+    return MEMORY_DTYPES[name]
+
+
 @dataclass
 class BenchmarkConfig:
     """Sizes and settings of one benchmark run (the defaults are the demo's)."""
@@ -106,8 +113,7 @@ class BenchmarkConfig:
             raise ValueError("batch-size must be at least 2 for the foa loss (it uses the batch std)")
         if not 1 <= self.severity <= 5:
             raise ValueError(f"severity must be in 1..5, got {self.severity}")
-        if self.mgg_memory not in MEMORY_DTYPES:
-            raise ValueError(f"mgg-memory must be one of {', '.join(MEMORY_DTYPES)}, got {self.mgg_memory!r}")
+        memory_dtype(self.mgg_memory)
         for arch in self.archs:
             if arch not in ARCHS:
                 raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
@@ -157,8 +163,7 @@ class Runner:
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-        if mgg_memory not in MEMORY_DTYPES:
-            raise ValueError(f"mgg_memory must be one of {', '.join(MEMORY_DTYPES)}, got {mgg_memory!r}")
+        memory_W_dtype = memory_dtype(mgg_memory)
         self.model = copy.deepcopy(model)
         self.device = next(self.model.parameters()).device
         self.adapter: MGTTA | None = None
@@ -173,7 +178,7 @@ class Runner:
                 loss=loss,
                 source_stats=stats,
                 backend=backend,
-                memory_W_dtype=MEMORY_DTYPES[mgg_memory] if method == "mgg" else None,
+                memory_W_dtype=memory_W_dtype if method == "mgg" else None,
             )
         self.seconds = 0.0
         self.step_seconds = 0.0
