@@ -1,26 +1,13 @@
-"""Fused Triton kernels of the MGG optimizer step (installed as ``mgg_fast.kernels``).
+"""Fused Triton kernels of the MGG optimizer (installed as ``mgg_fast.kernels``).
 
-``fused_group_step`` runs a whole MGG optimizer step of one parameter group: the step prologue
-(``StepGuard.check``: non-finite check and step counts) and the fused update, two launches;
-``single_launch_step`` does the same step in one launch (opt-in, ``forced_single_launch``);
-``fused_mgg_forward`` is the fused MGG call alone. The naive reference of all of them is
-:mod:`mgg_fast.reference`.
+``mgg_step_`` runs a whole MGG optimizer step of one parameter group whose state is packed in
+flat buffers (one update launch, then the step-count advance); ``fused_mgg_forward`` is the
+fused MGG call alone. Their naive reference is :mod:`mgg_fast.reference`; the launch policy
+(BLOCK x warps table, supported sizes) is :mod:`mgg_fast.kernels.launch_policy`.
 """
 
+from .launch_policy import launch_config
 from .mgg_forward import fused_mgg_forward
-from .mgg_step import GroupWork, fused_group_step, fused_group_update, prepare_group, rebind_update
-from .mgg_step_single import forced_single_launch, single_launch_step, use_single_launch
-from .step_prologue import StepGuard
+from .mgg_step import chunk_layout, mgg_step_
 
-__all__ = [
-    "GroupWork",
-    "StepGuard",
-    "forced_single_launch",
-    "fused_group_step",
-    "fused_group_update",
-    "fused_mgg_forward",
-    "prepare_group",
-    "rebind_update",
-    "single_launch_step",
-    "use_single_launch",
-]
+__all__ = ["chunk_layout", "fused_mgg_forward", "launch_config", "mgg_step_"]

@@ -13,19 +13,14 @@ two-pass and several heads stay numerically stable without holding all of ``u`` 
 
 from __future__ import annotations
 
-import os
-from contextlib import AbstractContextManager
-
 import torch
 import triton
 import triton.language as tl
 
 from mgg_fast.reference import LN_EPS, TTT_BASE_LR, MGGWeights
 
-from .overrides import Override
+from .launch_policy import INTERPRET, MAX_HIDDEN, SUPPORTED_HEAD_DIMS
 
-SUPPORTED_HEAD_DIMS = (8, 16, 32)
-MAX_HIDDEN = 64
 _LN_EPS = tl.constexpr(LN_EPS)
 _TTT_BASE_LR = tl.constexpr(TTT_BASE_LR)
 
@@ -37,41 +32,6 @@ def check_mgg_shape(num_heads: int, head_dim: int) -> None:
             f"the fused MGG kernels support head dim f in {SUPPORTED_HEAD_DIMS} and hidden size "
             f"nh*f <= {MAX_HIDDEN}; got nh={num_heads}, f={head_dim}. Use backend='reference'."
         )
-
-
-INTERPRET_BLOCK = 128  # few, fat programs under the interpreter
-MEASURED_CONFIG = {8: (32, 1), 16: (8, 1), 32: (2, 1)}  # head dim f -> (BLOCK, warps), one head
-_forced_config: Override[tuple[int, int]] = Override()
-
-
-def launch_config(num_heads: int, f: int, *, min_warps: int = 1) -> tuple[int, int]:
-    """``(BLOCK, num_warps)`` for an MGG of ``num_heads`` heads of dim ``f``.
-
-    A fixed table rather than ``triton.autotune``: the step kernel updates its buffers in place
-    through pointers held in a table, so autotuning (which re-runs the kernel) would apply the
-    step several times. The table is the fastest (or within 1% of it) of a BLOCK x num_warps
-    sweep for one head on an H100 (bench/RESULTS.md, 2026-11-27; f=8 re-swept with the update
-    kernel of the two-kernel step): tiles of 2,048 memory entries, one warp; more warps or smaller
-    tiles cost up to 7x (it spills 12 bytes and is still the fastest). Several heads (unmeasured)
-    get at least two warps per head, rounded to a power of two and at most 8; the fused forward
-    (never swept) asks for ``min_warps=2``, below which it spills (``bench/compile_sm90.py --all``).
-    Under ``TRITON_INTERPRET=1`` every program costs ~0.1 s: few fat ones.
-    """
-    if _forced_config.value is not None:
-        return _forced_config.value
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return INTERPRET_BLOCK, 1
-    block, warps = MEASURED_CONFIG[f]
-    if num_heads > 1:
-        warps = max(warps, 2) * triton.next_power_of_2(num_heads)
-    return block, min(max(warps, min_warps), 8)
-
-
-def forced_config(block: int, num_warps: int) -> AbstractContextManager[None]:
-    """Make :func:`launch_config` return ``(block, num_warps)`` inside the block (config sweeps)."""
-    if block < 1 or block & (block - 1):
-        raise ValueError(f"BLOCK must be a power of two, got {block}")
-    return _forced_config.forced((block, num_warps))
 
 
 def weight_args(w: MGGWeights, device: torch.device) -> list[torch.Tensor]:
@@ -90,7 +50,7 @@ def weight_args(w: MGGWeights, device: torch.device) -> list[torch.Tensor]:
 
 
 # The interpreter's fp32->bf16 cast truncates; the GPU's rounds to nearest-even, as torch does.
-_ROUND_BF16_BY_HAND = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRET)
 
 
 @triton.jit

@@ -14,7 +14,8 @@ from torch import Tensor
 
 from mgg_fast.mgg import MGG
 
-from .memory_layer import check_mgg_shape, launch_config, memory_layer_block, weight_args
+from .launch_policy import launch_config
+from .memory_layer import check_mgg_shape, memory_layer_block, weight_args
 
 
 @triton.jit

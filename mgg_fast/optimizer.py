@@ -1,24 +1,31 @@
-"""MGGOptimizer: the published MGTTA step as a ``torch.optim.Optimizer``."""
+"""MGGOptimizer: the published MGTTA step as a ``torch.optim.Optimizer``.
+
+One way through a step, as in torch's Adam: ``step`` -> ``_prepare_group`` (validate, nothing
+changes) -> the whole-step non-finite decision -> ``_reference_step`` or the fused
+``mgg_fast.kernels.mgg_step_``. ``state[p]`` is the truth: whatever it holds when ``step()``
+runs is what is stepped (see :mod:`mgg_fast.packed_state`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import operator
+import math
+import numbers
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import optimizer as _torch_optimizer
 
-from mgg_fast.flat_state import STATE_KEYS, FlatState
 from mgg_fast.mgg import MGG
-from mgg_fast.reference import MGGWeights, bias_corrections, memory_layer, moment_features_
+from mgg_fast.packed_state import STATE_KEYS, PackedState, check_entry
+from mgg_fast.reference import apply_update, optimizer_step
 
-BACKENDS = ("auto", "triton", "reference", "compiled")
+BACKENDS = ("auto", "triton", "reference")
 NONFINITE_POLICIES = ("skip", "raise")
 STATE_DICT_FORMAT = "mgg_fast.optimizer/v1"
 STATE_DTYPES = (torch.float32, torch.float64)
@@ -33,15 +40,10 @@ def triton_usable(device: torch.device) -> bool:
 def fused_supported(mgg: MGG) -> bool:
     """Whether the fused kernels handle this MGG (float32, head dim 8/16/32, hidden size <= 64);
     ``backend="auto"`` falls back to the reference otherwise."""
-    from mgg_fast.kernels.memory_layer import MAX_HIDDEN, SUPPORTED_HEAD_DIMS
+    from mgg_fast.kernels.launch_policy import MAX_HIDDEN, SUPPORTED_HEAD_DIMS
 
     sizes_ok = mgg.head_dim in SUPPORTED_HEAD_DIMS and mgg.hidden_size <= MAX_HIDDEN
     return mgg.W1.dtype == torch.float32 and sizes_ok
-
-
-REPEAT_CACHE_SIZE = 4  # gradient addresses may cycle through a few sets (zero_grad(set_to_none=True))
-_data_ptr = torch.Tensor.data_ptr  # unbound C methods: the per-step address check calls them often
-_is_contiguous = torch.Tensor.is_contiguous
 
 
 @functools.cache
@@ -52,20 +54,25 @@ def _kernels():
     return mgg_fast.kernels
 
 
-@dataclass(slots=True, eq=False)
-class _FusedStepRecord:
-    """An all-fused step, as :meth:`MGGOptimizer._repeat` launches it again."""
+@dataclass
+class _GroupWork:
+    """One group of a step, validated: its hyper-parameters, the parameters that are (or become)
+    packed with their gradients, and whether the pack must be made anew."""
 
-    signature: list[int]  # parameter and gradient addresses (MGGOptimizer._signature)
-    settings: tuple  # MGGOptimizer._settings()
-    weights: Sequence[Tensor]  # the MGG tensors the kernels read (identity checked)
-    weight_ptrs: list[int]
-    prologue: Any  # mgg_fast.kernels.step_prologue.ProloguePlan
-    groups: list[tuple[int, Any]]  # (group index, mgg_fast.kernels.GroupWork without its work list)
-    # (group index, or None for the prologue; its Relaunch bound to `hypers`) per launch; empty
-    # where the JIT hands back no compiled kernel (the interpreter): _launch_fused() again
-    compiled: list[tuple[int | None, Any]]
-    hypers: list[tuple]  # per entry of groups: the (lr, betas, eps) its launches were bound to
+    index: int
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    members: list[Tensor]  # parameters with state or a gradient, in group order
+    grads: list[Tensor | None]  # aligned with members
+    entries: list[Mapping | None]  # their state[p] before the step (None: none yet)
+    repack: bool
+    fused: bool
+
+    @property
+    def creates_state(self) -> bool:
+        return any(not e for e in self.entries)
 
 
 class MGGOptimizer(torch.optim.Optimizer):
@@ -73,37 +80,41 @@ class MGGOptimizer(torch.optim.Optimizer):
 
     Per step and parameter group: ``m, v`` moments (with the published ``t + 1`` bias
     correction), features ``[m̃, g̃]``, one MGG memory step with the carried per-coordinate
-    memory, then ``p -= lr * update``. The group's parameters are concatenated in order.
+    memory, then ``p -= lr * update`` in the parameter's dtype. The group's parameters are
+    concatenated in order.
 
     Args:
         params: parameters or parameter groups, as for any torch optimizer.
         mgg: the (trained) MGG; its dtype (float32/float64) is the dtype of the state.
         lr, betas, eps: as published (``adapt_lr``, ``beta1``/``beta2``, the 1e-8 in m̃/g̃).
+            ``lr`` may be a one-element tensor (read on every step: a host synchronisation for a
+            CUDA tensor, so not with ``capturable=True``).
         backend: ``"auto"`` (fused kernels on CUDA when :func:`fused_supported`, reference
-            elsewhere), ``"triton"``, ``"reference"``, or ``"compiled"``: the reference math
-            through ``torch.compile`` (about 4x faster on CPU; the first step compiles for tens
-            of seconds and needs a C++ compiler).
-        nonfinite: ``"skip"`` (default) drops a step whose gradients hold NaN/Inf, leaving
-            everything unchanged and counting it in :attr:`num_skipped_steps`; ``"raise"``
-            raises ``FloatingPointError`` instead.
-        capturable: keep the step count on the device and never synchronise with the host, so
-            ``step()`` can be captured in a CUDA graph (fused backend only).
+            elsewhere), ``"triton"`` or ``"reference"``.
+        nonfinite: ``"skip"`` (default) drops a step whose gradients (or MGG weights) hold NaN/Inf,
+            leaving everything unchanged and counting it in :attr:`num_skipped_steps`;
+            ``"raise"`` raises ``FloatingPointError`` instead.
+        capturable: never synchronise with the host, so ``step()`` can be captured in a CUDA
+            graph (fused backend only; see the README for the warm-up and capture).
         memory_W_dtype: storage dtype of the per-coordinate memory matrices (``state[p]
             ["memory_W"]``, 64 of the 74 state values per coordinate at f=8): ``None`` (the state
             dtype) or ``torch.bfloat16``, which nearly halves a step's memory traffic (348 instead
             of 604 bytes per coordinate). Computation stays in the state dtype; the new memory is
             rounded to nearest-even on store. Opt-in: it changes results (see the README).
 
-    A fused step whose parameters, gradients and MGG tensors sit where one of the last four
-    fused steps found them skips validation and relaunches that step's compiled kernels (the
-    repeat path); anything else takes the full step, which validates everything first.
+    ``state[p]`` holds ``step``, ``exp_avg``, ``exp_avg_sq``, ``memory_W`` and ``memory_b``.
+    Internally a group's state sits in flat buffers and ``state[p]`` holds views of them; a
+    ``state[p]`` whose entries are other tensors (replaced, loaded by a wrapper, a cleared state)
+    is validated and packed again before the step, so it is what gets stepped. (Entries changed
+    in place, also through ``.data``/``set_`` on a view, are seen where they stay views;
+    re-pointing a view at other storage is not detected.)
     """
 
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         mgg: MGG,
-        lr: float = 1e-3,
+        lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.99),
         eps: float = 1e-8,
         *,
@@ -120,12 +131,9 @@ class MGGOptimizer(torch.optim.Optimizer):
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         if capturable and nonfinite == "raise":
             raise ValueError("nonfinite='raise' needs a host synchronisation; it cannot be capturable")
-        if capturable and backend in ("reference", "compiled"):
+        if capturable and backend == "reference":
             raise ValueError("capturable=True needs the fused backend ('auto' on CUDA or 'triton')")
-        if mgg.W1.dtype not in STATE_DTYPES:
-            raise TypeError(
-                f"the MGG must be float32 or float64 (it holds the state dtype), got {mgg.W1.dtype}"
-            )
+        _check_mgg(mgg)
         if memory_W_dtype not in (None, mgg.W1.dtype, torch.bfloat16):
             raise ValueError(
                 f"memory_W_dtype must be None, the MGG's dtype ({mgg.W1.dtype}) or torch.bfloat16, "
@@ -136,284 +144,203 @@ class MGGOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self.nonfinite = nonfinite
         self.capturable = capturable
-        self._flat: list[FlatState | None] = []
-        # float32 so the fused path adds the found-inf flag without a cast (exact to 2^24 skips)
-        self._skipped = torch.zeros((), dtype=torch.float32)
-        self._flag = torch.zeros(1)  # host-path found-inf flag, kept: no per-step allocation
-        self._one = torch.ones(1)
-        self._guard = None  # mgg_fast.kernels.StepGuard of the fused path, made on its first step
-        # recent all-fused steps, most recent first: what _repeat() launches again
-        self._repeats: list[_FusedStepRecord] = []
+        self._packs: list[PackedState | None] = []
+        self._init_counters(torch.zeros((), dtype=torch.float32, device=mgg.W1.device))
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
 
-    # ---- groups and state ----------------------------------------------------------------------
+    def _init_counters(self, skipped: Tensor) -> None:
+        # float32 so the fused path adds the found-inf flag without a cast (exact to 2^24 skips)
+        self._skipped = skipped
+        self._found_inf = torch.zeros(1, dtype=torch.float32, device=skipped.device)
+        self._one = torch.ones(1, dtype=torch.float32, device=skipped.device)
+        self._graph_tensors: list[Tensor] = []  # pointer tables that captured CUDA graphs read
+
+    # ---- groups ------------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        self._repeats.clear()
-        group = self.param_groups[-1]
-        _check_hyperparams(group)
-        for p in group["params"]:
+        """Add a group, validated as a whole first: nothing is added if anything is wrong."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a parameter group must be a dict, got {type(param_group).__name__}")
+        group = dict(param_group)
+        params = group.get("params")
+        if isinstance(params, Tensor):
+            params = [params]
+        elif isinstance(params, set) or params is None:
+            raise TypeError("a group's params must be an ordered sequence of tensors (not a set)")
+        group["params"] = params = list(params)
+        for name, default in self.defaults.items():
+            group.setdefault(name, default)
+        _hyperparams(group)
+        if not params:
+            raise ValueError("a parameter group needs at least one parameter")
+        for p in params:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"MGGOptimizer can only optimize tensors, got {type(p).__name__}")
             if p.dtype not in PARAM_DTYPES:
                 raise TypeError(f"MGGOptimizer supports {PARAM_DTYPES} parameters, got {p.dtype}")
-        if len({p.device for p in group["params"]}) > 1:
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("a parameter appears more than once in the group: list each parameter once")
+        if len({p.device for p in params}) > 1:
             raise ValueError("all parameters of one group must be on the same device")
-        self._flat.append(None)
+        super().add_param_group(group)
+        self._packs.append(None)
 
     @property
     def num_skipped_steps(self) -> int:
         """Steps dropped because a gradient was not finite (reads the device counter)."""
         return int(self._skipped.item())
 
-    def _fresh_state(self, params: list[Tensor]) -> FlatState:
-        """Initial state of a group: zero moments, memory tiled from the MGG's ``W1``/``b1``."""
-        mgg = self.mgg
-        return FlatState.zeros(params, mgg.W1, mgg.b1[:, 0, :], mgg.W1.dtype, self.memory_W_dtype)
-
-    def _flat_state(self, gi: int) -> FlatState:
-        flat = self._flat[gi]
-        if flat is None:
-            flat = self._fresh_state(self.param_groups[gi]["params"])
-            self._install(gi, flat)
-        return flat
-
-    def _install(self, gi: int, flat: FlatState) -> None:
-        self._flat[gi] = flat
-        for i, p in enumerate(flat.params):
-            self.state[p] = flat.views(i)
-
     # ---- the step ----------------------------------------------------------------------------
 
-    def _step_with_closure(self, closure: Callable[[], float] | None = None) -> float | None:
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One MGG step over every parameter that has a gradient; see the class docstring.
+
+        Everything is validated before anything changes: a step that raises leaves parameters
+        and state as they were."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        signature = self._signature()
-        if not self._repeat(signature):
-            device = self.mgg.W1.device  # kernels launch on the current CUDA device: make it this one
-            on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-            with torch.no_grad(), on_device:
-                self._step(signature)
+        mgg = self.mgg
+        _check_mgg_dtype(mgg)
+        device = mgg.W1.device
+        work = [w for gi in range(len(self.param_groups)) if (w := self._prepare_group(gi, device))]
+        if not work:
+            return loss
+        if self._skipped.device != device:
+            self._init_counters(self._skipped.to(device))
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        host = self.nonfinite == "raise" or any(not w.fused or w.creates_state for w in work)
+        if capturing and any(w.repack for w in work):
+            raise RuntimeError(
+                "the MGG step would create or re-pack optimizer state during CUDA-graph capture: "
+                "take one step with the same parameters before capturing"
+            )
+        found_inf = self._nonfinite_flag([g for w in work for g in w.grads if g is not None])
+        if host and not capturing and bool(found_inf.item()):
+            if self.nonfinite == "raise":
+                raise FloatingPointError("a gradient or MGG weight holds NaN/Inf; the step was not taken")
+            self._skipped += 1
+            return loss
+        packs = [self._pack(w) for w in work]
+        last_fused = max((i for i, w in enumerate(work) if w.fused), default=None)
+        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with on_device:
+            for i, (w, pack) in enumerate(zip(work, packs, strict=True)):
+                if w.fused:
+                    counts_skip = i == last_fused and not host  # the host path counted it already
+                    self._fused_step(w, pack, found_inf, self._skipped if counts_skip else None)
+                else:
+                    _reference_step(w, pack, mgg)
         return loss
 
-    # torch's step-hook and profiler wrapper, for when hooks or the profiler need it
-    _hooked_step = torch.optim.Optimizer.profile_hook_step(_step_with_closure)
-
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One MGG step over every parameter that has a gradient; see the class docstring.
-
-        Step hooks (this optimizer's and the global ones) and the profiler's record are honoured;
-        without any, torch's wrapper that provides them (microseconds per step) is skipped."""
-        if (
-            self._optimizer_step_pre_hooks
-            or self._optimizer_step_post_hooks
-            or _torch_optimizer._global_optimizer_pre_hooks
-            or _torch_optimizer._global_optimizer_post_hooks
-            or torch._C._autograd._profiler_enabled()
-        ):
-            return self._hooked_step(closure)
-        return self._step_with_closure(closure)
-
-    step.hooked = True  # torch.optim.Optimizer wraps an unmarked step(); this one wraps itself
-
-    def _signature(self) -> list[int]:
-        """Per group: its parameters' addresses, then their gradients' (0: none, -1: not contiguous)."""
-        out: list[int] = []
-        for group in self.param_groups:
-            params = group["params"]
-            grads = [p.grad for p in params]
-            out += map(_data_ptr, params)
-            out += [0 if g is None else _data_ptr(g) if _is_contiguous(g) else -1 for g in grads]
-        return out
-
-    def _repeat(self, signature: list[int]) -> bool:
-        """Launch the kernels of a recent fused step with this signature again if nothing they
-        depend on has changed: the same parameter and gradient addresses (so the tables and the
-        validation still hold), the same MGG tensors at the same addresses and the same settings.
-        Hyper-parameters are read anew. Few microseconds of Python."""
-        record = next((r for r in self._repeats if r.signature == signature), None)
-        if record is None or record.settings != self._settings():
-            return False
-        weights = self.mgg.weights()
-        if not all(map(operator.is_, weights, record.weights)):
-            return False
-        if list(map(_data_ptr, weights)) != record.weight_ptrs:
-            return False
-        skipped = self._skipped
-        if skipped.is_cuda and (
-            torch.cuda.current_device() != skipped.device.index or torch.cuda.is_current_stream_capturing()
-        ):
-            return False  # the full path selects the device and pins the tables a graph holds
-        if not record.compiled:  # no compiled kernels to launch directly: through the JIT
-            self._launch_fused(record.groups, record.prologue)
-        else:
-            hypers = [self._hyper_values(gi) for gi, _ in record.groups]
-            if hypers != record.hypers:
-                self._rebind(record, hypers)
-            for _, launch in record.compiled:
-                launch()
-        if self._repeats[0] is not record:
-            self._repeats.remove(record)
-            self._repeats.insert(0, record)
-        return True
-
-    def _rebind(self, record: _FusedStepRecord, hypers: list[tuple]) -> None:
-        """Bind the record's update launches to new hyper-parameters."""
-        by_group = dict(zip((gi for gi, _ in record.groups), hypers, strict=True))
-        compiled = []
-        for gi, r in record.compiled:
-            if gi is not None:
-                lr, (beta1, beta2), eps = by_group[gi]
-                (r,) = _kernels().rebind_update([r], lr=lr, beta1=beta1, beta2=beta2, eps=eps)
-            compiled.append((gi, r))
-        record.compiled, record.hypers = compiled, hypers
-
-    def _launch_fused(self, groups: list[tuple[int, Any]], prologue: Any) -> list[tuple[int | None, Any]]:
-        """Launch the fused step of prepared groups: the step prologue then each group's update,
-        or a single launch (one group of one dtype, where ``use_single_launch``). Returns (group
-        index, or None for the prologue; its Relaunch or None) per launch."""
-        kernels, guard, skipped = _kernels(), self._guard, self._skipped
-        (first_gi, first), *_ = groups
-        if len(groups) == 1 and len(first.launches) == 1 and kernels.use_single_launch(skipped.device):
-            hyper = self._hyper(first_gi)
-            return [
-                (first_gi, kernels.single_launch_step(first, self.mgg, guard, prologue, skipped, **hyper))
-            ]
-        # One launch checks every fused gradient, decides the whole step, counts a skip and
-        # advances the step counts, all on the device: no host synchronisation.
-        launched: list[tuple[int | None, Any]] = [(None, guard.launch(prologue, skipped, pdl=first.pdl))]
-        for gi, group in groups:
-            updates = kernels.fused_group_update(
-                group, self.mgg, **self._hyper(gi), found_inf=guard.found_inf
-            )
-            launched += [(gi, r) for r in updates]
-        return launched
-
-    def _settings(self) -> tuple:
-        """What a fused step's kernels were chosen for (compared before a repeat)."""
-        single = _kernels().use_single_launch(self._skipped.device)
-        return (self.mgg, self.backend, self.nonfinite, self.capturable, single)
-
-    def _hyper_values(self, gi: int) -> tuple:
+    def _prepare_group(self, gi: int, device: torch.device) -> _GroupWork | None:
+        """Validate group ``gi`` for a step (hyper-parameters, gradients, state, backend) and
+        return what the step needs; ``None`` if no parameter has a gradient. Changes nothing."""
         group = self.param_groups[gi]
-        return group["lr"], tuple(group["betas"]), group["eps"]
+        params = group["params"]
+        grads = [p.grad for p in params]
+        if all(g is None for g in grads):
+            return None
+        lr, beta1, beta2, eps = _hyperparams(group)
+        state = self.state
+        members, member_grads, entries = [], [], []
+        for p, g in zip(params, grads, strict=True):
+            st = state.get(p)
+            if g is not None:
+                _check_grad(p, g, device)
+            elif not st:
+                continue
+            members.append(p)
+            member_grads.append(g)
+            entries.append(st or None)
+        pack = self._packs[gi] if gi < len(self._packs) else None
+        repack = pack is None or not pack.holds(members, entries, self.mgg.W1.dtype)
+        fused = self._use_triton(device)
+        if repack:
+            mgg = self.mgg
+            for i, (p, entry) in enumerate(zip(members, entries, strict=True)):
+                if entry is not None:
+                    where = f"state of parameter {i} of group {gi}"
+                    check_entry(where, p, entry, mgg.num_heads, mgg.head_dim, self._memory_dtype())
+        if self.capturable and not fused:
+            raise ValueError("capturable=True needs CUDA parameters and the fused backend")
+        return _GroupWork(gi, lr, beta1, beta2, eps, members, member_grads, entries, repack, fused)
 
-    def _hyper(self, gi: int) -> dict[str, float]:
-        lr, (beta1, beta2), eps = self._hyper_values(gi)
-        return {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps}
+    def _memory_dtype(self) -> torch.dtype:
+        return self.memory_W_dtype or self.mgg.W1.dtype
 
-    def _step(self, signature: list[int]) -> None:
-        """The full step: validate everything, then update (fused and/or reference groups)."""
-        self._repeats = [r for r in self._repeats if r.signature != signature]
-        work = self._collect()  # validates everything before anything changes
-        if not work:
-            return
-        fused = [self._use_triton(self.param_groups[gi]["params"][0].device) for gi, _ in work]
-        if self.nonfinite == "raise" or not all(fused):  # decided on the host (synchronises)
-            grads = [g for _, gs in work for g in gs if g is not None]
-            if bool(self._nonfinite_flag(grads).item()):
-                if self.nonfinite == "raise":
-                    raise FloatingPointError("non-finite gradient: the MGG step was not taken")
-                self._skipped += 1
-                return
-        prepared = {}
-        if any(fused):
-            kernels = _kernels()
-            for (gi, grads), use_fused in zip(work, fused, strict=True):
-                if use_fused:  # validated, tables looked up: still nothing changed
-                    flat = self._flat_state(gi)
-                    prepared[gi] = kernels.prepare_group(flat, grads, self.mgg, capturable=self.capturable)
-            device = self._skipped.device
-            if self._guard is None or self._guard.device != device:
-                self._guard = kernels.StepGuard(device)
-            prologue = self._guard.plan(list(prepared.values()), capturable=self.capturable)
-            launched = self._launch_fused(list(prepared.items()), prologue)
-        for gi, grads in work:
-            if gi not in prepared:
-                compiled = self.backend == "compiled"
-                hyper = self._hyper(gi)
-                reference_group_step(self._flat_state(gi), grads, self.mgg, **hyper, compiled=compiled)
-        contiguous = -1 not in signature and not any(g.copies for g in prepared.values())
-        if all(fused) and self.nonfinite == "skip" and contiguous:  # no copies: tables stay valid
-            weights = next(iter(prepared.values())).weights
-            # no gradient tensors kept: the allocator may hand their addresses out again
-            groups = [(gi, g._replace(work=[])) for gi, g in prepared.items()]
-            direct = all(r is not None for _, r in launched)
-            record = _FusedStepRecord(
-                signature,
-                self._settings(),
-                weights,
-                list(map(_data_ptr, weights)),
-                prologue,
-                groups,
-                launched if direct else [],
-                [self._hyper_values(gi) for gi, _ in groups],
-            )
-            self._repeats = [record, *self._repeats[: REPEAT_CACHE_SIZE - 1]]
+    def _pack(self, work: _GroupWork) -> PackedState:
+        """The group's pack: the current one, or one made from ``state[p]`` and installed."""
+        if not work.repack:
+            return self._packs[work.index]
+        mgg = self.mgg
+        pack = PackedState.pack(
+            work.members, work.entries, mgg.W1, mgg.b1[:, 0, :], mgg.W1.dtype, self._memory_dtype()
+        )
+        for p, view in zip(pack.params, pack.views, strict=True):
+            self.state.setdefault(p, {}).update(view)
+        while len(self._packs) <= work.index:
+            self._packs.append(None)
+        self._packs[work.index] = pack
+        return pack
+
+    def _fused_step(
+        self, w: _GroupWork, pack: PackedState, found_inf: Tensor, skipped: Tensor | None
+    ) -> None:
+        kernels, mgg = _kernels(), self.mgg
+        from mgg_fast.kernels.memory_layer import weight_args
+
+        block, num_warps = kernels.launch_config(mgg.num_heads, mgg.head_dim)
+        layout = pack.layouts.get(block)
+        if layout is None:
+            layout = pack.layouts[block] = kernels.chunk_layout(pack.numels, block, pack.exp_avg.device)
+        kernels.mgg_step_(
+            pack.params, w.grads, pack.exp_avg, pack.exp_avg_sq, pack.memory_W, pack.memory_b,
+            pack.steps, layout, weight_args(mgg.weights(), pack.exp_avg.device),
+            num_heads=mgg.num_heads, head_dim=mgg.head_dim,
+            lr=w.lr, beta1=w.beta1, beta2=w.beta2, eps=w.eps,
+            found_inf=found_inf, skipped=skipped, block=block, num_warps=num_warps,
+            keep_alive=self._graph_tensors,
+        )  # fmt: skip
 
     def _nonfinite_flag(self, grads: list[Tensor]) -> Tensor:
-        """The kept 1-element float flag, set to 1.0 if any gradient holds NaN/Inf (no host sync)."""
-        self._flag.zero_()
+        """The kept 1-element float flag, set to 1.0 if any gradient or MGG weight holds NaN/Inf
+        (one fused pass, no host synchronisation)."""
+        flag = self._found_inf
+        flag.zero_()
+        # the MGG's weights as one copy: the check rewrites its inputs (times 1.0) in place
+        tensors = [g for g in grads if g.dtype != torch.bfloat16]
+        tensors.append(torch.cat(list(map(torch.flatten, self.mgg.weights()))))
         # CUDA's check has no bfloat16 kernel: those gradients go in as one float32 copy.
         bf16 = [g.reshape(-1) for g in grads if g.dtype == torch.bfloat16]
         if bf16:
-            grads = [g for g in grads if g.dtype != torch.bfloat16] + [torch.cat(bf16).float()]
-        # One fused pass over all gradients; "unscaling" by 1.0 leaves their values as they are.
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, self._flag, self._one)
-        return self._flag
+            tensors.append(torch.cat(bf16).float())
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, self._one)
+        return flag
 
     def _use_triton(self, device: torch.device) -> bool:
-        if self.backend in ("reference", "compiled"):
+        if self.backend == "reference":
             return False
         if self.backend == "triton":
             if not triton_usable(device):
                 raise RuntimeError(
                     f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1); parameters are on {device}"
                 )
+            mgg = self.mgg
+            if mgg.W1.dtype != torch.float32:
+                raise TypeError(
+                    f"the fused MGG step keeps float32 state, the MGG is {mgg.W1.dtype}; "
+                    "use backend='reference' for float64"
+                )
+            from mgg_fast.kernels.memory_layer import check_mgg_shape
+
+            check_mgg_shape(mgg.num_heads, mgg.head_dim)
             return True
         return device.type == "cuda" and fused_supported(self.mgg)
 
-    def _collect(self) -> list[tuple[int, list[Tensor | None]]]:
-        """Per group with any gradient: its gradients aligned with its params (None = skip)."""
-        mgg_device, mgg_dtype = self.mgg.W1.device, self.mgg.W1.dtype
-        if mgg_dtype not in STATE_DTYPES:
-            raise TypeError(f"the MGG dtype must be float32 or float64, got {mgg_dtype}")
-        work = []
-        for gi, group in enumerate(self.param_groups):
-            grads = []
-            for p in group["params"]:
-                g = p.grad
-                if g is not None:
-                    _check_grad(p, g)
-                    if p.device != mgg_device:
-                        raise ValueError(f"parameter on {p.device} but the MGG is on {mgg_device}")
-                grads.append(g)
-            if any(g is not None for g in grads):
-                flat = self._flat[gi]
-                if flat is not None and flat.exp_avg.device != group["params"][0].device:
-                    raise ValueError("optimizer state and parameters are on different devices")
-                if flat is not None and flat.exp_avg.dtype != mgg_dtype:
-                    raise TypeError(f"optimizer state is {flat.exp_avg.dtype} but the MGG is now {mgg_dtype}")
-                if flat is not None and [p.numel() for p in group["params"]] != flat.numels:
-                    raise ValueError(
-                        "a parameter changed size since its optimizer state was created "
-                        f"({flat.numels} -> {[p.numel() for p in group['params']]} elements)"
-                    )
-                if (
-                    self.capturable
-                    and group["params"][0].device.type != "cuda"
-                    and not triton_usable(group["params"][0].device)
-                ):
-                    raise ValueError("capturable=True needs CUDA parameters")
-                work.append((gi, grads))
-        if self._skipped.device != mgg_device:
-            self._skipped, self._flag, self._one = (
-                t.to(mgg_device) for t in (self._skipped, self._flag, self._one)
-            )
-        return work
-
-    # ---- state dict ---------------------------------------------------------------------------
+    # ---- state dict, copies ------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -425,10 +352,19 @@ class MGGOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore moments, memory, step counts and hyper-parameters; validated before any change."""
-        groups = state_dict.get("param_groups")
-        saved_state = state_dict.get("state")
-        if not isinstance(groups, list) or not isinstance(saved_state, dict):
+        """Restore moments, memory, step counts and hyper-parameters (torch's load pre- and
+        post-hooks run as for any optimizer). Everything is validated before anything changes;
+        tensors are cast to the state's dtype and device, never to the parameter's (a bfloat16
+        parameter keeps float32 moments)."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"an optimizer state dict is a dict, got {type(state_dict).__name__}")
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(groups, list) or not isinstance(saved_state, Mapping):
             raise ValueError("not an optimizer state dict (needs 'state' and 'param_groups')")
         if len(groups) != len(self.param_groups):
             raise ValueError(
@@ -439,136 +375,154 @@ class MGGOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"state dict was made for MGG {extra['mgg_config']}, this one is {self.mgg.config}"
             )
-        new_flats: list[FlatState | None] = []
+        mgg = self.mgg
+        new_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        packs: list[PackedState | None] = []
         for group, saved in zip(self.param_groups, groups, strict=True):
-            ids = saved.get("params", [])
-            if len(ids) != len(group["params"]):
+            ids = saved.get("params", []) if isinstance(saved, Mapping) else None
+            if ids is None or len(ids) != len(group["params"]):
                 raise ValueError("parameter group sizes of the state dict do not match the optimizer")
-            entries = [saved_state.get(i) for i in ids]
-            if all(e is None for e in entries):
-                new_flats.append(None)
+            _hyperparams({k: saved.get(k, group[k]) for k in self.defaults})
+            members, entries = [], []
+            for i, p in zip(ids, group["params"], strict=True):
+                entry = saved_state.get(i)
+                if entry:
+                    if not isinstance(entry, Mapping):
+                        raise TypeError(f"state of parameter {i} must be a dict, got {type(entry).__name__}")
+                    check_entry(
+                        f"state of parameter {i}", p, entry, mgg.num_heads, mgg.head_dim, self._memory_dtype()
+                    )
+                    members.append(p)
+                    entries.append(entry)
+            if not members:
+                packs.append(None)
                 continue
-            flat = self._fresh_state(group["params"])
-            for i, entry in enumerate(entries):
-                if entry is None:
-                    continue
-                views = flat.views(i)
-                for key in STATE_KEYS:
-                    if key not in entry:
-                        raise ValueError(f"state of parameter {ids[i]} lacks {key!r}")
-                    value = torch.as_tensor(entry[key])
-                    if value.shape != views[key].shape:
-                        raise ValueError(
-                            f"state {key!r} of parameter {ids[i]} has shape {list(value.shape)}, "
-                            f"expected {list(views[key].shape)}"
-                        )
-                    views[key].copy_(value)
-            new_flats.append(flat)
+            pack = PackedState.pack(
+                members, entries, mgg.W1, mgg.b1[:, 0, :], mgg.W1.dtype, self._memory_dtype()
+            )
+            for p, entry, view in zip(members, entries, pack.views, strict=True):
+                other = {k: _to_device(v, p.device) for k, v in entry.items() if k not in STATE_KEYS}
+                new_state[p] = {**other, **view}
+            packs.append(pack)
         # validated: commit
-        self._repeats.clear()
         for group, saved in zip(self.param_groups, groups, strict=True):
             for key, value in saved.items():
                 if key != "params":
                     group[key] = value
-        self.state.clear()
-        for gi, flat in enumerate(new_flats):
-            self._flat[gi] = None
-            if flat is not None:
-                self._install(gi, flat)
+        self.state = new_state
+        self._packs = packs
         self._skipped.fill_(int(extra.get("skipped_steps", 0)))
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` keep: torch's state plus the MGG and the settings
+        (the flat buffers are made again from ``state`` on the first step)."""
+        return {
+            **super().__getstate__(),
+            "mgg": self.mgg,
+            "backend": self.backend,
+            "nonfinite": self.nonfinite,
+            "capturable": self.capturable,
+            "memory_W_dtype": self.memory_W_dtype,
+            "skipped": self._skipped,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        skipped = state.pop("skipped", None)
+        super().__setstate__(state)
+        if skipped is not None:  # a copy or an unpickled optimizer
+            self._packs = [None] * len(self.param_groups)
+            self._init_counters(skipped)
 
 
-def _check_hyperparams(group: dict[str, Any]) -> None:
+def _to_device(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, Tensor) else value
+
+
+def _check_mgg_dtype(mgg: MGG) -> None:
+    if mgg.W1.dtype not in STATE_DTYPES:
+        raise TypeError(f"the MGG must be float32 or float64 (it holds the state dtype), got {mgg.W1.dtype}")
+
+
+def _check_mgg(mgg: MGG) -> None:
+    _check_mgg_dtype(mgg)
+    for name, t in mgg.named_parameters():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"the MGG's {name} holds NaN or Inf values")
+
+
+def _real(value: Any) -> float | None:
+    """``value`` as a float if it is a real number or a one-element real tensor, else ``None``."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            return None
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _hyperparams(group: Mapping[str, Any]) -> tuple[float, float, float, float]:
+    """``(lr, beta1, beta2, eps)`` of a group, checked: finite, lr and eps >= 0, betas in [0, 1)."""
     lr, betas, eps = group["lr"], group["betas"], group["eps"]
-    if not isinstance(lr, (int, float)) or not lr >= 0.0:
-        raise ValueError(f"invalid learning rate {lr!r}")
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+    lr_value = _real(lr)
+    if lr_value is None or not math.isfinite(lr_value) or lr_value < 0:
+        raise ValueError(f"invalid learning rate {lr!r}: it must be a finite number >= 0")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"invalid betas {betas!r}: a pair of numbers in [0, 1)")
+    beta1, beta2 = (_real(b) for b in betas)
+    if beta1 is None or beta2 is None or not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
         raise ValueError(f"invalid betas {betas!r}: each must be in [0, 1)")
-    if not eps >= 0.0:
-        raise ValueError(f"invalid eps {eps!r}")
+    eps_value = _real(eps)
+    if eps_value is None or not math.isfinite(eps_value) or eps_value < 0:
+        raise ValueError(f"invalid eps {eps!r}: it must be a finite number >= 0")
+    return lr_value, beta1, beta2, eps_value
 
 
-def _check_grad(p: Tensor, g: Tensor) -> None:
+def _check_grad(p: Tensor, g: Tensor, device: torch.device) -> None:
     if g.is_sparse:
         raise RuntimeError("MGGOptimizer does not support sparse gradients")
     if g.shape != p.shape:
         raise ValueError(f"gradient shape {list(g.shape)} does not match parameter shape {list(p.shape)}")
-    if g.device != p.device:
-        raise ValueError(f"gradient on {g.device} but parameter on {p.device}")
     if g.dtype != p.dtype:
         raise TypeError(f"gradient dtype {g.dtype} does not match parameter dtype {p.dtype}")
+    if g.device != p.device:
+        raise ValueError(f"gradient on {g.device} but parameter on {p.device}")
+    if p.device != device:
+        raise ValueError(f"parameter on {p.device} but the MGG is on {device}")
 
 
-def reference_group_step(
-    flat: FlatState,
-    grads: list[Tensor | None],
-    mgg: MGG,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    compiled: bool = False,
-) -> None:
-    """One MGG optimizer step of a group in plain PyTorch (the ground truth for the kernels)."""
+def _reference_step(w: _GroupWork, pack: PackedState, mgg: MGG) -> None:
+    """One MGG optimizer step of a packed group in plain PyTorch (``mgg_fast.reference``)."""
+    grads = w.grads
     active = [i for i, g in enumerate(grads) if g is not None]
-    numels = [flat.numels[i] for i in active]
-    dtype = flat.exp_avg.dtype
+    numels = [pack.numels[i] for i in active]
+    dtype = pack.exp_avg.dtype
     g = torch.cat([grads[i].reshape(-1) for i in active]).to(dtype)
-    flat.steps[active] += 1
-    steps = flat.steps[active].tolist()
-    corrections = [bias_corrections(s, beta1, beta2) for s in steps]
-    # tensors, not floats, so that a compiled step does not recompile as the step count grows
-    if len(set(steps)) == 1:
-        bc1, bc2 = (torch.tensor(c, dtype=dtype, device=g.device) for c in corrections[0])
-    else:
-        reps = torch.tensor(numels, device=g.device)
-        bc1, bc2 = (
-            torch.tensor(c, dtype=dtype, device=g.device).repeat_interleave(reps)
-            for c in zip(*corrections, strict=True)
-        )
-    buffers = (flat.exp_avg, flat.exp_avg_sq, flat.memory_W, flat.memory_b)
-    if len(active) == len(flat.params):
-        coords = None
+    buffers = (pack.exp_avg, pack.exp_avg_sq, pack.memory_W, pack.memory_b)
+    if len(active) == len(pack.params):
+        coords, steps = None, pack.steps
         m, v, W, b = buffers
     else:
-        offsets = flat.offsets
+        offsets = pack.offsets
         coords = torch.cat(
-            [torch.arange(offsets[i], offsets[i] + flat.numels[i], device=g.device) for i in active]
+            [torch.arange(offsets[i], offsets[i] + pack.numels[i], device=g.device) for i in active]
         )
+        steps = pack.steps[active]
         m, v, W, b = (buf[coords] for buf in buffers)
-    W_stored, W = W, W.to(dtype)  # a narrower memory_W is computed in the state dtype
-    step_math = _compiled_step_math() if compiled else _step_math
-    out = step_math(g, m, v, W, b, bc1, bc2, beta1, beta2, eps, mgg.weights())
-    if W is not W_stored:
-        W_stored.copy_(W)  # rounds to nearest-even
+    steps += 1  # (advances pack.steps itself when every parameter is stepped)
     if coords is not None:
-        for buf, val in zip(buffers, (m, v, W_stored, b), strict=True):
+        pack.steps[active] = steps
+    if len(numels) == 1 or bool((steps == steps[0]).all()):
+        step = steps[0]
+    else:
+        step = steps.repeat_interleave(torch.tensor(numels, device=g.device), output_size=g.numel())
+    out = optimizer_step(
+        g, m, v, W, b, step, mgg.weights(), beta1=w.beta1, beta2=w.beta2, eps=w.eps, inplace=True
+    )
+    if coords is not None:
+        for buf, val in zip(buffers, out[1:], strict=True):
             buf.index_copy_(0, coords, val)
-    params = [flat.params[i] for i in active]
-    new = torch.cat([p.reshape(-1).to(dtype) for p in params]) - out * lr
-    torch._foreach_copy_(params, [c.view(p.shape) for c, p in zip(new.split(numels), params, strict=True)])
-
-
-def _step_math(
-    g: Tensor,
-    m: Tensor,
-    v: Tensor,
-    W: Tensor,
-    b: Tensor,
-    bc1: Tensor,
-    bc2: Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weights: MGGWeights,
-) -> Tensor:
-    """Moments, features and one memory step (``m, v, W, b`` updated in place); the MGG output."""
-    x = moment_features_(g, m, v, bc1, bc2, beta1, beta2, eps)
-    return memory_layer(x, W, b, weights, inplace=True)[0]
-
-
-@functools.cache
-def _compiled_step_math() -> Callable[..., Tensor]:
-    """:func:`_step_math` through ``torch.compile`` (compiled once per process, dynamic sizes)."""
-    return torch.compile(_step_math, dynamic=True)
+    apply_update([pack.params[i] for i in active], out.update, w.lr)

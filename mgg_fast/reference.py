@@ -95,8 +95,15 @@ def memory_layer(
     return out, W_new, b_new
 
 
-def bias_corrections(step: float, beta1: float, beta2: float) -> tuple[float, float]:
-    """Published bias corrections of step ``step`` (1-based): the exponent is ``step + 1``."""
+def bias_corrections(
+    step: float | Tensor, beta1: float, beta2: float
+) -> tuple[float | Tensor, float | Tensor]:
+    """Published bias corrections of step ``step`` (1-based): the exponent is ``step + 1``.
+
+    ``step`` is a number or a tensor of step counts (computed in float64 either way)."""
+    if isinstance(step, Tensor):
+        e = step.double() + 1.0
+        return 1.0 - torch.pow(beta1, e), 1.0 - torch.pow(beta2, e)
     return 1.0 - beta1 ** (step + 1), 1.0 - beta2 ** (step + 1)
 
 
@@ -116,5 +123,76 @@ def moment_features_(
     """
     m.mul_(beta1).add_((1 - beta1) * grad)
     v.mul_(beta2).add_((1 - beta2) * grad * grad)
+    return _features(grad, m, v, bc1, bc2, eps)
+
+
+def _features(
+    grad: Tensor, m: Tensor, v: Tensor, bc1: Tensor | float, bc2: Tensor | float, eps: float
+) -> Tensor:
     denom = torch.sqrt(v / bc2) + eps
     return torch.stack(((m / bc1) / denom, grad / denom), dim=-1)
+
+
+class StepResult(NamedTuple):
+    """What one optimizer step computes: the MGG output and the new state."""
+
+    update: Tensor  # [N], in (-1, 1): the parameters move by -lr * update
+    exp_avg: Tensor  # [N]
+    exp_avg_sq: Tensor  # [N]
+    memory_W: Tensor  # [N, nh, f, f], in the dtype it was given in
+    memory_b: Tensor  # [N, nh, f]
+
+
+def optimizer_step(
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    memory_W: Tensor,
+    memory_b: Tensor,
+    step: float | Tensor,
+    weights: MGGWeights,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    inplace: bool = False,
+) -> StepResult:
+    """One MGG optimizer step over ``N`` flat coordinates: moments, the published bias correction,
+    the features ``[m̃, g̃]`` and one memory step. The single definition of the step; the optimizer's
+    reference backend, the meta-trainer and the kernel tests all use it.
+
+    Args:
+        grad: gradient ``[N]`` (cast to the state dtype, the dtype of ``exp_avg``).
+        exp_avg, exp_avg_sq: the Adam-like moments ``[N]``.
+        memory_W, memory_b: the per-coordinate memory ``[N, nh, f, f]`` / ``[N, nh, f]``;
+            ``memory_W`` may be stored narrower (bfloat16): it is computed in the state dtype and
+            the new one is rounded to nearest-even.
+        step: this step's count, 1 on the first step (a number, or a tensor broadcastable to ``[N]``).
+        inplace: write the new state into the given tensors (the optimizer); otherwise nothing is
+            modified and the result is differentiable (meta-training).
+    """
+    dtype = exp_avg.dtype
+    bc1, bc2 = bias_corrections(step, beta1, beta2)
+    if isinstance(bc1, Tensor):
+        bc1, bc2 = bc1.to(dtype), bc2.to(dtype)
+    g = grad.to(dtype)
+    W = memory_W.to(dtype)
+    if inplace:
+        x = moment_features_(g, exp_avg, exp_avg_sq, bc1, bc2, beta1, beta2, eps)
+        m, v = exp_avg, exp_avg_sq
+    else:
+        m = exp_avg * beta1 + (1 - beta1) * g
+        v = exp_avg_sq * beta2 + (1 - beta2) * g * g
+        x = _features(g, m, v, bc1, bc2, eps)
+    out, W_new, b_new = memory_layer(x, W, memory_b, weights, inplace=inplace)
+    if W_new.dtype != memory_W.dtype:
+        W_new = memory_W.copy_(W_new) if inplace else W_new.to(memory_W.dtype)  # round to nearest-even
+    return StepResult(out, m, v, W_new, b_new)
+
+
+def apply_update(params: list[Tensor], update: Tensor, lr: float) -> None:
+    """``p -= lr * update`` in place for the parameters whose coordinates ``update`` concatenates,
+    computed in the wider of the parameter's and the update's dtype and rounded once to the
+    parameter's (a float64 parameter keeps its precision; a bfloat16 one is rounded once)."""
+    chunks = update.split([p.numel() for p in params])
+    torch._foreach_add_(params, [c.view(p.shape) for c, p in zip(chunks, params, strict=True)], alpha=-lr)
