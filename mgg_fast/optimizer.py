@@ -256,6 +256,8 @@ class MGGOptimizer(torch.optim.Optimizer):
             member_grads.append(g)
             entries.append(st or None)
         pack = self._packs[gi] if gi < len(self._packs) else None
+        if pack is not None and pack.exp_avg.dtype != self.mgg.W1.dtype:
+            raise TypeError(f"optimizer state is {pack.exp_avg.dtype} but the MGG is now {self.mgg.W1.dtype}")
         repack = pack is None or not pack.holds(members, entries, self.mgg.W1.dtype)
         fused = self._use_triton(device)
         if repack:

@@ -8,27 +8,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from pathlib import Path
-
 import pytest
-
-from mgg_fast import MGG
-
-PARITY_DIR = Path(__file__).parent / "data" / "parity"
-F64 = {"rtol": 1e-9, "atol": 1e-10}
-F32 = {"rtol": 1e-4, "atol": 1e-5}
-F32_METAGRAD = {"rtol": 1e-3, "atol": 1e-4}
-
-
-def load_parity(name: str) -> dict:
-    return torch.load(PARITY_DIR / name, weights_only=True)
-
-
-def mgg_from_parity(data: dict, dtype: torch.dtype) -> MGG:
-    cfg = data["config"]
-    mgg = MGG(cfg["hidden_size"], cfg["num_heads"]).to(dtype)
-    mgg.load_state_dict(data["state_dict"])  # published names, with the prefix
-    return mgg
+from helpers import load_parity
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ Runs on CPU through TRITON_INTERPRET=1 (tests/conftest.py); sizes are kept to a 
 
 import pytest
 import torch
-from conftest import F32, mgg_from_parity
+from helpers import F32, mgg_from_parity, random_mgg
 from mgg_fast.kernels import fused_mgg_forward
 from torch.testing import assert_close
 
@@ -21,16 +21,6 @@ def _default_device():
     """Tensors and MGGs of these tests live on the GPU when there is one (else the interpreter)."""
     with torch.device(DEVICE):
         yield
-
-
-def random_mgg(hidden: int, heads: int, seed: int) -> MGG:
-    """An MGG whose every parameter matters (published init + noise, like the parity vectors)."""
-    torch.manual_seed(seed)
-    mgg = MGG(hidden, heads)
-    with torch.no_grad():
-        for p in mgg.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return mgg
 
 
 def reference_f64(mgg: MGG, x, W=None, b=None):

@@ -10,14 +10,14 @@ import io
 import pytest
 import torch
 import triton
-from conftest import F32
+from helpers import F32
+from mgg_fast.flat_state import FlatState
 from mgg_fast.kernels import StepGuard, fused_group_step, fused_group_update, prepare_group
 from mgg_fast.kernels.mgg_step import CAPTURED_PLANS_KEY, TABLE_CACHE_KEY
 from mgg_fast.kernels.step_prologue import forced_pdl
 from torch.testing import assert_close
 
 from mgg_fast import MGG, MGGOptimizer
-from mgg_fast.flat_state import FlatState
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(0,), (), (1,), (3, 5), (130,), (2, 4)]  # 130 spans two chunks, not a block multiple

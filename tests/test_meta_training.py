@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import F64, mgg_from_parity
+from helpers import F64, mgg_from_parity
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.testing import assert_close

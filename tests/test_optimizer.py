@@ -5,7 +5,7 @@ import io
 
 import pytest
 import torch
-from conftest import F64
+from helpers import F64
 from torch.testing import assert_close
 
 from mgg_fast import MGG, MGGOptimizer
@@ -112,8 +112,7 @@ def test_params_without_grad_are_skipped():
     opt.step()
     opt_subset.step()
     assert torch.equal(params[2].detach(), before)
-    assert opt.state[params[2]]["step"].item() == 0
-    assert torch.all(opt.state[params[2]]["exp_avg"] == 0)
+    assert not opt.state.get(params[2])  # as torch's Adam: no state before a first gradient
     for q, i in zip(subset, (0, 1, 3), strict=True):
         assert_close(params[i].detach(), q.detach(), **F64)
     # next step: every tensor moves, each with its own step count (bias correction)
@@ -274,28 +273,8 @@ def test_auto_backend_falls_back_for_sizes_the_kernels_lack():
     assert not fused_supported(MGG(128, 4))
 
 
-def test_compiled_backend_matches_reference_with_skipped_params():
-    """backend="compiled" (torch.compile of the same math) on mixed step counts and a gather."""
-    torch.manual_seed(0)
-    mgg = MGG()
-    params = [torch.randn(s, requires_grad=True) for s in SHAPES]
-    twins = [p.detach().clone().requires_grad_(True) for p in params]
-    eager = MGGOptimizer(params, mgg, lr=0.01, backend="reference")
-    compiled = MGGOptimizer(twins, mgg, lr=0.01, backend="compiled")
-    for step in range(3):
-        set_grads(params, step)
-        set_grads(twins, step)
-        if step == 1:
-            params[2].grad = twins[2].grad = None
-        eager.step()
-        compiled.step()
-    for p, q in zip(params, twins, strict=True):
-        assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6)
-        assert_close(compiled.state[q]["memory_W"], eager.state[p]["memory_W"], rtol=1e-5, atol=1e-6)
-
-
 def test_step_hooks_profiler_and_lr_scheduler_still_work():
-    """step() skips torch's hook/profiler wrapper only when nothing needs it."""
+    """step() runs through torch's hook and profiler wrapper, as every torch optimizer does."""
     import warnings
 
     from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -338,13 +317,16 @@ def test_bf16_memory_is_the_state_dtype_step_rounded(dtype):
     """With ``memory_W_dtype=torch.bfloat16`` a step computes exactly what a full-precision step
     from the same (bf16-valued) state computes, and stores memory_W rounded to nearest-even."""
     mgg, params, full = make(dtype, seed=2)
+    with torch.no_grad():
+        full.mgg.W1.copy_(full.mgg.W1.bfloat16())  # a bf16-valued learned memory: the same start
     params_bf = [p.detach().clone().requires_grad_(True) for p in params]
     narrow = MGGOptimizer(
-        params_bf, copy.deepcopy(mgg), lr=0.01, backend="reference", memory_W_dtype=torch.bfloat16
+        params_bf, copy.deepcopy(full.mgg), lr=0.01, backend="reference", memory_W_dtype=torch.bfloat16
     )
-    assert_close(narrow._flat_state(0).memory_W, full._flat_state(0).memory_W.bfloat16(), rtol=0, atol=0)
     for step in range(3):
-        full._flat_state(0).memory_W.copy_(narrow._flat_state(0).memory_W)  # same starting memory
+        for p, q in zip(params, params_bf, strict=True):
+            if full.state.get(p):  # same starting memory (written in place: still the state)
+                full.state[p]["memory_W"].copy_(narrow.state[q]["memory_W"])
         set_grads(params, step)
         set_grads(params_bf, step)
         if step == 1:  # a parameter without gradient: the partial-group path

@@ -1,24 +1,13 @@
 """The vectorised reference against the naive per-coordinate MGG on random shapes and sizes."""
 
 import torch
-from conftest import F64
+from helpers import F64, random_mgg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from naive import naive_mgg, naive_optimizer_step
 from torch.testing import assert_close
 
-from mgg_fast import MGG, MGGOptimizer
-
-
-def random_mgg(hidden_size: int, num_heads: int, seed: int) -> MGG:
-    """An MGG in float64 whose every parameter is perturbed, so each one matters."""
-    torch.manual_seed(seed)
-    mgg = MGG(hidden_size, num_heads).double()
-    with torch.no_grad():
-        for p in mgg.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return mgg
-
+from mgg_fast import MGGOptimizer
 
 sizes = st.tuples(st.sampled_from([1, 2, 4]), st.integers(1, 8)).map(lambda t: (t[0] * t[1], t[0]))
 
@@ -27,7 +16,7 @@ sizes = st.tuples(st.sampled_from([1, 2, 4]), st.integers(1, 8)).map(lambda t: (
 @given(size=sizes, n=st.integers(1, 9), seed=st.integers(0, 2**16), scale=st.sampled_from([0.1, 1.0, 5.0]))
 def test_forward_matches_naive(size, n, seed, scale):
     hidden, heads = size
-    mgg = random_mgg(hidden, heads, seed)
+    mgg = random_mgg(hidden, heads, seed, scale=0.3, dtype=torch.float64)
     sd = {k: v.detach() for k, v in mgg.state_dict().items()}
     x1, x2 = scale * torch.randn(2, n, 2, dtype=torch.float64)
     with torch.no_grad():
@@ -49,7 +38,7 @@ shapes = st.lists(st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple)
 @given(shapes=shapes, size=sizes, seed=st.integers(0, 2**16))
 def test_optimizer_matches_naive(shapes, size, seed):
     hidden, heads = size
-    mgg = random_mgg(hidden, heads, seed)
+    mgg = random_mgg(hidden, heads, seed, scale=0.3, dtype=torch.float64)
     sd = {k: v.detach() for k, v in mgg.state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(s, dtype=torch.float64, generator=gen) for s in shapes]
