@@ -9,12 +9,9 @@ import io
 
 import pytest
 import torch
-import triton
-from helpers import F32
-from mgg_fast.flat_state import FlatState
-from mgg_fast.kernels import StepGuard, fused_group_step, fused_group_update, prepare_group
-from mgg_fast.kernels.mgg_step import CAPTURED_PLANS_KEY, TABLE_CACHE_KEY
-from mgg_fast.kernels.step_prologue import forced_pdl
+from helpers import F32, random_mgg
+from mgg_fast.kernels import chunk_layout, mgg_step_
+from mgg_fast.kernels.memory_layer import weight_args
 from torch.testing import assert_close
 
 from mgg_fast import MGG, MGGOptimizer
@@ -34,15 +31,6 @@ def _default_device():
     """Tensors and MGGs of these tests live on the GPU when there is one (else the interpreter)."""
     with torch.device(DEVICE):
         yield
-
-
-def random_mgg(hidden: int = 8, heads: int = 1, seed: int = 0) -> MGG:
-    torch.manual_seed(seed)
-    mgg = MGG(hidden, heads)
-    with torch.no_grad():
-        for p in mgg.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return mgg
 
 
 def make_params(shapes, dtype=torch.float32, seed=0):
@@ -241,63 +229,52 @@ def test_capturable_found_inf_writes_nothing():
 
 
 def test_update_with_found_inf_set_writes_nothing():
+    """The tensor-level step: with found_inf set nothing is written and no count advances; with
+    it clear the stepped parameters (not the one without a gradient) move and count one step."""
     mgg = random_mgg(seed=7)
-    params = make_params([(10,), (3, 3)])
+    params = make_params([(10,), (3, 3), (4,)])
     opt = MGGOptimizer(params, mgg, lr=0.05, backend="triton")
     set_grads(params, 0)
     opt.step()
-    flat = opt._flat_state(0)
+    pack = opt._packs[0]
     snap = snapshot(params, opt)
-    group = prepare_group(flat, [p.grad for p in params], mgg, capturable=True)
-    kw = {"lr": 0.05, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
-    fused_group_update(group, mgg, **kw, found_inf=torch.ones(1))
+    grads = [p.grad for p in params[:2]] + [None]
+    layout = chunk_layout(pack.numels, 128, params[0].device)
+    buffers = (pack.exp_avg, pack.exp_avg_sq, pack.memory_W, pack.memory_b, pack.steps, layout)
+    kw = {"num_heads": 1, "head_dim": 8, "lr": 0.05, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
+    weights = weight_args(mgg.weights(), params[0].device)
+    skipped = torch.zeros(())
+    mgg_step_(
+        params,
+        grads,
+        *buffers,
+        weights,
+        **kw,
+        found_inf=torch.ones(1),
+        skipped=skipped,
+        block=128,
+        num_warps=1,
+    )
     assert_unchanged(params, opt, snap)
-    fused_group_update(group, mgg, **kw, found_inf=torch.zeros(1))  # counts are the prologue's job
-    assert opt.state[params[0]]["step"].item() == 1
+    assert skipped.item() == 1.0
+    mgg_step_(params, grads, *buffers, weights, **kw, found_inf=torch.zeros(1), block=128, num_warps=1)
+    assert [opt.state[p]["step"].item() for p in params] == [2.0, 2.0, 1.0]
     assert not torch.equal(params[0].detach(), snap[0][0])
+    assert torch.equal(params[2].detach(), snap[0][2])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), float("-inf")])
-def test_prologue_decides_the_whole_step(dtype, bad):
-    """One launch over several groups: any non-finite element anywhere (here in the last chunk of
-    the last group) skips every group; otherwise every stepped count advances, unstepped ones not."""
-    mgg = random_mgg(seed=11)
-    shapes = [[(3,), (0,), (5000,)], [(7,), (2, 2)]]  # 5000: three check chunks of 2048
-    flats = [FlatState.zeros(make_params(s, dtype), mgg.W1, mgg.b1[:, 0, :], torch.float32) for s in shapes]
-    grads = [[torch.randn(p.shape).to(dtype) for p in flat.params] for flat in flats]
-    grads[1][0] = None  # not stepped: its count stays
-    if bad is not None:
-        grads[0][2][4999] = bad
-    groups = [prepare_group(f, g, mgg, capturable=False) for f, g in zip(flats, grads, strict=True)]
-    guard, skipped = StepGuard(torch.device(DEVICE)), torch.zeros(())
-    for _ in range(2):  # the ticket resets: a second step decides the same way
-        found = guard.check(groups, skipped)
-    assert found.item() == (0.0 if bad is None else 1.0)
-    assert skipped.item() == (0.0 if bad is None else 2.0)
-    expect = 0.0 if bad is not None else 2.0
-    assert flats[0].steps.tolist() == [expect] * 3
-    assert flats[1].steps.tolist() == [0.0, expect]
-    assert guard.ticket.tolist() == [0, 0]
+def test_step_counts_of_more_parameters_than_one_block():
+    """300 parameters, one without a gradient: the single program that advances the step counts
+    does so in several blocks of rows, and skips the unstepped one."""
+    params = make_params([(1,)] * 300)
+    opt = MGGOptimizer(params, random_mgg(seed=15), lr=0.05, backend="triton")
+    set_grads(params, 0, none=(299,))
+    opt.step()
+    assert [opt.state[p]["step"].item() for p in params[:299]] == [1.0] * 299
+    assert not opt.state.get(params[299])
 
 
-def test_prologue_checks_bits_not_values():
-    """Large finite values (bf16/fp16 max) are not flagged; a NaN in a padded, empty or 1-element
-    gradient is; a fresh NaN after a finite step flips the decision back."""
-    mgg = random_mgg(seed=12)
-    for dtype in (torch.bfloat16, torch.float16):
-        flat = FlatState.zeros(make_params([(1,), (0,), (9,)], dtype), mgg.W1, mgg.b1[:, 0, :], torch.float32)
-        big = torch.finfo(dtype).max
-        grads = [torch.full(s, v, dtype=dtype) for s, v in (((1,), big), ((0,), 0.0), ((9,), -big))]
-        guard = StepGuard(torch.device(DEVICE))
-        group = prepare_group(flat, grads, mgg, capturable=False)
-        assert guard.check([group]).item() == 0.0
-        grads[0][0] = float("nan")  # same address: the cached table is reused
-        assert guard.check([group]).item() == 1.0
-        assert flat.steps.tolist() == [1.0, 1.0, 1.0] and guard.skipped.item() == 1.0
-
-
-def test_fused_step_is_deterministic_and_caches_its_table():
+def test_fused_step_is_deterministic():
     mgg = random_mgg(seed=8)
     runs = []
     for _ in range(2):
@@ -306,12 +283,9 @@ def test_fused_step_is_deterministic_and_caches_its_table():
         for step in range(2):
             set_grads(params, step)
             opt.step()
-            tables = opt._flat_state(0).cache[TABLE_CACHE_KEY]
-            assert len(tables) == step + 1  # fresh gradient tensors: new addresses, a new table
-        for p in params:  # gradients updated in place: same addresses, the table is reused
+        for p in params:  # gradients updated in place
             p.grad.mul_(0.5)
         opt.step()
-        assert len(opt._flat_state(0).cache[TABLE_CACHE_KEY]) == 2
         runs.append(([p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())))
     (p1, sd1), (p2, sd2) = runs
     for a, b in zip(p1, p2, strict=True):
@@ -357,30 +331,11 @@ def test_unsupported_state_and_sizes_raise_clearly():
     opt = MGGOptimizer(params, MGG(12, 1), backend="triton")
     with pytest.raises(ValueError, match="head dim"):
         opt.step()
-    assert opt.state[params[0]]["step"].item() == 0
-    opt = MGGOptimizer(params, MGG(), backend="triton")
-    opt.step()
-    kw = {"lr": 0.05, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
-    with pytest.raises(ValueError, match="does not match"):  # direct call: validated when planned
-        fused_group_step(opt._flat_state(0), [torch.ones(5)], opt.mgg, **kw)
-    with pytest.raises(ValueError, match="1 parameters"):
-        fused_group_step(opt._flat_state(0), [None, None], opt.mgg, **kw)
-    flat = FlatState.zeros(params, opt.mgg.W1, opt.mgg.b1[:, 0, :], torch.float32, torch.float16)
-    with pytest.raises(TypeError, match="memory_W as float32 or bfloat16"):
-        fused_group_step(flat, [torch.ones(4)], opt.mgg, **kw)
-    assert flat.steps.item() == 0
+    assert not opt.state.get(params[0]), "a step that raises creates no state"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA GPU")
-@pytest.mark.parametrize("pdl", [True, False], ids=["pdl", "no_pdl"])
-def test_cuda_graph_capture_of_capturable_step(pdl):
-    if pdl and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("programmatic dependent launch needs sm_90+")
-    with forced_pdl(pdl):
-        _capture_and_replay()
-
-
-def _capture_and_replay():
+def test_cuda_graph_capture_of_capturable_step():
     mgg = random_mgg(seed=10).cuda()
     shapes = [(768,)] * 4 + [(100,)]
     params = [p.detach().cuda().requires_grad_(True) for p in make_params(shapes)]
@@ -398,7 +353,7 @@ def _capture_and_replay():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()
-    assert len(opt._flat_state(0).cache[CAPTURED_PLANS_KEY]) == 1  # pinned: the graph holds its table
+    assert opt._graph_tensors, "the captured pointer table is kept alive for the graph"
     for p, g in zip(ref_params, grads, strict=True):
         p.grad = g.clone()
     ref_opt.step()  # matches the warm-up step
@@ -441,7 +396,7 @@ def test_offsets_past_2_pow_31_elements():
     ref_opt = MGGOptimizer([tail, ref_small], copy.deepcopy(mgg), lr=0.05, backend="reference")
     opt.step()
     ref_opt.step()
-    assert (opt._flat_state(0).num_coords - 1) * 64 > 2**31
+    assert (opt._packs[0].num_coords - 1) * 64 > 2**31
     assert_close(big.detach()[-100:], tail.detach(), **F32)
     assert_close(small.detach(), ref_small.detach(), **F32)
     for key in ("exp_avg", "exp_avg_sq", "memory_W", "memory_b"):
@@ -464,134 +419,6 @@ def test_bias_corrections_across_betas_and_steps(betas, start_step):
         assert_same_step(ref_params, ref_opt, params, opt)
 
 
-def _count_full_steps(monkeypatch, opt):
-    """Count the optimizer's full (validating) steps; the rest were fast repeats."""
-    calls = []
-    full = opt._step
-    monkeypatch.setattr(opt, "_step", lambda signature: (calls.append(1), full(signature)))
-    return calls
-
-
-def test_repeat_fast_path_matches_reference_and_notices_changes(monkeypatch):
-    """Gradients refreshed in place keep their addresses: later steps skip validation and table
-    lookups, and still match the reference; lr changes, a NaN, a moved parameter, a
-    non-contiguous gradient, a replaced MGG tensor and load_state_dict are all noticed."""
-    mgg = random_mgg(seed=13)
-    ref_params, ref_opt, params, opt = twin_optimizers(mgg, [(7,), (130,), (2, 3)])
-    full = _count_full_steps(monkeypatch, opt)
-    for p in params:
-        p.grad = torch.zeros(p.shape)
-    for step in range(3):
-        set_grads(ref_params, step)
-        for p, q in zip(ref_params, params, strict=True):
-            q.grad.copy_(p.grad)  # same addresses
-        if step == 2:
-            for o in (ref_opt, opt):
-                o.param_groups[0]["lr"] = 0.01  # read on every step, fast or not
-        ref_opt.step()
-        opt.step()
-        assert_same_step(ref_params, ref_opt, params, opt)
-    assert len(full) == 1, "steps 2 and 3 repeat the first one's kernels"
-
-    params[1].grad[3] = float("nan")  # the repeat still checks every gradient on the device
-    snap = snapshot(params, opt)
-    opt.step()
-    assert opt.num_skipped_steps == 1 and len(full) == 1
-    assert_unchanged(params, opt, snap)
-    params[1].grad[3] = 0.0
-
-    params[0].data = params[0].data.clone()  # new address: validated and re-planned
-    opt.step()
-    assert len(full) == 2
-    square = torch.zeros(3, 3)
-    params[2].grad = square[:2, :]  # contiguous ...
-    opt.step()
-    params[2].grad = square.t()[:2, :]  # ... then not, at the same address
-    opt.step()
-    opt.step()  # a copied gradient is never repeated from a table
-    assert len(full) == 5
-    params[2].grad = square[:2, :]
-    opt.step()  # the addresses of two steps before: remembered, repeated
-    assert len(full) == 5
-    with torch.no_grad():
-        opt.mgg.o_proj.weight = torch.nn.Parameter(opt.mgg.o_proj.weight * 2)  # replaced, not updated
-    opt.step()
-    assert len(full) == 6
-    opt.load_state_dict(opt.state_dict())
-    opt.step()
-    assert len(full) == 7
-    opt.step()
-    assert len(full) == 7
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="direct relaunches exist on a GPU only")
-def test_repeat_fast_path_shows_every_launch_to_a_triton_launch_hook(monkeypatch):
-    """With a launch hook registered (as profilers do), repeats take Triton's public launch path,
-    so the hook sees both launches of every step, and the results stay the reference's."""
-    mgg = random_mgg(seed=17)
-    ref_params, ref_opt, params, opt = twin_optimizers(mgg, [(7,), (130,)])
-    full = _count_full_steps(monkeypatch, opt)
-    for p in params:
-        p.grad = torch.zeros(p.shape)
-    seen = []
-    hook = lambda metadata: seen.append(metadata.get()["name"])
-    triton.knobs.runtime.launch_enter_hook.add(hook)
-    try:
-        for step in range(3):
-            set_grads(ref_params, step)
-            for p, q in zip(ref_params, params, strict=True):
-                q.grad.copy_(p.grad)
-            ref_opt.step()
-            opt.step()
-            assert_same_step(ref_params, ref_opt, params, opt)
-    finally:
-        triton.knobs.runtime.launch_enter_hook.remove(hook)
-    assert len(full) == 1 and len(seen) == 6, seen
-
-
-def test_repeat_fast_path_holds_no_gradients():
-    """The remembered step keeps no gradient tensor alive (the allocator can reuse addresses)."""
-    import gc
-    import weakref
-
-    params = make_params([(9,)])
-    opt = MGGOptimizer(params, random_mgg(seed=14), lr=0.05, backend="triton")
-    params[0].grad = torch.randn(9)
-    opt.step()
-    ref = weakref.ref(params[0].grad)
-    params[0].grad = None
-    gc.collect()
-    assert ref() is None
-
-
-def test_prologue_advances_more_counts_than_one_block():
-    """300 stepped parameters: the deciding program advances their counts in several blocks."""
-    mgg = random_mgg(seed=15)
-    flat = FlatState.zeros(make_params([(1,)] * 300), mgg.W1, mgg.b1[:, 0, :], torch.float32)
-    grads = [torch.ones(1) for _ in range(300)]
-    grads[299] = None
-    guard = StepGuard(torch.device(DEVICE))
-    assert guard.check([prepare_group(flat, grads, mgg, capturable=False)]).item() == 0.0
-    assert flat.steps.tolist() == [1.0] * 299 + [0.0]
-
-
-def test_repeat_path_remembers_a_few_gradient_address_sets(monkeypatch):
-    """Gradients that alternate between two sets of tensors (as zero_grad(set_to_none=True) can
-    leave them) both repeat; results still match the reference step for step."""
-    mgg = random_mgg(seed=16)
-    ref_params, ref_opt, params, opt = twin_optimizers(mgg, [(5,), (130,)])
-    full = _count_full_steps(monkeypatch, opt)
-    sets = [[torch.zeros(p.shape) for p in params] for _ in range(2)]
-    for step in range(6):
-        set_grads(ref_params, step)
-        for p, q, g in zip(ref_params, params, sets[step % 2], strict=True):
-            q.grad = g.copy_(p.grad)
-        ref_opt.step()
-        opt.step()
-        assert_same_step(ref_params, ref_opt, params, opt)
-    assert len(full) == 2, "only the first step with each set validates"
-
-
 def test_parameter_resized_under_its_state_raises_and_changes_nothing():
     params = make_params([(6,), (4,)])
     opt = MGGOptimizer(params, random_mgg(seed=17), lr=0.05, backend="triton")
@@ -600,6 +427,6 @@ def test_parameter_resized_under_its_state_raises_and_changes_nothing():
     snap = snapshot(params, opt)
     params[1].data = torch.zeros(9)
     params[1].grad = torch.ones(9)
-    with pytest.raises(ValueError, match="changed size"):
+    with pytest.raises(ValueError, match=r"has shape \[4\], expected \[9\]"):
         opt.step()
     assert_unchanged(params[:1], opt, (snap[0][:1], snap[1]))
