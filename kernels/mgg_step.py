@@ -23,7 +23,9 @@ before they advance, so no program reads a count another one writes.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
+from itertools import repeat
 
 import torch
 import triton
@@ -55,7 +57,7 @@ def _one_minus_pow(ln_beta, e):
 
 @triton.jit
 def _mgg_step_kernel(
-    layout, ptrs, steps, found_inf, m_ptr, v_ptr, W_ptr, b_ptr,
+    layout, ptrs, n_params, steps, found_inf, m_ptr, v_ptr, W_ptr, b_ptr,
     lr, beta1, one_minus_beta1, ln_beta1, beta2, one_minus_beta2, ln_beta2, eps,
     q_w, k_w, v_w, o_w, pn_w, pn_b, ln_w, ln_b, lr_w, lr_b, token,
     NH: tl.constexpr, F: tl.constexpr, P_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
@@ -65,11 +67,10 @@ def _mgg_step_kernel(
     lane = tl.arange(0, BLOCK)
     offs = tl.load(row + 1) + lane
     coords = tl.load(row + 2) + lane
-    entry = ptrs + slot * 3
-    stepped = (tl.load(entry + 2) != 0) & (tl.load(found_inf) == 0)
+    stepped = (tl.load(ptrs + 2 * n_params + slot) != 0) & (tl.load(found_inf) == 0)
     mask = lane < tl.where(stepped, tl.load(row + 3), 0)  # else nothing is read or written
-    p_ptr = tl.load(entry).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(entry + 1).to(tl.pointer_type(P_DTYPE))
+    p_ptr = tl.load(ptrs + slot).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(ptrs + n_params + slot).to(tl.pointer_type(P_DTYPE))
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + coords, mask=mask, other=0.0)
     v = tl.load(v_ptr + coords, mask=mask, other=0.0)
@@ -97,14 +98,14 @@ def _mgg_step_kernel(
 
 @triton.jit(do_not_specialize=["n_rows"])
 def _advance_steps_kernel(ptrs, steps, found_inf, skipped, n_rows, COUNT: tl.constexpr, SLOTS: tl.constexpr):
-    """One program: ``steps[i] += 1 - found_inf`` where row ``i`` of ``ptrs`` is stepped; with
-    ``COUNT``, ``skipped += found_inf``."""
+    """One program: ``steps[i] += 1 - found_inf`` where parameter ``i`` is stepped (``ptrs[2, i]``);
+    with ``COUNT``, ``skipped += found_inf``."""
     found = tl.load(found_inf)
     offs = tl.arange(0, SLOTS)
     start = n_rows * 0
     while start < n_rows:  # not range(): it keeps n_rows unspecialised under the interpreter too
         rows = start + offs
-        active = (rows < n_rows) & (tl.load(ptrs + rows * 3 + 2, mask=rows < n_rows, other=0) != 0)
+        active = (rows < n_rows) & (tl.load(ptrs + 2 * n_rows + rows, mask=rows < n_rows, other=0) != 0)
         tl.store(steps + rows, tl.load(steps + rows, mask=active, other=0.0) + (1.0 - found), mask=active)
         start += SLOTS
     if COUNT:
@@ -134,19 +135,23 @@ def _ln(beta: float) -> float:
     return math.log(beta) if beta > 0.0 else -math.inf
 
 
-def _device_table(rows: list[int], device: torch.device, keep_alive: list[Tensor]) -> Tensor:
-    """``rows`` as an int64 ``[P, 3]`` tensor on ``device``. During CUDA-graph capture the copy
-    comes from pinned memory that ``keep_alive`` holds for the graph's lifetime."""
-    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+def _device_table(columns: list[list[int]], device: torch.device, keep_alive: list[Tensor]) -> Tensor:
+    """The address table ``[3, P]`` (int64: parameter addresses, gradient addresses, stepped
+    flags) on ``device``. During CUDA-graph capture the copy comes from pinned memory that
+    ``keep_alive`` holds for the graph's lifetime."""
+    table = torch.tensor(columns, dtype=torch.int64)
     if device.type != "cuda":
         return table
     if torch.cuda.is_current_stream_capturing():
         table = table.pin_memory()
-        keep_alive.append(table)
         out = torch.empty_like(table, device=device)
-        keep_alive.append(out)
+        keep_alive += (table, out)
         return out.copy_(table, non_blocking=True)
     return table.to(device)
+
+
+_data_ptr = Tensor.data_ptr
+_is_contiguous = Tensor.is_contiguous
 
 
 def mgg_step_(
@@ -187,34 +192,37 @@ def mgg_step_(
     check_mgg_shape(num_heads, head_dim)
     device = exp_avg.device
     keep_alive = [] if keep_alive is None else keep_alive
-    rows: list[int] = []
-    dtypes: dict[torch.dtype, None] = {}
     copies: list[tuple[Tensor, Tensor]] = []  # (non-contiguous parameter, its contiguous working copy)
-    held: list[Tensor] = []  # contiguous copies of non-contiguous gradients, alive until launched
-    for p, g in zip(params, grads, strict=True):
-        if g is None:
-            rows += (p.data_ptr(), 0, 0)
-            continue
-        if not g.is_contiguous():
-            g = g.contiguous()
-            held.append(g)
-        if not p.is_contiguous():
-            copies.append((p, p.contiguous()))
-            p = copies[-1][1]
-        rows += (p.data_ptr(), g.data_ptr(), 1)
-        dtypes[p.dtype] = None
-    if not dtypes:
-        return
-    table = _device_table(rows, device, keep_alive)
+    if (
+        not any(map(operator.is_, grads, repeat(None)))
+        and all(map(_is_contiguous, params))
+        and all(map(_is_contiguous, grads))
+    ):
+        work_params, work_grads = params, grads  # the common case, in a few C-level passes
+        stepped = [1] * len(params)
+    else:
+        work_params, work_grads, stepped = [], [], []
+        for p, g in zip(params, grads, strict=True):
+            if g is not None and not g.is_contiguous():
+                g = g.contiguous()  # held in work_grads until launched
+            if g is not None and not p.is_contiguous():
+                copies.append((p, p.contiguous()))
+                p = copies[-1][1]
+            work_params.append(p)
+            work_grads.append(p if g is None else g)  # any valid address; not read
+            stepped.append(int(g is not None))
+        if not any(stepped):
+            return
+    columns = [list(map(_data_ptr, work_params)), list(map(_data_ptr, work_grads)), stepped]
+    table = _device_table(columns, device, keep_alive)
     scalars = (lr, beta1, 1.0 - beta1, _ln(beta1), beta2, 1.0 - beta2, _ln(beta2), eps)
-    state = (steps, found_inf, exp_avg, exp_avg_sq, memory_W, memory_b)
+    state = (len(params), steps, found_inf, exp_avg, exp_avg_sq, memory_W, memory_b)
+    dtypes = {p.dtype for p, s in zip(work_params, stepped, strict=True) if s}
     for dtype in dtypes:
         launch_table = table
         if len(dtypes) > 1:  # this launch steps the parameters of one dtype only
-            mine = [p.dtype == dtype and g is not None for p, g in zip(params, grads, strict=True)]
-            launch_table = _device_table(
-                [a if k % 3 != 2 or mine[k // 3] else 0 for k, a in enumerate(rows)], device, keep_alive
-            )
+            mine = [int(s and p.dtype == dtype) for p, s in zip(work_params, stepped, strict=True)]
+            launch_table = _device_table([*columns[:2], mine], device, keep_alive)
         _mgg_step_kernel[(layout.shape[0],)](
             layout, launch_table, *state, *scalars, *weights,
             NH=num_heads, F=head_dim, P_DTYPE=PARAM_DTYPES[dtype], BLOCK=block, num_warps=num_warps,
@@ -229,5 +237,5 @@ def advance_steps(table: Tensor, steps: Tensor, found_inf: Tensor, skipped: Tens
     ``skipped += found_inf`` when given. One launch, one program."""
     count = skipped is not None
     _advance_steps_kernel[(1,)](
-        table, steps, found_inf, skipped if count else found_inf, table.shape[0], COUNT=count, SLOTS=SLOTS
+        table, steps, found_inf, skipped if count else found_inf, table.shape[1], COUNT=count, SLOTS=SLOTS
     )

@@ -12,10 +12,12 @@ import contextlib
 import functools
 import math
 import numbers
+import operator
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -240,14 +242,28 @@ class MGGOptimizer(torch.optim.Optimizer):
         return what the step needs; ``None`` if no parameter has a gradient. Changes nothing."""
         group = self.param_groups[gi]
         params = group["params"]
-        grads = [p.grad for p in params]
-        if all(g is None for g in grads):
+        grads = list(map(_grad, params))
+        missing = list(map(operator.is_, grads, repeat(None)))
+        if all(missing):
             return None
         lr, beta1, beta2, eps = _hyperparams(group)
-        state = self.state
+        fused = self._use_triton(device)
+        if self.capturable and not fused:
+            raise ValueError("capturable=True needs CUDA parameters and the fused backend")
+        pack = self._packs[gi] if gi < len(self._packs) else None
+        if pack is not None and pack.exp_avg.dtype != self.mgg.W1.dtype:
+            raise TypeError(f"optimizer state is {pack.exp_avg.dtype} but the MGG is now {self.mgg.W1.dtype}")
+        states = list(map(self.state.get, params))
+        if (
+            not any(missing)
+            and pack is not None
+            and pack.exp_avg.device == device
+            and _grads_fit(params, grads, device)
+            and pack.holds_all(params, states)
+        ):
+            return _GroupWork(gi, lr, beta1, beta2, eps, params, grads, pack.views, False, fused)
         members, member_grads, entries = [], [], []
-        for p, g in zip(params, grads, strict=True):
-            st = state.get(p)
+        for p, g, st in zip(params, grads, states, strict=True):
             if g is not None:
                 _check_grad(p, g, device)
             elif not st:
@@ -255,19 +271,13 @@ class MGGOptimizer(torch.optim.Optimizer):
             members.append(p)
             member_grads.append(g)
             entries.append(st or None)
-        pack = self._packs[gi] if gi < len(self._packs) else None
-        if pack is not None and pack.exp_avg.dtype != self.mgg.W1.dtype:
-            raise TypeError(f"optimizer state is {pack.exp_avg.dtype} but the MGG is now {self.mgg.W1.dtype}")
         repack = pack is None or not pack.holds(members, entries, self.mgg.W1.dtype)
-        fused = self._use_triton(device)
         if repack:
             mgg = self.mgg
             for i, (p, entry) in enumerate(zip(members, entries, strict=True)):
                 if entry is not None:
                     where = f"state of parameter {i} of group {gi}"
                     check_entry(where, p, entry, mgg.num_heads, mgg.head_dim, self._memory_dtype())
-        if self.capturable and not fused:
-            raise ValueError("capturable=True needs CUDA parameters and the fused backend")
         return _GroupWork(gi, lr, beta1, beta2, eps, members, member_grads, entries, repack, fused)
 
     def _memory_dtype(self) -> torch.dtype:
@@ -481,6 +491,26 @@ def _hyperparams(group: Mapping[str, Any]) -> tuple[float, float, float, float]:
     if eps_value is None or not math.isfinite(eps_value) or eps_value < 0:
         raise ValueError(f"invalid eps {eps!r}: it must be a finite number >= 0")
     return lr_value, beta1, beta2, eps_value
+
+
+_grad = operator.attrgetter("grad")
+_shape = operator.attrgetter("shape")
+_dtype = operator.attrgetter("dtype")
+_layout = operator.attrgetter("layout")
+_device_index = Tensor.get_device
+
+
+def _grads_fit(params: list[Tensor], grads: list[Tensor], device: torch.device) -> bool:
+    """Whether every gradient matches its parameter (shape, dtype, dense) and all are on
+    ``device``: the check of a common step in C-level passes (``_check_grad`` says what is wrong)."""
+    index = -1 if device.type == "cpu" else device.index
+    return (
+        list(map(_shape, grads)) == list(map(_shape, params))
+        and list(map(_dtype, grads)) == list(map(_dtype, params))
+        and set(map(_layout, grads)) == {torch.strided}
+        and set(map(_device_index, grads)) == {index}
+        and set(map(_device_index, params)) == {index}
+    )
 
 
 def _check_grad(p: Tensor, g: Tensor, device: torch.device) -> None:

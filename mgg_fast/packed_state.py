@@ -10,6 +10,7 @@ entry, a cleared or reassigned state, a state dict loaded by a wrapper).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "memory_W", "memory_b")
+_shape = operator.attrgetter("shape")
 
 
 def state_shapes(p: Tensor, num_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
@@ -85,6 +87,12 @@ class PackedState:
     steps: Tensor  # [P] float32
     views: list[dict[str, Tensor]]
     layouts: dict[int, Tensor] = field(default_factory=dict)  # fused chunk table per BLOCK (shapes only)
+    shapes: list[torch.Size] = field(init=False)  # of the parameters when packed
+    by_key: dict[str, list[Tensor]] = field(init=False)  # views[i][key] for each key, in order
+
+    def __post_init__(self) -> None:
+        self.shapes = [p.shape for p in self.params]
+        self.by_key = {key: [view[key] for view in self.views] for key in STATE_KEYS}
 
     @property
     def num_coords(self) -> int:
@@ -130,6 +138,21 @@ class PackedState:
                     view[key].copy_(torch.as_tensor(entry[key]).reshape(view[key].shape))
             views.append(view)
         return cls(list(params), numels, offsets, m, v, W, b, steps, views)
+
+    def holds_all(self, params: list[Tensor], states: list[Mapping | None]) -> bool:
+        """Whether ``params`` are exactly the packed parameters (all of them), unchanged in shape,
+        each ``states[i]`` holding this pack's views: the check of a common step, in C-level passes."""
+        if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
+            return False
+        if list(map(_shape, params)) != self.shapes:
+            return False
+        try:
+            return all(
+                all(map(operator.is_, map(operator.itemgetter(key), states), views))
+                for key, views in self.by_key.items()
+            )
+        except (KeyError, TypeError):  # a state without that key, or no state at all
+            return False
 
     def holds(self, members: Sequence[Tensor], states: Sequence[Mapping | None], dtype: torch.dtype) -> bool:
         """Whether ``members`` are exactly the packed parameters, in order, each ``state[p]``
