@@ -149,6 +149,7 @@ class MGGOptimizer(torch.optim.Optimizer):
         self._packs: list[PackedState | None] = []
         self._init_counters(torch.zeros((), dtype=torch.float32, device=mgg.W1.device))
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        self.register_state_dict_post_hook(MGGOptimizer._add_mgg_fast_entry, prepend=True)
 
     def _init_counters(self, skipped: Tensor) -> None:
         # float32 so the fused path adds the found-inf flag without a cast (exact to 2^24 skips)
@@ -354,14 +355,15 @@ class MGGOptimizer(torch.optim.Optimizer):
 
     # ---- state dict, copies ------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["mgg_fast"] = {
+    @staticmethod
+    def _add_mgg_fast_entry(optimizer: MGGOptimizer, state_dict: dict[str, Any]) -> None:
+        """The first state-dict post-hook: the skip counter and the MGG's config, so that later
+        post-hooks see (and may rewrite) the whole state dict."""
+        state_dict["mgg_fast"] = {
             "format": STATE_DICT_FORMAT,
-            "skipped_steps": self.num_skipped_steps,
-            "mgg_config": self.mgg.config,
+            "skipped_steps": optimizer.num_skipped_steps,
+            "mgg_config": optimizer.mgg.config,
         }
-        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore moments, memory, step counts and hyper-parameters (torch's load pre- and
@@ -444,9 +446,10 @@ class MGGOptimizer(torch.optim.Optimizer):
         state = dict(state)
         skipped = state.pop("skipped", None)
         super().__setstate__(state)
-        if skipped is not None:  # a copy or an unpickled optimizer
+        if skipped is not None:  # a copy or an unpickled optimizer (torch keeps no hooks)
             self._packs = [None] * len(self.param_groups)
             self._init_counters(skipped)
+            self.register_state_dict_post_hook(MGGOptimizer._add_mgg_fast_entry, prepend=True)
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
