@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mgg_fast.mgg import MGG
+from mgg_fast.reference import MGGWeights
 
 from .launch_policy import launch_config
 from .memory_layer import check_mgg_shape, memory_layer_block, weight_args
@@ -56,21 +56,22 @@ def _mgg_forward_kernel(
 
 
 def fused_mgg_forward(
-    features: Tensor, W: Tensor | None, b: Tensor | None, mgg: MGG
+    features: Tensor, W: Tensor | None, b: Tensor | None, weights: MGGWeights, W1: Tensor, b1: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One fused MGG call without autograd: ``(out [N], W' [N,nh,f,f], b' [N,nh,f])``.
 
     ``features`` is ``[N, 2]`` (or ``[N, 1, 2]``); ``W``/``b`` the carried memory (``b`` may be
-    ``[N, nh, 1, f]``), or both ``None`` for a first call, which tiles the learned ``W1``/``b1``.
+    ``[N, nh, 1, f]``), or both ``None`` for a first call, which tiles the learned ``W1 [nh,f,f]``
+    / ``b1 [nh,1,f]``; ``weights`` are the MGG's other learned tensors (``MGG.weights()``).
     Inputs are not modified. Float32 only (``TypeError`` otherwise); unsupported head sizes
     raise ``ValueError``.
     """
-    nh, f = mgg.num_heads, mgg.head_dim
+    nh, f = weights.ttt_norm_weight.shape
     check_mgg_shape(nh, f)
     x = features.reshape(-1, 2) if features.dim() == 3 else features
     if x.dim() != 2 or x.shape[1] != 2:
         raise ValueError(f"features must be [N, 2] or [N, 1, 2], got {list(features.shape)}")
-    args = weight_args(mgg.weights(), x.device)
+    args = weight_args(weights, x.device)
     if x.dtype != torch.float32:
         raise TypeError(f"fused_mgg_forward computes in float32, got {x.dtype} features")
     n = x.shape[0]
@@ -79,7 +80,7 @@ def fused_mgg_forward(
     if tiled != (b is None):
         raise ValueError("pass both W and b, or neither (first call)")
     if tiled:
-        W_in, b_in = mgg.W1.detach().contiguous(), mgg.b1.detach().contiguous()
+        W_in, b_in = W1.detach().contiguous(), b1.detach().contiguous()
     else:
         b = b.reshape(n, nh, f) if b.dim() == 4 else b
         if tuple(W.shape) != (n, nh, f, f) or tuple(b.shape) != (n, nh, f):
