@@ -550,7 +550,8 @@ def _ddp_train(model, opt, rank, steps):
         opt.step()
 
 
-def _dcp_worker(rank, world_size, port, out):
+def _dcp_scenario(rank, out):
+    """DDP, 4 steps uninterrupted vs 2 steps, DCP save/load (get/set_optimizer_state_dict), 2 more."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -560,92 +561,94 @@ def _dcp_worker(rank, world_size, port, out):
     )
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    dist = _init_gloo(rank, world_size, port)
-    try:
+    def make():
+        model = DDP(tiny_model())
+        return model, mgg_opt(list(model.parameters()))
 
-        def make():
-            model = DDP(tiny_model())
-            return model, mgg_opt(list(model.parameters()))
-
-        model, opt = make()
-        _ddp_train(model, opt, rank, range(4))
-        model2, opt2 = make()
-        _ddp_train(model2, opt2, rank, range(2))
-        ckpt = str(Path(out) / "dcp")
-        dcp.save(
-            {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)},
-            checkpoint_id=ckpt,
-        )
-        model3, opt3 = make()
-        target = {"model": get_model_state_dict(model3), "optim": get_optimizer_state_dict(model3, opt3)}
-        dcp.load(target, checkpoint_id=ckpt)
-        set_model_state_dict(model3, target["model"])
-        set_optimizer_state_dict(model3, opt3, target["optim"])
-        _ddp_train(model3, opt3, rank, range(2, 4))
-        torch.save(
-            {
-                "uninterrupted": [p.detach() for p in model.parameters()],
-                "resumed": [p.detach() for p in model3.parameters()],
-                "steps": [float(opt3.state[p]["step"]) for p in model3.parameters()],
-                "state": opt.state_dict()["state"],
-                "resumed_state": opt3.state_dict()["state"],
-            },
-            Path(out) / f"rank{rank}.pt",
-        )
-    finally:
-        dist.destroy_process_group()
+    model, opt = make()
+    _ddp_train(model, opt, rank, range(4))
+    model2, opt2 = make()
+    _ddp_train(model2, opt2, rank, range(2))
+    ckpt = str(Path(out) / "dcp")
+    dcp.save(
+        {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)},
+        checkpoint_id=ckpt,
+    )
+    model3, opt3 = make()
+    target = {"model": get_model_state_dict(model3), "optim": get_optimizer_state_dict(model3, opt3)}
+    dcp.load(target, checkpoint_id=ckpt)
+    set_model_state_dict(model3, target["model"])
+    set_optimizer_state_dict(model3, opt3, target["optim"])
+    _ddp_train(model3, opt3, rank, range(2, 4))
+    return {
+        "uninterrupted": [p.detach() for p in model.parameters()],
+        "resumed": [p.detach() for p in model3.parameters()],
+        "steps": [float(opt3.state[p]["step"]) for p in model3.parameters()],
+        "state": opt.state_dict()["state"],
+        "resumed_state": opt3.state_dict()["state"],
+    }
 
 
-def _zero_worker(rank, world_size, port, out):
+def _zero_scenario(rank, out):
+    """ZeroRedundancyOptimizer(optimizer_class=MGGOptimizer) under DDP: the same resume, through
+    consolidate_state_dict, a file and ZeRO's load_state_dict (which sets ``optim.state[p]``)."""
+    import torch.distributed as dist
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    def make():
+        model = DDP(tiny_model())
+        opt = ZeroRedundancyOptimizer(
+            model.parameters(),
+            optimizer_class=MGGOptimizer,
+            mgg=random_mgg(seed=3),
+            lr=LR,
+            betas=BETAS,
+            backend="reference",
+        )
+        return model, opt
+
+    model, opt = make()
+    _ddp_train(model, opt, rank, range(4))
+    model2, opt2 = make()
+    _ddp_train(model2, opt2, rank, range(2))
+    opt2.consolidate_state_dict(to=0)
+    path = Path(out) / "zero.pt"
+    if rank == 0:
+        sd = opt2.state_dict()
+        for group in sd["param_groups"]:
+            del group["mgg"]  # ZeRO keeps every constructor argument in its groups: not weights
+        save_atomic(sd, path)
+    dist.barrier()
+    model3, opt3 = make()
+    model3.module.load_state_dict(model2.module.state_dict())
+    opt3.load_state_dict(torch.load(path, weights_only=True))
+    _ddp_train(model3, opt3, rank, range(2, 4))
+    return {
+        "uninterrupted": [p.detach() for p in model.parameters()],
+        "resumed": [p.detach() for p in model3.parameters()],
+        "steps": [float(st["step"]) for st in opt3.optim.state.values()],
+        "num_local_params": len(opt3.optim.param_groups[0]["params"]),
+    }
+
+
+def _distributed_worker(rank, world_size, port, out):
+    """Both distributed scenarios in one pair of processes (each process start costs seconds)."""
     dist = _init_gloo(rank, world_size, port)
     try:
-
-        def make():
-            model = DDP(tiny_model())
-            opt = ZeroRedundancyOptimizer(
-                model.parameters(),
-                optimizer_class=MGGOptimizer,
-                mgg=random_mgg(seed=3),
-                lr=LR,
-                betas=BETAS,
-                backend="reference",
-            )
-            return model, opt
-
-        model, opt = make()
-        _ddp_train(model, opt, rank, range(4))
-        model2, opt2 = make()
-        _ddp_train(model2, opt2, rank, range(2))
-        opt2.consolidate_state_dict(to=0)
-        path = Path(out) / "zero.pt"
-        if rank == 0:
-            sd = opt2.state_dict()
-            for group in sd["param_groups"]:
-                del group["mgg"]  # ZeRO keeps every constructor argument in its groups: not weights
-            save_atomic(sd, path)
-        dist.barrier()
-        model3, opt3 = make()
-        model3.module.load_state_dict(model2.module.state_dict())
-        opt3.load_state_dict(torch.load(path, weights_only=True))
-        _ddp_train(model3, opt3, rank, range(2, 4))
-        torch.save(
-            {
-                "uninterrupted": [p.detach() for p in model.parameters()],
-                "resumed": [p.detach() for p in model3.parameters()],
-                "steps": [float(st["step"]) for st in opt3.optim.state.values()],
-                "num_local_params": len(opt3.optim.param_groups[0]["params"]),
-            },
-            Path(out) / f"rank{rank}.pt",
-        )
+        results = {"dcp": _dcp_scenario(rank, out), "zero": _zero_scenario(rank, out)}
+        torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_dcp_resume_matches_an_uninterrupted_run(tmp_path):
-    results = run_two_processes(_dcp_worker, tmp_path)
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory):
+    return run_two_processes(_distributed_worker, tmp_path_factory.mktemp("distributed"))
+
+
+def test_ddp_dcp_resume_matches_an_uninterrupted_run(distributed_results):
+    results = [r["dcp"] for r in distributed_results]
     for r in results:
         assert_same_params(r["uninterrupted"], r["resumed"])
         assert r["steps"] == [4.0] * 4
@@ -653,10 +656,10 @@ def test_ddp_dcp_resume_matches_an_uninterrupted_run(tmp_path):
     assert_same_params(results[0]["resumed"], results[1]["resumed"])  # DDP kept the ranks in sync
 
 
-def test_zero_redundancy_resume_matches_an_uninterrupted_run(tmp_path):
-    results = run_two_processes(_zero_worker, tmp_path)
+def test_zero_redundancy_resume_matches_an_uninterrupted_run(distributed_results):
+    results = [r["zero"] for r in distributed_results]
     for r in results:
         assert r["num_local_params"] >= 1  # each rank steps its own share
         assert_same_params(r["uninterrupted"], r["resumed"])
-        assert r["steps"] == [4.0] * len(r["steps"]) and r["steps"]
+        assert r["steps"] and r["steps"] == [4.0] * len(r["steps"])
     assert_same_params(results[0]["resumed"], results[1]["resumed"])
