@@ -195,6 +195,28 @@ def test_lookahead_resume_matches_an_uninterrupted_run(kind):
     assert_same_state_dicts(opt.state_dict(), opt3.state_dict())
 
 
+@pytest.mark.parametrize("kind", ["adam", "mgg"])
+def test_state_made_by_a_finite_step_can_be_copied_and_loaded(kind):
+    """A finite gradient of 1e21 overflows the fp32 second moment (g * g) to +inf; Adam and the
+    MGG both step on. Whatever state a step produced must survive a copy and a resume."""
+    params = make_params()
+    opt = OPTIMIZERS[kind](params)
+    run(opt, params, range(1))
+    for p in params:
+        p.grad = torch.full_like(p, 1e21)
+    opt.step()
+    assert torch.isinf(opt.state[params[0]]["exp_avg_sq"]).all()
+    dup = copy.deepcopy(opt)
+    resumed = clone_params(params)
+    loaded = OPTIMIZERS[kind](resumed)
+    loaded.load_state_dict(saved_and_loaded(opt.state_dict()))
+    dup_params = dup.param_groups[0]["params"]
+    for o, ps in ((opt, params), (dup, dup_params), (loaded, resumed)):
+        run(o, ps, range(2, 4))
+    assert_same_params(params, dup_params)
+    assert_same_params(params, resumed)
+
+
 # ---- copies ------------------------------------------------------------------------------------
 
 
