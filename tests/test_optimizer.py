@@ -96,7 +96,7 @@ def test_load_state_dict_rejects_mismatch_without_change():
     with pytest.raises(ValueError, match="parameter groups"):
         opt.load_state_dict({"state": {}, "param_groups": []})
     other = MGGOptimizer([torch.zeros(3, requires_grad=True)], MGG(16, 2).double())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="state dict was made for MGG"):
         other.load_state_dict(opt.state_dict())
 
 
@@ -159,7 +159,7 @@ def test_nonfinite_raise_policy():
     set_grads(params, 0)
     params[0].grad[2] = float("-inf")
     snap = snapshot(params, opt)
-    with pytest.raises(FloatingPointError):
+    with pytest.raises(FloatingPointError, match="NaN/Inf"):
         opt.step()
     assert_unchanged(params, opt, snap)
 
@@ -177,7 +177,7 @@ def test_bad_inputs_raise_before_any_change():
     assert_unchanged(params, opt, snap)
     set_grads(params, 1)
     opt.mgg.float()
-    with pytest.raises((TypeError, ValueError)):
+    with pytest.raises(TypeError, match="optimizer state is torch.float64 but the MGG is now torch.float32"):
         opt.step()
     opt.mgg.double()
     assert_unchanged(params, opt, snap)
@@ -194,7 +194,7 @@ def test_constructor_validation():
         MGGOptimizer(p, mgg, lr=-1.0)
     with pytest.raises(ValueError, match="betas"):
         MGGOptimizer(p, mgg, betas=(0.9, 1.0))
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="parameters, got torch.int64"):
         MGGOptimizer([torch.zeros(3, dtype=torch.int64)], mgg)
     with pytest.raises(TypeError, match="float32 or float64"):
         MGGOptimizer(p, MGG().half())
@@ -258,7 +258,7 @@ def test_mgg_rejects_bad_features_and_state():
         mgg(torch.zeros(5, 3))
     with pytest.raises(ValueError, match="float64"):
         mgg(torch.zeros(5, 2, dtype=torch.float64))
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="features must be a torch.Tensor"):
         mgg([[0.0, 1.0]])
     _, state = mgg(torch.zeros(5, 2))
     with pytest.raises(ValueError, match="state"):
