@@ -10,6 +10,7 @@ entry, a cleared or reassigned state, a state dict loaded by a wrapper).
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,8 +38,8 @@ def check_entry(
     where: str, p: Tensor, entry: Mapping, num_heads: int, head_dim: int, memory_W_dtype: torch.dtype
 ) -> None:
     """Raise a clear error unless ``entry`` is a valid ``state[p]`` for parameter ``p``: every key
-    present, real floating-point tensors (``step`` may be any real number) of the right shapes and
-    finite values (``step`` a non-negative whole number). ``where`` names the entry in messages."""
+    present, real floating-point tensors (``step`` may be any real number) of the right shapes, no
+    NaN (``step`` a finite, non-negative whole number). ``where`` names the entry in messages."""
     shapes = state_shapes(p, num_heads, head_dim)
     for key, shape in shapes.items():
         if key not in entry:
@@ -63,9 +64,12 @@ def check_entry(
                 f"{where}[{key!r}] has shape {list(value.shape)}, expected {list(shape)} for a parameter "
                 f"of shape {list(p.shape)}"
             )
-        if value.numel() and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{where}[{key!r}] holds NaN or Inf values")
-        if key == "step" and (float(value) < 0 or float(value) != int(float(value))):
+        # NaN is rejected; +-Inf is not: a step on a huge finite gradient overflows exp_avg_sq
+        if value.numel() and bool(torch.isnan(value).any()):
+            raise ValueError(f"{where}[{key!r}] holds NaN values")
+        if key == "step" and not (
+            math.isfinite(float(value)) and float(value) >= 0 and float(value).is_integer()
+        ):
             raise ValueError(f"{where}['step'] must be a non-negative whole number, got {float(value)}")
 
 
