@@ -290,7 +290,7 @@ def test_constructor_rejects_a_non_finite_mgg(weight):
 
 
 @pytest.mark.parametrize("first", [True, False], ids=["first-step", "later-step"])
-@pytest.mark.parametrize("weight", ["learnable_token_idx", "learnable_ttt_lr_bias"])
+@pytest.mark.parametrize("weight", ["learnable_token_idx", "learnable_ttt_lr_bias", "W1", "b1"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_mgg_weight_skips_or_raises(backend, weight, first):
     params = [torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)]
