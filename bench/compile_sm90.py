@@ -15,29 +15,33 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # before the kernels are defined: real JIT functions
 
 import triton
 import triton.language as tl
-from mgg_fast.kernels import mgg_forward, mgg_step, mgg_step_single, step_prologue
-from mgg_fast.kernels.memory_layer import MAX_HIDDEN, SUPPORTED_HEAD_DIMS, launch_config
+from mgg_fast.kernels import mgg_forward, mgg_step
+from mgg_fast.kernels.launch_policy import MAX_HIDDEN, SUPPORTED_HEAD_DIMS, launch_config
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 TARGET = GPUTarget("cuda", 90, 32)
-# The fastest measured config of the default MGG (32 coordinates, one warp) spills 12 bytes (16
-# with bf16 memory matrices, triton 3.8) and is still 20% faster than two warps; more than this
-# means a configuration that was never measured is spilling.
+# The fastest measured config of the default MGG (32 coordinates, one warp) spills 12 bytes in
+# the step kernel (triton 3.8) and was still faster than two warps on an H100 (7.3 vs 9.1 us at
+# 38,400 coords, bench/gpu_runs/2026-11-27-h100-s4-run4); more than this means a configuration
+# that was never measured is spilling.
 SPILL_BUDGET = 16
-POINTER_TYPES = {"table": "*i64", "chunks": "*i64", "checks": "*i64", "step_slots": "*i64", "ticket": "*i64"}
-INT_ARGS = {"n", "n_chunks", "n_checks", "n_slots"}
+INT64_POINTERS = {"layout", "ptrs"}  # the chunk table and the address table
+INT_ARGS = {"n", "n_params", "n_rows"}
 FP32_POINTERS = {"steps", "found_inf", "token", "skipped"}
 BF16_MEMORY = {"W_ptr": "*bf16"}  # MGGOptimizer(memory_W_dtype=torch.bfloat16)
+ADVANCE_WARPS = 4  # advance_steps launches with Triton's default
 
 
 def _signature(fn: triton.JITFunction, pointers: dict[str, str]) -> dict[str, str]:
+    """Argument types of ``fn`` as the launches pass them (``pointers`` overrides by name)."""
     sig = {}
     for p in fn.params:
         if p.name in pointers:
@@ -46,8 +50,8 @@ def _signature(fn: triton.JITFunction, pointers: dict[str, str]) -> dict[str, st
             sig[p.name] = "constexpr"
         elif p.name in INT_ARGS:
             sig[p.name] = "i32"
-        elif p.name in POINTER_TYPES:
-            sig[p.name] = POINTER_TYPES[p.name]
+        elif p.name in INT64_POINTERS:
+            sig[p.name] = "*i64"
         elif p.name.endswith(("_ptr", "_w", "_b", "_in", "_out")) or p.name in FP32_POINTERS:
             sig[p.name] = "*fp32"
         else:
@@ -56,15 +60,14 @@ def _signature(fn: triton.JITFunction, pointers: dict[str, str]) -> dict[str, st
 
 
 def _ptxas() -> str:
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    return str(bin_dir / "ptxas")
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
 
 
 def compile_report(
     fn: triton.JITFunction, constexprs: dict, num_warps: int, pointers: dict[str, str]
 ) -> tuple[int, int]:
     """(registers per thread, spill bytes) of ``fn`` compiled for sm_90 with these constants
-    (``pointers``: argument types other than the default fp32 ones)."""
+    (``pointers``: argument types other than the default ones)."""
     src = ASTSource(fn=fn, signature=_signature(fn, pointers), constexprs=constexprs)
     kernel = triton.compile(src, target=TARGET, options={"num_warps": num_warps})
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,31 +84,28 @@ def compile_report(
     return regs, spills
 
 
-def configurations(everything: bool):
+def configurations(everything: bool) -> Iterator[tuple[str, triton.JITFunction, dict, int, dict[str, str]]]:
     """(kernel name, fn, constexprs, num_warps, pointer types) for the launch configs of the chosen
-    MGG sizes."""
+    MGG sizes, the parameter dtypes and bf16 memory matrices (default MGG), and the step advance."""
     sizes = [(1, 8)]
     if everything:
         sizes = [(nh, f) for f in SUPPORTED_HEAD_DIMS for nh in (1, 2, MAX_HIDDEN // f)]
     for nh, f in sorted(set(sizes)):
         block, warps = launch_config(nh, f)
-        for pdl in (False, True):
-            step = {"NH": nh, "F": f, "P_DTYPE": tl.float32, "BLOCK": block, "PDL": pdl}
-            yield "step", mgg_step._mgg_step_kernel, step, warps, {}
+        step = {"NH": nh, "F": f, "P_DTYPE": tl.float32, "BLOCK": block}
+        yield "step", mgg_step._mgg_step_kernel, step, warps, {}
         block, warps = launch_config(nh, f, min_warps=2)
         for tiled in (True, False):
             forward = {"NH": nh, "F": f, "TILED": tiled, "BLOCK": block}
             yield "forward", mgg_forward._mgg_forward_kernel, forward, warps, {}
     block, warps = launch_config(1, 8)
-    bf16 = {"NH": 1, "F": 8, "P_DTYPE": tl.bfloat16, "BLOCK": block, "PDL": True}
-    yield "step-bf16", mgg_step._mgg_step_kernel, bf16, warps, {}
-    yield "step-bf16W", mgg_step._mgg_step_kernel, bf16 | {"P_DTYPE": tl.float32}, warps, BF16_MEMORY
-    single = {"NH": 1, "F": 8, "P_DTYPE": tl.float32, "BLOCK": block}
-    single |= {"CHECK": step_prologue.CHECK_BLOCK, "SLOTS": step_prologue.SLOT_BLOCK}
-    yield "single", mgg_step_single._mgg_step_single_kernel, single, warps, {}
-    for pdl in (False, True):
-        prologue = {"BLOCK": step_prologue.CHECK_BLOCK, "SLOTS": step_prologue.SLOT_BLOCK, "PDL": pdl}
-        yield "prologue", step_prologue._step_prologue_kernel, prologue, step_prologue.NUM_WARPS, {}
+    step = {"NH": 1, "F": 8, "P_DTYPE": tl.float32, "BLOCK": block}
+    yield "step-bf16", mgg_step._mgg_step_kernel, step | {"P_DTYPE": tl.bfloat16}, warps, {}
+    yield "step-fp64", mgg_step._mgg_step_kernel, step | {"P_DTYPE": tl.float64}, warps, {}
+    yield "step-bf16W", mgg_step._mgg_step_kernel, step, warps, BF16_MEMORY
+    for count in (False, True):
+        advance = {"COUNT": count, "SLOTS": mgg_step.SLOTS}
+        yield "advance", mgg_step._advance_steps_kernel, advance, ADVANCE_WARPS, {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn, constexprs, warps, pointers in configurations(args.all):
         regs, spills = compile_report(fn, constexprs, warps, pointers)
         worst = max(worst, spills)
-        shown = {k: (str(v) if isinstance(v, tl.dtype) else v) for k, v in constexprs.items()}
+        shown = {k: (str(v) if isinstance(v, tl.dtype) else v) for k, v in constexprs.items()} | pointers
         print(f"{name:10s} {shown} num_warps={warps}: {regs} registers, {spills} bytes spilled")
     return 1 if worst > SPILL_BUDGET else 0
 
