@@ -22,6 +22,7 @@ before they advance, so no program reads a count another one writes.
 
 from __future__ import annotations
 
+import array
 import math
 import operator
 from collections.abc import Sequence
@@ -135,19 +136,19 @@ def _ln(beta: float) -> float:
     return math.log(beta) if beta > 0.0 else -math.inf
 
 
-def _device_table(columns: list[list[int]], device: torch.device, keep_alive: list[Tensor]) -> Tensor:
+def _device_table(columns: array.array, device: torch.device, keep_alive: list[Tensor]) -> Tensor:
     """The address table ``[3, P]`` (int64: parameter addresses, gradient addresses, stepped
-    flags) on ``device``. During CUDA-graph capture the copy comes from pinned memory that
-    ``keep_alive`` holds for the graph's lifetime."""
-    table = torch.tensor(columns, dtype=torch.int64)
+    flags; ``columns`` holds them one after the other) on ``device``. A CUDA table comes from
+    pinned memory without a host synchronisation (a pageable copy would wait for the queued GPU
+    work); during CUDA-graph capture ``keep_alive`` holds both for the graph's lifetime."""
+    table = torch.frombuffer(columns, dtype=torch.int64).view(3, -1)  # shares the array's memory
     if device.type != "cuda":
         return table
+    pinned = table.pin_memory()
+    out = pinned.to(device, non_blocking=True)
     if torch.cuda.is_current_stream_capturing():
-        table = table.pin_memory()
-        out = torch.empty_like(table, device=device)
-        keep_alive += (table, out)
-        return out.copy_(table, non_blocking=True)
-    return table.to(device)
+        keep_alive += (pinned, out)
+    return out
 
 
 _data_ptr = Tensor.data_ptr
@@ -213,7 +214,9 @@ def mgg_step_(
             stepped.append(int(g is not None))
         if not any(stepped):
             return
-    columns = [list(map(_data_ptr, work_params)), list(map(_data_ptr, work_grads)), stepped]
+    columns = array.array("q", map(_data_ptr, work_params))
+    columns.extend(map(_data_ptr, work_grads))
+    columns.extend(stepped)
     table = _device_table(columns, device, keep_alive)
     scalars = (lr, beta1, 1.0 - beta1, _ln(beta1), beta2, 1.0 - beta2, _ln(beta2), eps)
     state = (len(params), steps, found_inf, exp_avg, exp_avg_sq, memory_W, memory_b)
@@ -222,7 +225,9 @@ def mgg_step_(
         launch_table = table
         if len(dtypes) > 1:  # this launch steps the parameters of one dtype only
             mine = [int(s and p.dtype == dtype) for p, s in zip(work_params, stepped, strict=True)]
-            launch_table = _device_table([*columns[:2], mine], device, keep_alive)
+            launch_table = _device_table(
+                columns[: 2 * len(params)] + array.array("q", mine), device, keep_alive
+            )
         _mgg_step_kernel[(layout.shape[0],)](
             layout, launch_table, *state, *scalars, *weights,
             NH=num_heads, F=head_dim, P_DTYPE=PARAM_DTYPES[dtype], BLOCK=block, num_warps=num_warps,
