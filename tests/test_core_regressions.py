@@ -193,6 +193,8 @@ BAD_HYPERPARAMS = [
     ("lr", INF, "learning rate"),
     ("lr", torch.tensor(NAN), "learning rate"),
     ("lr", -0.5, "learning rate"),
+    ("lr", 0.1j, "learning rate"),
+    ("lr", torch.tensor([0.1, 0.2]), "learning rate"),
     ("betas", (1.0, 0.99), "betas"),
     ("betas", (2, 2), "betas"),
     ("betas", (0.9, NAN), "betas"),
@@ -234,7 +236,7 @@ def test_bad_hyperparameter_in_a_state_dict_is_rejected_on_load(key, value, matc
     assert_unchanged(params, opt, snap)
 
 
-@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq", "memory_b"])
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq", "memory_W", "memory_b", "step"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_complex_state_raises_at_step_and_on_load(backend, key):
     params, opt = stepped_opt(backend)
@@ -250,6 +252,8 @@ def test_complex_state_raises_at_step_and_on_load(backend, key):
         opt.step()
     opt.state[params[0]][key] = good  # the original view again: nothing was re-packed
     assert_unchanged(params, opt, snap)
+    opt.step()
+    assert float(opt.state[params[0]]["step"]) == 2.0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
