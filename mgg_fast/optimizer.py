@@ -323,9 +323,10 @@ class MGGOptimizer(torch.optim.Optimizer):
         (one fused pass, no host synchronisation)."""
         flag = self._found_inf
         flag.zero_()
-        # the MGG's weights as one copy: the check rewrites its inputs (times 1.0) in place
+        # the MGG's tensors as one copy: the check rewrites its inputs (times 1.0) in place
         tensors = [g for g in grads if g.dtype != torch.bfloat16]
-        tensors.append(torch.cat(list(map(torch.flatten, self.mgg.weights()))))
+        mgg = self.mgg
+        tensors.append(torch.cat(list(map(torch.flatten, (*mgg.weights(), mgg.W1, mgg.b1)))))
         # CUDA's check has no bfloat16 kernel: those gradients go in as one float32 copy.
         bf16 = [g.reshape(-1) for g in grads if g.dtype == torch.bfloat16]
         if bf16:
