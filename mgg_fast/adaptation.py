@@ -56,8 +56,8 @@ class MGTTA(nn.Module):
 
     Move the model to its device (and dtype) before wrapping it: the optimizer state and the
     reset snapshot live there. Raises ``ValueError`` for a model without norm params,
-    ``loss="foa"`` without statistics, and (per call) a batch holding NaN/Inf or living on
-    another device than the model; nothing changes in those cases.
+    ``loss="foa"`` without statistics, and (per call) an empty batch, a batch holding NaN/Inf or
+    living on another device than the model; nothing changes in those cases.
     """
 
     def __init__(
@@ -181,6 +181,8 @@ class MGTTA(nn.Module):
             )
         if not isinstance(x, Tensor):
             raise TypeError(f"the batch must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"empty batch (shape {list(x.shape)}): nothing was adapted")
         if x.device != self.device:
             raise ValueError(f"the batch is on {x.device} but the model is on {self.device}; move it first")
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):

@@ -13,6 +13,7 @@ Bad arguments and paths end with a one-line message and a non-zero exit status, 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -86,6 +87,51 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise CLIError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return device
+
+
+def _writable_base(folder: Path, flag: str, shown: Path) -> None:
+    """The nearest existing ancestor of ``folder`` must be a writable folder (``flag`` names the option)."""
+    base = folder
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise CLIError(f"{flag} {shown}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag} {shown}: cannot write in {base} (permission denied)")
+
+
+def check_output_folder(path: Path, flag: str = "--out") -> None:
+    """Fail before any work if ``path`` cannot be (or become) a writable folder; creates nothing."""
+    path = path.expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{flag} {path} is a file, not a folder")
+    _writable_base(path, flag, path)
+
+
+def check_output_file(path: Path, flag: str = "--output") -> None:
+    """Fail before any work if ``path`` cannot be written (a folder, under a file, no permission)."""
+    path = path.expanduser().absolute()
+    if path.is_dir():
+        raise CLIError(f"{flag} {path} is a folder, not a file")
+    _writable_base(path.parent, flag, path)
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes on ``device``: CUDA's free memory, else the kernel's MemAvailable (or free pages)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# The flag to lower when a command runs out of memory.
+OOM_FLAG = {"demo": "--batch-size", "train": "--batch-size", "adapt": "--batch-size", "bench": "--sizes"}
 
 
 # ---- parser ---------------------------------------------------------------------------------------
@@ -275,6 +321,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from mgg_fast.shift_benchmark import run_benchmark
     from mgg_fast.shift_data import resolve_cache_dir
 
+    check_output_folder(args.out)
     device = resolve_device(args.device)
     cfg = _benchmark_config(args, device)
     cfg.validate()
@@ -312,6 +359,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from mgg_fast.shift_benchmark import BenchmarkConfig, clean_source_stats, meta_batches
     from mgg_fast.shift_data import resolve_cache_dir, to_tensor
 
+    check_output_file(args.output)
     device = resolve_device(args.device)
     cache = resolve_cache_dir(args.cache_dir)
     if args.data == BUNDLED:
@@ -362,6 +410,7 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     if args.data == BUNDLED:
         from mgg_fast.shift_benchmark import run_benchmark
 
+        check_output_folder(args.out)
         cfg = _benchmark_config(args, device)
         results = run_benchmark(
             cfg, cache_dir=args.cache_dir, mgg=mgg, progress=not args.no_progress, log=_say
@@ -422,6 +471,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
     cuda = device.type == "cuda"
     sizes = args.sizes or ([38_400, 1 << 20, 8 << 20] if cuda else [4_608, 38_400])
     steps = args.steps or (50 if cuda else 10)
+    free = available_memory(device)
+    for n in sizes:
+        need = BENCH_BYTES_PER_COORDINATE * n
+        if need > free:
+            raise CLIError(
+                f"--sizes {n:,} needs about {need / 2**30:.1f} GiB on {device} (optimizer state and step "
+                f"temporaries), {free / 2**30:.1f} GiB are free; lower --sizes"
+            )
     kinds: list[tuple[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]] = [
         ("MGG reference", lambda ps: MGGOptimizer(ps, MGG().to(device), backend="reference")),
         ("torch Adam(foreach)", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True)),
@@ -444,6 +501,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
             opt = make(params)
             seconds = _time_steps(opt, steps, device)
             _say(f"{n:>10,}  {name:<20} {1e6 * seconds:>10.1f} {n / seconds:>10.3g}")
+
+
+# parameter + gradient + the MGG's per-coordinate state (74 floats at H = 8), twice for the step's
+# temporaries: an estimate, to refuse sizes that cannot fit before allocating anything
+BENCH_BYTES_PER_COORDINATE = 4 * (2 + 74) * 2
 
 
 def _time_steps(opt: torch.optim.Optimizer, steps: int, device: torch.device) -> float:
@@ -475,6 +537,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if not _is_out_of_memory(exc):
+            raise
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        flag = OOM_FLAG.get(args.command, "--batch-size")
+        print(f"{prog}: error: out of memory ({text[:200]}); lower {flag}", file=sys.stderr)
+        return EXIT_USAGE
     except (ValueError, OSError, ImportError) as exc:  # bad paths, files, names, missing extras
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -482,3 +551,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure: torch's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    text = str(exc)
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in text
