@@ -61,6 +61,25 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _model_kwargs(text: str) -> dict[str, Any]:
+    from mgg_fast.user_models import parse_model_args
+
+    try:
+        return parse_model_args(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _list_of(item: Callable[[str], Any]) -> Callable[[str], list[Any]]:
     def parse(text: str) -> list[Any]:
         parts = [p.strip() for p in text.split(",") if p.strip()]
@@ -131,7 +150,7 @@ def available_memory(device: torch.device) -> int:
 
 
 # The flag to lower when a command runs out of memory.
-OOM_FLAG = {"demo": "--batch-size", "train": "--batch-size", "adapt": "--batch-size", "bench": "--sizes"}
+OOM_FLAG = {"bench": "--sizes"}  # every other command: --batch-size
 
 
 # ---- parser ---------------------------------------------------------------------------------------
@@ -162,7 +181,8 @@ def _cache(p: argparse.ArgumentParser) -> None:
         "--source-images",
         type=_positive_int,
         default=None,
-        help="clean images to train source models on; unset: all 3,500",
+        help="clean images to train the bundled source models on (unset: all 3,500), or to take from "
+        "--source-data (unset: 512)",
     )
 
 
@@ -193,8 +213,78 @@ def _benchmark_sizes(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _user_model_options(p: argparse.ArgumentParser, required: bool = False) -> None:
+    g = p.add_argument_group("your own model and data (timm)")
+    g.add_argument(
+        "--model",
+        required=required,
+        default=None,
+        help="a timm model name (timm.create_model)" + ("" if required else "; unset: the bundled demo"),
+    )
+    weights = g.add_mutually_exclusive_group()
+    weights.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="local weights: .pth/.pt/.bin (torch, weights-only) or .safetensors; a state dict, or one "
+        "under 'state_dict'/'model'/'model_state_dict'",
+    )
+    weights.add_argument(
+        "--pretrained", action="store_true", help="timm's pretrained weights (downloads; needs internet)"
+    )
+    g.add_argument(
+        "--model-args",
+        type=_model_kwargs,
+        default={},
+        metavar="K=V,...",
+        help="more timm.create_model arguments, e.g. num_classes=10,img_size=64",
+    )
+    g.add_argument(
+        "--input-size",
+        type=_positive_int,
+        default=None,
+        help="image side fed to the model; unset: its data config",
+    )
+    g.add_argument(
+        "--layout",
+        choices=("imagenet-c", "imagefolder"),
+        default=None,
+        help="ROOT/<corruption>/<severity>/<class>/<img> or ROOT/<class>/<img>; unset: detected",
+    )
+    g.add_argument(
+        "--severity",
+        type=int,
+        choices=range(1, 6),
+        default=5,
+        metavar="1-5",
+        help="imagenet-c severity folder",
+    )
+    g.add_argument(
+        "--workers", type=_non_negative_int, default=min(4, os.cpu_count() or 1), help="DataLoader processes"
+    )
+
+
+def _source_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--source-stats",
+        type=Path,
+        default=None,
+        help="FOA source statistics: a file of 'mgg-fast stats' or the published train_info.pt",
+    )
+    g.add_argument(
+        "--source-data", default=None, help="FOA source statistics computed from this folder of clean images"
+    )
+    p.add_argument(
+        "--loss",
+        choices=("foa", "entropy"),
+        default=None,
+        help="adaptation loss; unset: foa where source statistics exist (bundled, --source-*), else entropy",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``mgg-fast`` argument parser with its four subcommands."""
+    """The ``mgg-fast`` argument parser with its five subcommands."""
     from mgg_fast.shift_benchmark import BenchmarkConfig
 
     parser = _Parser(
@@ -224,12 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--data",
         default=BUNDLED,
-        help="'bundled' (MNIST under the 4 validation corruptions) or a folder of png/jpg images",
+        help="'bundled' (MNIST under the 4 validation corruptions) or a folder of png/jpg images; with "
+        "--model: ROOT of your images (imagenet-c or imagefolder layout)",
     )
     train.add_argument("--arch", default="vit", help="source model: vit or resnet")
     train.add_argument("--output", type=Path, default=Path("mgg.pt"), help="where to save the MGG")
     train.add_argument(
-        "--n-images", type=_positive_int, default=BenchmarkConfig.n_meta, help="at most this many images"
+        "--images",
+        "--n-images",
+        dest="n_images",
+        type=_positive_int,
+        default=BenchmarkConfig.n_meta,
+        help="at most this many images (with --model: round-robin over the corruptions)",
     )
     train.add_argument("--batch-size", type=_positive_int, default=BenchmarkConfig.batch_size)
     train.add_argument(
@@ -239,7 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--mgg-lr", type=_positive_float, default=BenchmarkConfig.mgg_lr, help="Adam lr of the MGG itself"
     )
-    train.add_argument("--loss", choices=("foa", "entropy"), default="foa")
+    train.add_argument(
+        "--corruptions", type=_list_of(str), default=None, help="with --model: corruption folders; unset: all"
+    )
+    _source_options(train)
+    _user_model_options(train)
     _cache(train)
     _common(train)
 
@@ -251,19 +351,64 @@ def build_parser() -> argparse.ArgumentParser:
         "tuned on the validation corruptions, as in the demo) or on a folder of images with the "
         "given learning rates (accuracy if the folder has class subfolders named 0..9).",
     )
-    adapt.add_argument("--mgg", type=Path, required=True, help="an MGG saved by 'train' (MGG.save)")
-    adapt.add_argument("--data", default=BUNDLED, help="'bundled' or a folder of png/jpg images")
+    adapt.add_argument(
+        "--mgg",
+        type=Path,
+        default=None,
+        help="an MGG saved by 'train' (MGG.save) or the published checkpoint",
+    )
+    adapt.add_argument(
+        "--data", default=BUNDLED, help="'bundled', a folder of png/jpg images, or with --model: ROOT"
+    )
     adapt.add_argument(
         "--lr",
         type=_positive_float,
-        nargs=3,
-        metavar=("TENT", "ADAM", "MGG"),
+        nargs="+",
+        metavar="LR",
         default=None,
-        help="learning rates for a folder (default: the middle of each tuning grid)",
+        help="bundled models on a folder: TENT ADAM MGG (default: the middle of each tuning grid); with "
+        "--model: one for all methods or one per --method (default 1e-3, the published adapt_lr)",
     )
+    adapt.add_argument(
+        "--method",
+        type=_list_of(str),
+        default=["mgg"],
+        help="with --model: methods among noadapt,tent,adam,mgg",
+    )
+    adapt.add_argument("--episodic", action="store_true", help="with --model: reset before every batch")
+    adapt.add_argument(
+        "--class-mask", type=Path, default=None, help="with --model: text file of the class indices to keep"
+    )
+    adapt.add_argument(
+        "--images", type=_positive_int, default=None, help="with --model: at most this many images per stream"
+    )
+    adapt.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --model: continue the run in --out, skipping finished streams",
+    )
+    _source_options(adapt)
+    _user_model_options(adapt)
     _benchmark_sizes(adapt)
     _cache(adapt)
     _common(adapt)
+
+    stats = sub.add_parser(
+        "stats",
+        **fmt,
+        help="FOA source statistics of your model on clean images (for adapt/train --source-stats)",
+        description="Per-feature std and mean of the model's features (CLS token after every block for "
+        "ViTs, pooled stage outputs for CNNs) over clean source images, saved for the FOA loss.",
+    )
+    stats.add_argument(
+        "--data", required=True, help="ROOT of clean images (imagefolder, or imagenet-c layout)"
+    )
+    stats.add_argument("--output", type=Path, default=Path("stats.pt"), help="where to save the statistics")
+    stats.add_argument("--images", type=_positive_int, default=512, help="at most this many images")
+    stats.add_argument("--batch-size", type=_positive_int, default=64)
+    stats.add_argument("--corruptions", type=_list_of(str), default=None, help="imagenet-c layout: folders")
+    _user_model_options(stats, required=True)
+    _common(stats)
 
     bench = sub.add_parser(
         "bench",
@@ -360,8 +505,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     from mgg_fast.shift_data import resolve_cache_dir, to_tensor
 
     check_output_file(args.output)
+    if args.model is not None:
+        cmd_train_model(args)
+        return
     device = resolve_device(args.device)
     cache = resolve_cache_dir(args.cache_dir)
+    loss = args.loss or "foa"
     if args.data == BUNDLED:
         cfg = BenchmarkConfig(
             n_meta=args.n_images, batch_size=args.batch_size, seed=args.seed, device=str(device)
@@ -374,11 +523,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         x = to_tensor(images).to(device)
         batches = list(x.split(args.batch_size))
         what = f"{len(images)} images from {args.data}"
-    if args.loss == "foa" and min(len(b) for b in batches) < 2:
-        raise CLIError("the foa loss needs batches of at least 2 images; use --loss entropy or more images")
+    _check_foa_batches(loss, batches)
     torch.manual_seed(args.seed)
     src = _source(args.arch, args, device)
-    stats = clean_source_stats(src.model) if args.loss == "foa" else None
+    stats = clean_source_stats(src.model) if loss == "foa" else None
     _say(
         f"meta-training an MGG on {what} ({args.arch} source model, {args.epochs} epochs, "
         f"adapt lr {args.adapt_lr})"
@@ -389,7 +537,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         epochs=args.epochs,
         mgg_lr=args.mgg_lr,
         adapt_lr=args.adapt_lr,
-        loss=args.loss,
+        loss=loss,
         source_stats=stats,
         seed=args.seed,
         progress=not args.no_progress,
@@ -398,15 +546,26 @@ def cmd_train(args: argparse.Namespace) -> None:
     _say(f"saved the MGG to {args.output}")
 
 
-def cmd_adapt(args: argparse.Namespace) -> None:
-    """Evaluate a saved MGG against the baselines."""
+def _load_mgg(path: Path, device: torch.device) -> Any:
     from mgg_fast.mgg import MGG
 
-    device = resolve_device(args.device)
     try:
-        mgg = MGG.load(args.mgg, map_location=device)
+        return MGG.load(path, map_location=device)
     except FileNotFoundError:
-        raise CLIError(f"no MGG checkpoint at {args.mgg} (make one with 'mgg-fast train')") from None
+        raise CLIError(f"no MGG checkpoint at {path} (make one with 'mgg-fast train')") from None
+
+
+def cmd_adapt(args: argparse.Namespace) -> None:
+    """Evaluate a saved MGG against the baselines (bundled), or adapt your own model (``--model``)."""
+    if args.model is not None:
+        cmd_adapt_model(args)
+        return
+    if args.mgg is None:
+        raise CLIError("the bundled models need --mgg FILE (an MGG from 'mgg-fast train'); or give --model")
+    if args.lr is not None and len(args.lr) != 3:
+        raise CLIError(f"--lr for the bundled models takes 3 values (TENT ADAM MGG), got {len(args.lr)}")
+    device = resolve_device(args.device)
+    mgg = _load_mgg(args.mgg, device)
     if args.data == BUNDLED:
         from mgg_fast.shift_benchmark import run_benchmark
 
@@ -458,6 +617,239 @@ def _adapt_folder(args: argparse.Namespace, device: torch.device, mgg: Any) -> N
                 f"  {LABELS[method]:<11} lr {lrs.get(method, 0):<8g} {acc}mean confidence "
                 f"{confidence / len(data):.3f}  {1e3 * runner.seconds / runner.batches:.1f} ms/batch"
             )
+
+
+# ---- your own model (--model) --------------------------------------------------------------------
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _check_foa_batches(loss: str, batches: Sequence[torch.Tensor]) -> None:
+    if loss == "foa" and min(len(b) for b in batches) < 2:
+        raise CLIError("the foa loss needs batches of at least 2 images; use --loss entropy or more images")
+
+
+def _user_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, dict[str, Any]]:
+    """``(model on device, its transform, its data config)`` from the --model options."""
+    from mgg_fast.user_models import build_model, preprocessing
+
+    if args.checkpoint is None and not args.pretrained:
+        _warn(f"warning: neither --checkpoint nor --pretrained: {args.model} keeps timm's random weights")
+    model = build_model(
+        args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, model_args=args.model_args
+    )
+    transform, config = preprocessing(model, args.input_size)
+    return model.to(device), transform, config
+
+
+def _user_streams(
+    args: argparse.Namespace, root_text: str, num_labels: int | None, flag: str = "--data"
+) -> tuple[Any, str, list[Any]]:
+    """``(root, layout, streams)`` of a data folder given by ``flag``."""
+    from mgg_fast.user_data import check_root, detect_layout, find_streams
+
+    root = check_root(root_text, flag)
+    layout = (args.layout if flag == "--data" else None) or detect_layout(root)
+    corruptions = getattr(args, "corruptions", None) if flag == "--data" else None
+    streams = find_streams(
+        root, layout, corruptions=corruptions, severity=args.severity, num_labels=num_labels
+    )
+    return root, layout, streams
+
+
+def _images_of(
+    stream: Any, transform: Any, args: argparse.Namespace, device: torch.device
+) -> list[torch.Tensor]:
+    """The decodable images of ``stream`` as batches on ``device`` (unreadable ones skipped, warned)."""
+    from mgg_fast.user_data import Skipped, make_loader
+
+    loader = make_loader(
+        stream, transform, batch_size=args.batch_size, workers=args.workers, device=device, seed=args.seed
+    )
+    skipped, batches = Skipped(), []
+    for batch in loader:
+        skipped.add(stream, batch, _warn)
+        if batch.x is not None:
+            batches.append(batch.x.to(device))
+    if skipped.count:
+        _warn(f"warning: {skipped.count} unreadable image(s) skipped")
+    if not batches:
+        raise CLIError(f"none of the {len(stream)} images could be read")
+    return batches
+
+
+def _stats_from(
+    args: argparse.Namespace,
+    root_text: str,
+    flag: str,
+    n: int,
+    model: Any,
+    transform: Any,
+    device: torch.device,
+) -> tuple[Any, int]:
+    """FOA source statistics of ``model`` over at most ``n`` images of a folder; and the image count."""
+    from mgg_fast.losses import fit_source_stats
+    from mgg_fast.user_data import interleave
+
+    _, _, streams = _user_streams(args, root_text, None, flag)
+    batches = _images_of(interleave(streams, n, args.seed), transform, args, device)
+    return fit_source_stats(model, batches), sum(len(b) for b in batches)
+
+
+def _user_loss(args: argparse.Namespace, model: Any, transform: Any, device: torch.device) -> tuple[str, Any]:
+    """``(loss, source statistics or None)`` from --loss, --source-stats and --source-data."""
+    from mgg_fast.losses import SourceStats
+
+    stats = None
+    if args.source_stats is not None:
+        stats = SourceStats.load(args.source_stats, model)
+    elif args.source_data is not None:
+        n = args.source_images or 512
+        stats, used = _stats_from(args, args.source_data, "--source-data", n, model, transform, device)
+        _say(f"source statistics from {used} images of {args.source_data}")
+    loss = args.loss or ("foa" if stats is not None else "entropy")
+    if loss == "foa" and stats is None:
+        raise CLIError("--loss foa needs --source-stats FILE or --source-data ROOT (or use --loss entropy)")
+    if args.loss is None and stats is None:
+        _say("no --source-stats or --source-data: adapting with the entropy loss")
+    return loss, stats
+
+
+def _absolute(path: Any) -> str | None:
+    return None if path is None else str(Path(path).expanduser().absolute())
+
+
+def cmd_adapt_model(args: argparse.Namespace) -> None:
+    """Adapt a timm model on your folders: every --method on every stream, resumable, with reports."""
+    from mgg_fast.adaptation import DEFAULT_LR
+    from mgg_fast.shift_benchmark import OPTIMIZER_OF, memory_dtype
+    from mgg_fast.user_adapt import METHODS, RunSetup, format_text, run_all, write_reports
+    from mgg_fast.user_data import read_class_mask, subsample
+    from mgg_fast.user_models import num_outputs
+
+    check_output_folder(args.out)
+    unknown = [m for m in args.method if m not in METHODS]
+    if unknown:
+        raise CLIError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    adapting = [m for m in args.method if m != "noadapt"]
+    if args.lr is not None and len(args.lr) not in (1, len(adapting)):
+        raise CLIError(
+            f"--lr takes one value or one per adapting method ({len(adapting)}), got {len(args.lr)}"
+        )
+    if "mgg" in args.method and args.mgg is None:
+        raise CLIError(
+            "--method mgg needs --mgg FILE (from 'mgg-fast train --model ...', or the published one)"
+        )
+    device = resolve_device(args.device)
+    mgg = _load_mgg(args.mgg, device) if "mgg" in args.method else None
+    model, transform, data_config = _user_model(args, device)
+    mask = read_class_mask(args.class_mask, num_outputs(model)) if args.class_mask is not None else None
+    root, layout, streams = _user_streams(args, args.data, len(mask) if mask else num_outputs(model))
+    streams = [subsample(s, args.images, args.seed) for s in streams]
+    loss, stats = _user_loss(args, model, transform, device)
+    given = args.lr or [None]
+    lrs = {
+        m: given[i if len(given) > 1 else 0] or DEFAULT_LR[OPTIMIZER_OF[m]] for i, m in enumerate(adapting)
+    }
+    config = {
+        "model": args.model,
+        "checkpoint": _absolute(args.checkpoint),
+        "pretrained": args.pretrained,
+        "model_args": args.model_args,
+        "input_size": list(data_config["input_size"]),
+        "data": _absolute(root),
+        "layout": layout,
+        "severity": args.severity,
+        "streams": [s.name for s in streams],
+        "images": args.images,
+        "methods": list(args.method),
+        "lrs": lrs,
+        "mgg": _absolute(args.mgg) if mgg is not None else None,
+        "mgg_memory": args.mgg_memory,
+        "batch_size": args.batch_size,
+        "episodic": args.episodic,
+        "loss": loss,
+        "source_stats": _absolute(args.source_stats),
+        "source_data": _absolute(args.source_data),
+        "class_mask": mask,
+        "seed": args.seed,
+        "workers": args.workers,
+    }
+    setup = RunSetup(
+        model=model,
+        transform=transform,
+        streams=streams,
+        methods=list(args.method),
+        lrs=lrs,
+        mgg=mgg,
+        stats=stats,
+        loss=loss,
+        class_mask=mask,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        episodic=args.episodic,
+        seed=args.seed,
+        device=device,
+        memory_W_dtype=memory_dtype(args.mgg_memory),
+        config=config,
+    )
+    labeled = "labeled" if all(s.labeled for s in streams) else "unlabeled"
+    _say(
+        f"adapting {args.model} on {device}: {len(streams)} stream(s) of {root} ({layout}, {labeled}), "
+        f"methods {', '.join(args.method)}, loss {loss}"
+    )
+    results = run_all(
+        setup, args.out, resume=args.resume, progress=not args.no_progress, log=_say, warn=_warn
+    )
+    _say(format_text(results))
+    paths = write_reports(results, args.out)
+    _say(f"Results: {', '.join(str(p) for p in paths)}")
+
+
+def cmd_train_model(args: argparse.Namespace) -> None:
+    """Meta-train an MGG for a timm model on images of your folders and save it."""
+    from mgg_fast.meta_training import train_mgg
+    from mgg_fast.user_data import interleave
+
+    device = resolve_device(args.device)
+    model, transform, _ = _user_model(args, device)
+    root, layout, streams = _user_streams(args, args.data, None)
+    loss, stats = _user_loss(args, model, transform, device)
+    batches = _images_of(interleave(streams, args.n_images, args.seed), transform, args, device)
+    _check_foa_batches(loss, batches)
+    _say(
+        f"meta-training an MGG for {args.model} on {sum(len(b) for b in batches)} images of {root} "
+        f"({layout}: {', '.join(s.name for s in streams)}), {args.epochs} epochs, adapt lr {args.adapt_lr}, "
+        f"loss {loss}"
+    )
+    mgg = train_mgg(
+        model,
+        batches,
+        epochs=args.epochs,
+        mgg_lr=args.mgg_lr,
+        adapt_lr=args.adapt_lr,
+        loss=loss,
+        source_stats=stats,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    mgg.save(args.output)
+    _say(f"saved the MGG to {args.output}")
+
+
+def cmd_stats(args: argparse.Namespace) -> None:
+    """FOA source statistics of a timm model over clean images, saved with ``SourceStats.save``."""
+    check_output_file(args.output)
+    device = resolve_device(args.device)
+    model, transform, _ = _user_model(args, device)
+    stats, used = _stats_from(args, args.data, "--data", args.images, model, transform, device)
+    stats.save(args.output)
+    _say(
+        f"saved source statistics of {used} images ({len(stats.layers)} {stats.mode} layers, "
+        f"{stats.mean.numel()} features) to {args.output}"
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -524,7 +916,7 @@ def _time_steps(opt: torch.optim.Optimizer, steps: int, device: torch.device) ->
     return sorted(times)[len(times) // 2]
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "adapt": cmd_adapt, "bench": cmd_bench}
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "adapt": cmd_adapt, "stats": cmd_stats, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -544,7 +936,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         flag = OOM_FLAG.get(args.command, "--batch-size")
         print(f"{prog}: error: out of memory ({text[:200]}); lower {flag}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, OSError, ImportError) as exc:  # bad paths, files, names, missing extras
+    except (ValueError, OSError) as exc:  # bad paths, files, names: the user's input
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ImportError as exc:  # a missing optional extra
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
