@@ -134,7 +134,7 @@ def load_into(model: nn.Module, sd: Mapping[str, Tensor], *, source: str, name: 
     ``num_batches_tracked`` counter (absent from old torchvision files) is not an error."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in sd if k not in own]
+    unexpected = sorted(k for k in sd if k not in own)
     shapes = [
         f"{k} {list(sd[k].shape)} vs {list(v.shape)}"
         for k, v in own.items()

@@ -24,3 +24,56 @@ def test_empty_batch_raises_and_changes_nothing(optimizer):
     assert all(torch.equal(a, b) for a, b in zip(before, adapter.model.parameters(), strict=True))
     assert str(adapter.optimizer.state_dict()) == str(state)
     assert bool(torch.isfinite(adapter.last_loss))
+
+
+def tiny_vit():
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+
+
+def test_drop_in_returns_outputs_and_loss_like_mgtta(tmp_path):
+    """Built from the published files (checkpoint and train_info.pt), the drop-in gives what
+    MGTTA gives, as the official ``(outputs, loss)`` pair."""
+    from mgg_fast import fit_source_stats
+    from mgg_fast.adaptation import MGTTADropIn
+    from mgg_fast.losses import SourceStats
+    from mgg_fast.mgg import PUBLISHED_PREFIX
+
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(6, 3, 32, 32, generator=g) for _ in range(3)]
+    stats = fit_source_stats(tiny_vit(), xs[:2])
+    torch.save((stats.std, stats.mean), tmp_path / "train_info.pt")  # the published (std, mean) pair
+    torch.manual_seed(2)
+    mgg = MGG()
+    with torch.no_grad():
+        for p in mgg.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    sd = {PUBLISHED_PREFIX + k: v for k, v in mgg.state_dict().items()}
+    torch.save({"model_state_dict": sd}, tmp_path / "mgg_ckpt.pth")
+
+    drop_in = MGTTADropIn(
+        tiny_vit(), str(tmp_path / "mgg_ckpt.pth"), 1e-2, source_stats=tmp_path / "train_info.pt"
+    )
+    reference = MGTTA(
+        tiny_vit(),
+        mgg=mgg,
+        lr=1e-2,
+        loss="foa",
+        source_stats=SourceStats.load(tmp_path / "train_info.pt", tiny_vit()),
+    )
+    for x in xs:
+        outputs, loss = drop_in(x)
+        expected = reference(x)
+        assert not outputs.requires_grad and loss.dim() == 0 and not loss.requires_grad
+        torch.testing.assert_close(outputs, expected, rtol=0, atol=0)
+        torch.testing.assert_close(loss, reference.last_loss, rtol=0, atol=0)
+    assert drop_in.adapter.num_updates == 3
+    changed = [p.detach().clone() for p in drop_in.model.parameters()]
+    drop_in.reset()
+    assert any(not torch.equal(a, b) for a, b in zip(changed, drop_in.model.parameters(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(tiny_vit().state_dict().values(), drop_in.model.state_dict().values(), strict=True)
+    )
