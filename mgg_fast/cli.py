@@ -1,13 +1,16 @@
-"""Command line: ``python -m mgg_fast {demo,train,adapt,bench}`` (also installed as ``mgg-fast``).
+"""Command line: ``python -m mgg_fast {demo,train,adapt,stats,bench}`` (also installed as ``mgg-fast``).
 
 * ``demo``   the distribution-shift benchmark on bundled data (corrupted MNIST): NoAdapt, Tent,
   Adam and a freshly meta-trained MGG; prints the table, writes JSON, Markdown and a PNG.
 * ``train``  meta-train an MGG on bundled validation corruptions or on a folder of images; saves
-  it with ``MGG.save``.
+  it with ``MGG.save``. With ``--model``: for any timm model, on your ImageNet-C / ImageFolder tree.
 * ``adapt``  evaluate a saved MGG against the baselines on the bundled benchmark or a folder.
+  With ``--model``: adapt a timm model on your folders, resumable (``mgg_fast.user_adapt``).
+* ``stats``  FOA source statistics of a timm model over clean images.
 * ``bench``  optimizer-step throughput: the reference step, the fused step (CUDA), torch Adam.
 
-Bad arguments and paths end with a one-line message and a non-zero exit status, no traceback.
+Bad arguments, paths and files end with a one-line message and exit status 2, no traceback;
+outputs are checked before any work, and nothing is written half.
 """
 
 from __future__ import annotations
@@ -644,6 +647,17 @@ def _user_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, An
     return model.to(device), transform, config
 
 
+def _probe(model: Any, stream: Any, transform: Any, device: torch.device) -> None:
+    """One forward on the first readable images of ``stream``, before anything is written."""
+    from mgg_fast.user_data import ImageFiles
+    from mgg_fast.user_models import probe
+
+    items = ImageFiles(stream, transform)
+    images = [x for x, *_ in (items[i] for i in range(min(len(stream), 8))) if x is not None][:2]
+    if images:
+        probe(model, torch.stack(images).to(device), "--input-size and --model-args")
+
+
 def _user_streams(
     args: argparse.Namespace, root_text: str, num_labels: int | None, flag: str = "--data"
 ) -> tuple[Any, str, list[Any]]:
@@ -681,19 +695,12 @@ def _images_of(
 
 
 def _stats_from(
-    args: argparse.Namespace,
-    root_text: str,
-    flag: str,
-    n: int,
-    model: Any,
-    transform: Any,
-    device: torch.device,
+    args: argparse.Namespace, streams: list[Any], n: int, model: Any, transform: Any, device: torch.device
 ) -> tuple[Any, int]:
-    """FOA source statistics of ``model`` over at most ``n`` images of a folder; and the image count."""
+    """FOA source statistics of ``model`` over at most ``n`` images of the streams; and the image count."""
     from mgg_fast.losses import fit_source_stats
     from mgg_fast.user_data import interleave
 
-    _, _, streams = _user_streams(args, root_text, None, flag)
     batches = _images_of(interleave(streams, n, args.seed), transform, args, device)
     return fit_source_stats(model, batches), sum(len(b) for b in batches)
 
@@ -707,7 +714,8 @@ def _user_loss(args: argparse.Namespace, model: Any, transform: Any, device: tor
         stats = SourceStats.load(args.source_stats, model)
     elif args.source_data is not None:
         n = args.source_images or 512
-        stats, used = _stats_from(args, args.source_data, "--source-data", n, model, transform, device)
+        streams = _user_streams(args, args.source_data, None, "--source-data")[2]
+        stats, used = _stats_from(args, streams, n, model, transform, device)
         _say(f"source statistics from {used} images of {args.source_data}")
     loss = args.loss or ("foa" if stats is not None else "entropy")
     if loss == "foa" and stats is None:
@@ -748,6 +756,7 @@ def cmd_adapt_model(args: argparse.Namespace) -> None:
     mask = read_class_mask(args.class_mask, num_outputs(model)) if args.class_mask is not None else None
     root, layout, streams = _user_streams(args, args.data, len(mask) if mask else num_outputs(model))
     streams = [subsample(s, args.images, args.seed) for s in streams]
+    _probe(model, streams[0], transform, device)
     loss, stats = _user_loss(args, model, transform, device)
     given = args.lr or [None]
     lrs = {
@@ -816,6 +825,7 @@ def cmd_train_model(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     model, transform, _ = _user_model(args, device)
     root, layout, streams = _user_streams(args, args.data, None)
+    _probe(model, streams[0], transform, device)
     loss, stats = _user_loss(args, model, transform, device)
     batches = _images_of(interleave(streams, args.n_images, args.seed), transform, args, device)
     _check_foa_batches(loss, batches)
@@ -844,7 +854,9 @@ def cmd_stats(args: argparse.Namespace) -> None:
     check_output_file(args.output)
     device = resolve_device(args.device)
     model, transform, _ = _user_model(args, device)
-    stats, used = _stats_from(args, args.data, "--data", args.images, model, transform, device)
+    streams = _user_streams(args, args.data, None)[2]
+    _probe(model, streams[0], transform, device)
+    stats, used = _stats_from(args, streams, args.images, model, transform, device)
     stats.save(args.output)
     _say(
         f"saved source statistics of {used} images ({len(stats.layers)} {stats.mode} layers, "

@@ -15,10 +15,12 @@ from __future__ import annotations
 import ast
 import difflib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from mgg_fast.files import load_weights
@@ -57,6 +59,20 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+@contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """Without the Hugging Face hub's per-retry warnings (an offline download fails after a
+    dozen of them); the one-line error that follows says what happened."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(level)
+
+
 def build_model(
     name: str,
     *,
@@ -75,7 +91,8 @@ def build_model(
         raise _unknown_model(name)
     kwargs = dict(model_args or {})
     try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        with _quiet_hub():
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as exc:
         raise ValueError(f"timm.create_model({name!r}) does not take {kwargs}: {exc}") from None
     except (OSError, RuntimeError) as exc:
@@ -149,6 +166,21 @@ def load_into(model: nn.Module, sd: Mapping[str, Tensor], *, source: str, name: 
         hint = " (other classes or input size? pass --model-args num_classes=N,img_size=S)" if shapes else ""
         raise ValueError(f"{source} does not fit {name}: " + "; ".join(p for p in parts if p) + hint)
     model.load_state_dict(sd, strict=False)
+
+
+def probe(model: nn.Module, images: Tensor, flags: str) -> None:
+    """Run ``model`` once on a few ``images`` (no gradients) so that a model that cannot take them
+    (input size, channels) fails before any result is written, as one line naming ``flags``."""
+    try:
+        with torch.no_grad():
+            model(images)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise
+    except Exception as exc:  # whatever the model's own checks raise (timm asserts the input size)
+        text = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"{type(model).__name__} cannot run on these images ({type(exc).__name__}: {text}); check {flags}"
+        ) from None
 
 
 def num_outputs(model: nn.Module) -> int:

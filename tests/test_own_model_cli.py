@@ -496,6 +496,8 @@ def test_corrupt_images_are_skipped_with_a_warning_and_a_count(capsys, world, tm
         "--out",
         tmp_path / "out",
         *FAST,
+        "--workers",
+        "2",  # decoding and skipping happen in worker processes
     )
     assert code == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("warning: skipped unreadable image")]
@@ -546,3 +548,112 @@ def test_pretrained_offline_is_one_line(capsys, world, tmp_path, monkeypatch):
     )
     assert_one_line_error(code, err, "--pretrained could not download the weights of resnet18", "offline")
     assert not (tmp_path / "s.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("folders", "listing", "head", "expected"),
+    [
+        (
+            ["n01443537", "n01440764", "n15075141"],
+            None,
+            1000,
+            {"n01440764": 0, "n01443537": 1, "n15075141": 999},
+        ),
+        (["ant", "bee", "cat", "dog"], "dog\ncat\nbee\nant\n", 4, {"dog": 0, "cat": 1, "bee": 2, "ant": 3}),
+        (["0", "2", "10"], None, 11, {"0": 0, "2": 2, "10": 10}),
+    ],
+)
+def test_labels_from_wnids_classes_txt_and_numbers(capsys, tmp_path, folders, listing, head, expected):
+    rng = np.random.default_rng(2)
+    for name in folders:
+        write_images(tmp_path / "data" / name, 2, rng)
+    if listing:
+        (tmp_path / "data" / "classes.txt").write_text(listing)
+    code, _, err = run_cli(
+        capsys,
+        "adapt",
+        "--model",
+        "resnet18",
+        "--model-args",
+        f"num_classes={head}",
+        "--input-size",
+        "32",
+        "--data",
+        tmp_path / "data",
+        "--method",
+        "noadapt",
+        "--out",
+        tmp_path / "out",
+        *FAST,
+    )
+    assert code == 0, err
+    rows = (tmp_path / "out" / "predictions" / "noadapt" / "data.csv").read_text().splitlines()[1:]
+    assert {row.split(",")[0].split("/")[-2]: int(row.split(",")[1]) for row in rows} == expected
+
+
+def test_episodic_predicts_every_batch_with_the_source_model(capsys, world, tmp_path):
+    """Episodic: each batch is predicted right after a reset, so an adapting method (even at a
+    large lr) predicts exactly what NoAdapt does; continual, the same lr changes the predictions."""
+
+    def predictions(method, *flags):
+        out = tmp_path / "-".join((method, *flags))
+        code, _, err = run_cli(
+            capsys,
+            "adapt",
+            *VIT,
+            "--checkpoint",
+            world / "vit.pth",
+            "--data",
+            world / "folder",
+            "--method",
+            method,
+            "--lr",
+            "1.0",
+            "--out",
+            out,
+            *flags,
+            *FAST,
+        )
+        assert code == 0, err
+        return (out / "predictions" / method / "folder.csv").read_text()
+
+    source = predictions("noadapt")
+    assert predictions("tent", "--episodic") == source
+    assert predictions("tent") != source
+
+
+def test_progress_bar_shows_the_running_accuracy(capsys, world, tmp_path):
+    argv = [
+        "adapt",
+        *VIT,
+        "--checkpoint",
+        world / "vit.pth",
+        "--data",
+        world / "folder",
+        "--method",
+        "noadapt",
+    ]
+    code, _, err = run_cli(capsys, *argv, "--out", tmp_path / "out", *FAST[:-3], "--batch-size", "4")
+    assert code == 0, err
+    assert "noadapt folder" in err and "acc=" in err
+
+
+def test_a_model_that_cannot_take_the_images_fails_before_writing(capsys, world, tmp_path):
+    code, _, err = run_cli(
+        capsys,
+        "adapt",
+        *VIT,
+        "--checkpoint",
+        world / "vit.pth",
+        "--input-size",
+        "64",
+        "--data",
+        world / "folder",
+        "--method",
+        "tent",
+        "--out",
+        tmp_path / "out",
+        *FAST,
+    )
+    assert_one_line_error(code, err, "cannot run on these images", "Input height (64)", "--input-size")
+    assert not (tmp_path / "out").exists()
