@@ -501,9 +501,29 @@ def _folder(path: str) -> Any:
     return load_image_folder(path)
 
 
+def _meta_train_and_save(
+    model: Any, batches: list[torch.Tensor], loss: str, stats: Any, args: argparse.Namespace
+) -> None:
+    """Meta-train an MGG for ``model`` with the train options and save it to ``--output``."""
+    from mgg_fast.meta_training import train_mgg
+
+    mgg = train_mgg(
+        model,
+        batches,
+        epochs=args.epochs,
+        mgg_lr=args.mgg_lr,
+        adapt_lr=args.adapt_lr,
+        loss=loss,
+        source_stats=stats,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    mgg.save(args.output)
+    _say(f"saved the MGG to {args.output}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """Meta-train an MGG and save it."""
-    from mgg_fast.meta_training import train_mgg
     from mgg_fast.shift_benchmark import BenchmarkConfig, clean_source_stats, meta_batches
     from mgg_fast.shift_data import resolve_cache_dir, to_tensor
 
@@ -534,19 +554,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         f"meta-training an MGG on {what} ({args.arch} source model, {args.epochs} epochs, "
         f"adapt lr {args.adapt_lr})"
     )
-    mgg = train_mgg(
-        src.model,
-        batches,
-        epochs=args.epochs,
-        mgg_lr=args.mgg_lr,
-        adapt_lr=args.adapt_lr,
-        loss=loss,
-        source_stats=stats,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    mgg.save(args.output)
-    _say(f"saved the MGG to {args.output}")
+    _meta_train_and_save(src.model, batches, loss, stats, args)
 
 
 def _load_mgg(path: Path, device: torch.device) -> Any:
@@ -819,7 +827,6 @@ def cmd_adapt_model(args: argparse.Namespace) -> None:
 
 def cmd_train_model(args: argparse.Namespace) -> None:
     """Meta-train an MGG for a timm model on images of your folders and save it."""
-    from mgg_fast.meta_training import train_mgg
     from mgg_fast.user_data import interleave
 
     device = resolve_device(args.device)
@@ -834,19 +841,7 @@ def cmd_train_model(args: argparse.Namespace) -> None:
         f"({layout}: {', '.join(s.name for s in streams)}), {args.epochs} epochs, adapt lr {args.adapt_lr}, "
         f"loss {loss}"
     )
-    mgg = train_mgg(
-        model,
-        batches,
-        epochs=args.epochs,
-        mgg_lr=args.mgg_lr,
-        adapt_lr=args.adapt_lr,
-        loss=loss,
-        source_stats=stats,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    mgg.save(args.output)
-    _say(f"saved the MGG to {args.output}")
+    _meta_train_and_save(model, batches, loss, stats, args)
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
