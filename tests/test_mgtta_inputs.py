@@ -77,3 +77,26 @@ def test_drop_in_returns_outputs_and_loss_like_mgtta(tmp_path):
         torch.equal(a, b)
         for a, b in zip(tiny_vit().state_dict().values(), drop_in.model.state_dict().values(), strict=True)
     )
+
+
+def test_readme_drop_in_example_runs(tmp_path, monkeypatch):
+    """The README's harness snippet, with the published files it names built here."""
+    import re
+    from pathlib import Path
+
+    from mgg_fast import fit_source_stats
+    from mgg_fast.mgg import PUBLISHED_PREFIX
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "MGTTADropIn(" in b)
+    g = torch.Generator().manual_seed(3)
+    stats = fit_source_stats(tiny_vit(), [torch.randn(6, 3, 32, 32, generator=g)])
+    torch.save((stats.std, stats.mean), tmp_path / "train_info.pt")
+    sd = {PUBLISHED_PREFIX + k: v for k, v in MGG().state_dict().items()}
+    torch.save({"model_state_dict": sd}, tmp_path / "mgg_ckpt.pth")
+    monkeypatch.chdir(tmp_path)
+    scope = {"net": tiny_vit(), "images": torch.randn(6, 3, 32, 32, generator=g)}
+    exec(compile(example, "README.md", "exec"), scope)
+    assert scope["outputs"].shape == (6, 10) and scope["loss"].dim() == 0
+    assert scope["adapt_model"].adapter.num_updates == 0  # reset() at the end
+    assert scope["adapt_model"].adapter.total_updates == 1
