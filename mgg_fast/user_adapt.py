@@ -83,6 +83,8 @@ def check_resume(out: Path, config: dict[str, Any], resume: bool) -> None:
     """Refuse to mix runs: an existing ``run.json`` needs ``resume`` and the same settings."""
     path = out / "run.json"
     if not path.exists():
+        if (out / "results.json").exists():  # e.g. the demo's reports: not ours to overwrite
+            raise ValueError(f"{out} holds other results (results.json but no run.json); use another --out")
         return
     if not resume:
         raise ValueError(
@@ -135,7 +137,7 @@ class _Predictor:
     def __call__(self, x: Tensor) -> Tensor:
         if self.adapter is not None and len(x) >= self.min_batch:
             return self.adapter(x)
-        if self.adapter is not None:  # a last batch too small for the FOA loss's batch std
+        if self.adapter is not None:  # unreadable images left one image: too few for a batch std
             self.small_batches += 1
         with torch.no_grad():
             logits = self.model(x)

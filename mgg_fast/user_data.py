@@ -258,6 +258,21 @@ def _collate(items: list[tuple[Tensor | None, int, int, str]]) -> Batch:
     )
 
 
+def batch_indices(n: int, batch_size: int, seed: int, shuffle: bool = True) -> list[list[int]]:
+    """Image indices of each batch: a seeded permutation cut into ``batch_size`` pieces, the last
+    one merged into the one before when it would hold a single image (a batch std, and BatchNorm
+    in train mode, need at least two)."""
+    order = (
+        torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        if shuffle
+        else list(range(n))
+    )
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches[-2].extend(batches.pop())
+    return batches
+
+
 def make_loader(
     stream: ImageStream,
     transform: Callable[[Any], Tensor],
@@ -268,14 +283,11 @@ def make_loader(
     seed: int,
     shuffle: bool = True,
 ) -> DataLoader:
-    """Batches of ``stream`` in a seeded shuffled order (the same order on every run, so a resumed
-    run sees what the interrupted one would have), pinned memory on CUDA."""
-    generator = torch.Generator().manual_seed(seed)
+    """Batches of ``stream`` (:func:`batch_indices`: the same order on every run, so a resumed run
+    sees what the interrupted one would have), decoded in ``workers`` processes, pinned on CUDA."""
     return DataLoader(
         ImageFiles(stream, transform),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
+        batch_sampler=batch_indices(len(stream), batch_size, seed, shuffle),
         num_workers=workers,
         pin_memory=device.type == "cuda",
         collate_fn=_collate,

@@ -454,3 +454,22 @@ def test_pretrained_offline_is_one_line(capsys, world, tmp_path, monkeypatch):
     )
     assert_one_line_error(code, err, "--pretrained could not download the weights of resnet18", "offline")
     assert not (tmp_path / "s.pt").exists()
+
+
+@pytest.mark.parametrize(("n", "sizes"), [(9, [4, 5]), (8, [4, 4]), (1, [1]), (6, [4, 2])])
+def test_batches_never_end_with_a_single_image(n, sizes):
+    from mgg_fast.user_data import batch_indices
+
+    batches = batch_indices(n, 4, seed=0)
+    assert [len(b) for b in batches] == sizes
+    assert sorted(i for b in batches for i in b) == list(range(n))
+    assert batches == batch_indices(n, 4, seed=0) and (n < 4 or batches != batch_indices(n, 4, seed=1))
+
+
+def test_a_folder_with_other_results_is_refused(capsys, world, tmp_path):
+    (tmp_path / "results.json").write_text("{}")  # e.g. the demo's reports
+    code, _, err = cli(
+        capsys, VIT_RUN + " --data {w}/folder --method tent --out {t} " + FAST, w=world, t=tmp_path
+    )
+    assert_one_line_error(code, err, "holds other results")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
