@@ -435,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- commands -------------------------------------------------------------------------------------
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
+    """A line of the command's report on stdout, flushed (progress bars go to stderr)."""
     print(message, flush=True)
 
 
@@ -458,10 +459,10 @@ def _benchmark_config(args: argparse.Namespace, device: torch.device) -> Any:
 def _report(results: dict[str, Any], out: Path) -> None:
     from mgg_fast.shift_benchmark import format_text, write_reports
 
-    _say(format_text(results))
+    say(format_text(results))
     paths = write_reports(results, out)
-    _say("")
-    _say(f"Results: {paths['json']}, {paths['markdown']}, plot {paths['plot']}")
+    say("")
+    say(f"Results: {paths['json']}, {paths['markdown']}, plot {paths['plot']}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -474,11 +475,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     cfg = _benchmark_config(args, device)
     cfg.validate()
     cache = resolve_cache_dir(args.cache_dir)
-    _say(f"mgg_fast demo on {device}: archs {', '.join(cfg.archs)}; cache {cache}")
+    say(f"mgg_fast demo on {device}: archs {', '.join(cfg.archs)}; cache {cache}")
     start = time.perf_counter()
-    results = run_benchmark(cfg, cache_dir=cache, progress=not args.no_progress, log=_say)
+    results = run_benchmark(cfg, cache_dir=cache, progress=not args.no_progress, log=say)
     _report(results, args.out)
-    _say(f"Total time {time.perf_counter() - start:.0f} s (data and source models cached in {cache})")
+    say(f"Total time {time.perf_counter() - start:.0f} s (data and source models cached in {cache})")
 
 
 def _source(arch: str, args: argparse.Namespace, device: torch.device) -> Any:
@@ -501,7 +502,7 @@ def _folder(path: str) -> Any:
     return load_image_folder(path)
 
 
-def _meta_train_and_save(
+def meta_train_and_save(
     model: Any, batches: list[torch.Tensor], loss: str, stats: Any, args: argparse.Namespace
 ) -> None:
     """Meta-train an MGG for ``model`` with the train options and save it to ``--output``."""
@@ -519,7 +520,7 @@ def _meta_train_and_save(
         progress=not args.no_progress,
     )
     mgg.save(args.output)
-    _say(f"saved the MGG to {args.output}")
+    say(f"saved the MGG to {args.output}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -529,6 +530,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     check_output_file(args.output)
     if args.model is not None:
+        from mgg_fast.user_commands import cmd_train_model
+
         cmd_train_model(args)
         return
     device = resolve_device(args.device)
@@ -546,18 +549,19 @@ def cmd_train(args: argparse.Namespace) -> None:
         x = to_tensor(images).to(device)
         batches = list(x.split(args.batch_size))
         what = f"{len(images)} images from {args.data}"
-    _check_foa_batches(loss, batches)
+    check_foa_batches(loss, batches)
     torch.manual_seed(args.seed)
     src = _source(args.arch, args, device)
     stats = clean_source_stats(src.model) if loss == "foa" else None
-    _say(
+    say(
         f"meta-training an MGG on {what} ({args.arch} source model, {args.epochs} epochs, "
         f"adapt lr {args.adapt_lr})"
     )
-    _meta_train_and_save(src.model, batches, loss, stats, args)
+    meta_train_and_save(src.model, batches, loss, stats, args)
 
 
-def _load_mgg(path: Path, device: torch.device) -> Any:
+def load_mgg(path: Path, device: torch.device) -> Any:
+    """``MGG.load`` (ours or the published format); a missing file is a CLI error naming ``train``."""
     from mgg_fast.mgg import MGG
 
     try:
@@ -569,6 +573,8 @@ def _load_mgg(path: Path, device: torch.device) -> Any:
 def cmd_adapt(args: argparse.Namespace) -> None:
     """Evaluate a saved MGG against the baselines (bundled), or adapt your own model (``--model``)."""
     if args.model is not None:
+        from mgg_fast.user_commands import cmd_adapt_model
+
         cmd_adapt_model(args)
         return
     if args.mgg is None:
@@ -576,14 +582,14 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     if args.lr is not None and len(args.lr) != 3:
         raise CLIError(f"--lr for the bundled models takes 3 values (TENT ADAM MGG), got {len(args.lr)}")
     device = resolve_device(args.device)
-    mgg = _load_mgg(args.mgg, device)
+    mgg = load_mgg(args.mgg, device)
     if args.data == BUNDLED:
         from mgg_fast.shift_benchmark import run_benchmark
 
         check_output_folder(args.out)
         cfg = _benchmark_config(args, device)
         results = run_benchmark(
-            cfg, cache_dir=args.cache_dir, mgg=mgg, progress=not args.no_progress, log=_say
+            cfg, cache_dir=args.cache_dir, mgg=mgg, progress=not args.no_progress, log=say
         )
         _report(results, args.out)
         return
@@ -613,7 +619,7 @@ def _adapt_folder(args: argparse.Namespace, device: torch.device, mgg: Any) -> N
         torch.manual_seed(args.seed)
         src = _source(arch, args, device)
         stats = clean_source_stats(src.model)
-        _say(f"{arch} on {len(data)} images from {args.data} ({'labeled' if data.labeled else 'unlabeled'})")
+        say(f"{arch} on {len(data)} images from {args.data} ({'labeled' if data.labeled else 'unlabeled'})")
         for method in METHODS:
             runner = Runner(
                 src.model, method, lr=lrs.get(method), mgg=mgg, stats=stats, mgg_memory=args.mgg_memory
@@ -624,239 +630,23 @@ def _adapt_folder(args: argparse.Namespace, device: torch.device, mgg: Any) -> N
                 confidence += float(probs.max(1).values.sum())
                 correct += int((probs.argmax(1) == y).sum())
             acc = f"accuracy {100 * correct / len(data):5.1f}%  " if data.labeled else ""
-            _say(
+            say(
                 f"  {LABELS[method]:<11} lr {lrs.get(method, 0):<8g} {acc}mean confidence "
                 f"{confidence / len(data):.3f}  {1e3 * runner.seconds / runner.batches:.1f} ms/batch"
             )
 
 
-# ---- your own model (--model) --------------------------------------------------------------------
-
-
-def _warn(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _check_foa_batches(loss: str, batches: Sequence[torch.Tensor]) -> None:
+def check_foa_batches(loss: str, batches: Sequence[torch.Tensor]) -> None:
+    """The FOA loss takes a batch std: every meta-training batch needs two images."""
     if loss == "foa" and min(len(b) for b in batches) < 2:
         raise CLIError("the foa loss needs batches of at least 2 images; use --loss entropy or more images")
 
 
-def _user_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, dict[str, Any]]:
-    """``(model on device, its transform, its data config)`` from the --model options."""
-    from mgg_fast.user_models import build_model, preprocessing
-
-    if args.checkpoint is None and not args.pretrained:
-        _warn(f"warning: neither --checkpoint nor --pretrained: {args.model} keeps timm's random weights")
-    model = build_model(
-        args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, model_args=args.model_args
-    )
-    transform, config = preprocessing(model, args.input_size)
-    return model.to(device), transform, config
-
-
-def _probe(model: Any, stream: Any, transform: Any, device: torch.device) -> None:
-    """One forward on the first readable images of ``stream``, before anything is written."""
-    from mgg_fast.user_data import ImageFiles
-    from mgg_fast.user_models import probe
-
-    items = ImageFiles(stream, transform)
-    images = [x for x, *_ in (items[i] for i in range(min(len(stream), 8))) if x is not None][:2]
-    if images:
-        probe(model, torch.stack(images).to(device), "--input-size and --model-args")
-
-
-def _user_streams(
-    args: argparse.Namespace, root_text: str, num_labels: int | None, flag: str = "--data"
-) -> tuple[Any, str, list[Any]]:
-    """``(root, layout, streams)`` of a data folder given by ``flag``."""
-    from mgg_fast.user_data import check_root, detect_layout, find_streams
-
-    root = check_root(root_text, flag)
-    layout = (args.layout if flag == "--data" else None) or detect_layout(root)
-    corruptions = getattr(args, "corruptions", None) if flag == "--data" else None
-    streams = find_streams(
-        root, layout, corruptions=corruptions, severity=args.severity, num_labels=num_labels
-    )
-    return root, layout, streams
-
-
-def _images_of(
-    stream: Any, transform: Any, args: argparse.Namespace, device: torch.device
-) -> list[torch.Tensor]:
-    """The decodable images of ``stream`` as batches on ``device`` (unreadable ones skipped, warned)."""
-    from mgg_fast.user_data import Skipped, make_loader
-
-    loader = make_loader(
-        stream, transform, batch_size=args.batch_size, workers=args.workers, device=device, seed=args.seed
-    )
-    skipped, batches = Skipped(), []
-    for batch in loader:
-        skipped.add(stream, batch, _warn)
-        if batch.x is not None:
-            batches.append(batch.x.to(device))
-    if skipped.count:
-        _warn(f"warning: {skipped.count} unreadable image(s) skipped")
-    if not batches:
-        raise CLIError(f"none of the {len(stream)} images could be read")
-    return batches
-
-
-def _stats_from(
-    args: argparse.Namespace, streams: list[Any], n: int, model: Any, transform: Any, device: torch.device
-) -> tuple[Any, int]:
-    """FOA source statistics of ``model`` over at most ``n`` images of the streams; and the image count."""
-    from mgg_fast.losses import fit_source_stats
-    from mgg_fast.user_data import interleave
-
-    batches = _images_of(interleave(streams, n, args.seed), transform, args, device)
-    return fit_source_stats(model, batches), sum(len(b) for b in batches)
-
-
-def _user_loss(args: argparse.Namespace, model: Any, transform: Any, device: torch.device) -> tuple[str, Any]:
-    """``(loss, source statistics or None)`` from --loss, --source-stats and --source-data."""
-    from mgg_fast.losses import SourceStats
-
-    stats = None
-    if args.source_stats is not None:
-        stats = SourceStats.load(args.source_stats, model)
-    elif args.source_data is not None:
-        n = args.source_images or 512
-        streams = _user_streams(args, args.source_data, None, "--source-data")[2]
-        stats, used = _stats_from(args, streams, n, model, transform, device)
-        _say(f"source statistics from {used} images of {args.source_data}")
-    loss = args.loss or ("foa" if stats is not None else "entropy")
-    if loss == "foa" and stats is None:
-        raise CLIError("--loss foa needs --source-stats FILE or --source-data ROOT (or use --loss entropy)")
-    if args.loss is None and stats is None:
-        _say("no --source-stats or --source-data: adapting with the entropy loss")
-    return loss, stats
-
-
-def _absolute(path: Any) -> str | None:
-    return None if path is None else str(Path(path).expanduser().absolute())
-
-
-def cmd_adapt_model(args: argparse.Namespace) -> None:
-    """Adapt a timm model on your folders: every --method on every stream, resumable, with reports."""
-    from mgg_fast.adaptation import DEFAULT_LR
-    from mgg_fast.shift_benchmark import OPTIMIZER_OF, memory_dtype
-    from mgg_fast.user_adapt import METHODS, RunSetup, format_text, run_all, write_reports
-    from mgg_fast.user_data import read_class_mask, subsample
-    from mgg_fast.user_models import num_outputs
-
-    check_output_folder(args.out)
-    unknown = [m for m in args.method if m not in METHODS]
-    if unknown:
-        raise CLIError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    adapting = [m for m in args.method if m != "noadapt"]
-    if args.lr is not None and len(args.lr) not in (1, len(adapting)):
-        raise CLIError(
-            f"--lr takes one value or one per adapting method ({len(adapting)}), got {len(args.lr)}"
-        )
-    if "mgg" in args.method and args.mgg is None:
-        raise CLIError(
-            "--method mgg needs --mgg FILE (from 'mgg-fast train --model ...', or the published one)"
-        )
-    device = resolve_device(args.device)
-    mgg = _load_mgg(args.mgg, device) if "mgg" in args.method else None
-    model, transform, data_config = _user_model(args, device)
-    mask = read_class_mask(args.class_mask, num_outputs(model)) if args.class_mask is not None else None
-    root, layout, streams = _user_streams(args, args.data, len(mask) if mask else num_outputs(model))
-    streams = [subsample(s, args.images, args.seed) for s in streams]
-    _probe(model, streams[0], transform, device)
-    loss, stats = _user_loss(args, model, transform, device)
-    given = args.lr or [None]
-    lrs = {
-        m: given[i if len(given) > 1 else 0] or DEFAULT_LR[OPTIMIZER_OF[m]] for i, m in enumerate(adapting)
-    }
-    config = {
-        "model": args.model,
-        "checkpoint": _absolute(args.checkpoint),
-        "pretrained": args.pretrained,
-        "model_args": args.model_args,
-        "input_size": list(data_config["input_size"]),
-        "data": _absolute(root),
-        "layout": layout,
-        "severity": args.severity,
-        "streams": [s.name for s in streams],
-        "images": args.images,
-        "methods": list(args.method),
-        "lrs": lrs,
-        "mgg": _absolute(args.mgg) if mgg is not None else None,
-        "mgg_memory": args.mgg_memory,
-        "batch_size": args.batch_size,
-        "episodic": args.episodic,
-        "loss": loss,
-        "source_stats": _absolute(args.source_stats),
-        "source_data": _absolute(args.source_data),
-        "class_mask": mask,
-        "seed": args.seed,
-        "workers": args.workers,
-    }
-    setup = RunSetup(
-        model=model,
-        transform=transform,
-        streams=streams,
-        methods=list(args.method),
-        lrs=lrs,
-        mgg=mgg,
-        stats=stats,
-        loss=loss,
-        class_mask=mask,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        episodic=args.episodic,
-        seed=args.seed,
-        device=device,
-        memory_W_dtype=memory_dtype(args.mgg_memory),
-        config=config,
-    )
-    labeled = "labeled" if all(s.labeled for s in streams) else "unlabeled"
-    _say(
-        f"adapting {args.model} on {device}: {len(streams)} stream(s) of {root} ({layout}, {labeled}), "
-        f"methods {', '.join(args.method)}, loss {loss}"
-    )
-    results = run_all(
-        setup, args.out, resume=args.resume, progress=not args.no_progress, log=_say, warn=_warn
-    )
-    _say(format_text(results))
-    paths = write_reports(results, args.out)
-    _say(f"Results: {', '.join(str(p) for p in paths)}")
-
-
-def cmd_train_model(args: argparse.Namespace) -> None:
-    """Meta-train an MGG for a timm model on images of your folders and save it."""
-    from mgg_fast.user_data import interleave
-
-    device = resolve_device(args.device)
-    model, transform, _ = _user_model(args, device)
-    root, layout, streams = _user_streams(args, args.data, None)
-    _probe(model, streams[0], transform, device)
-    loss, stats = _user_loss(args, model, transform, device)
-    batches = _images_of(interleave(streams, args.n_images, args.seed), transform, args, device)
-    _check_foa_batches(loss, batches)
-    _say(
-        f"meta-training an MGG for {args.model} on {sum(len(b) for b in batches)} images of {root} "
-        f"({layout}: {', '.join(s.name for s in streams)}), {args.epochs} epochs, adapt lr {args.adapt_lr}, "
-        f"loss {loss}"
-    )
-    _meta_train_and_save(model, batches, loss, stats, args)
-
-
 def cmd_stats(args: argparse.Namespace) -> None:
-    """FOA source statistics of a timm model over clean images, saved with ``SourceStats.save``."""
-    check_output_file(args.output)
-    device = resolve_device(args.device)
-    model, transform, _ = _user_model(args, device)
-    streams = _user_streams(args, args.data, None)[2]
-    _probe(model, streams[0], transform, device)
-    stats, used = _stats_from(args, streams, args.images, model, transform, device)
-    stats.save(args.output)
-    _say(
-        f"saved source statistics of {used} images ({len(stats.layers)} {stats.mode} layers, "
-        f"{stats.mean.numel()} features) to {args.output}"
-    )
+    """FOA source statistics of a timm model (``mgg_fast.user_commands``)."""
+    from mgg_fast.user_commands import cmd_stats as stats
+
+    stats(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -888,8 +678,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
             for name, w in (("MGG fused", None), ("MGG fused, bf16 W", torch.bfloat16))
         ]
     where = torch.cuda.get_device_name(device) if cuda else "CPU"
-    _say(f"optimizer step on {where}, torch {torch.__version__}")
-    _say(f"{'coords':>10}  {'optimizer':<20} {'µs/step':>10} {'coords/s':>10}")
+    say(f"optimizer step on {where}, torch {torch.__version__}")
+    say(f"{'coords':>10}  {'optimizer':<20} {'µs/step':>10} {'coords/s':>10}")
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     for n in tqdm(sizes, desc="sizes", disable=args.no_progress, leave=False):
@@ -899,7 +689,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         for name, make in kinds:
             opt = make(params)
             seconds = _time_steps(opt, steps, device)
-            _say(f"{n:>10,}  {name:<20} {1e6 * seconds:>10.1f} {n / seconds:>10.3g}")
+            say(f"{n:>10,}  {name:<20} {1e6 * seconds:>10.1f} {n / seconds:>10.3g}")
 
 
 # parameter + gradient + the MGG's per-coordinate state (74 floats at H = 8), twice for the step's
