@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from mgg_fast.cli import (
+    BUNDLED,
     CLIError,
     check_foa_batches,
     check_output_file,
@@ -61,6 +62,10 @@ def _user_streams(
     """``(root, layout, streams)`` of a data folder given by ``flag``."""
     from mgg_fast.user_data import check_root, detect_layout, find_streams
 
+    if root_text == BUNDLED:
+        raise CLIError(
+            f"--model needs {flag} ROOT, a folder of your images (the bundled data fits only the demo)"
+        )
     root = check_root(root_text, flag)
     layout = (args.layout if flag == "--data" else None) or detect_layout(root)
     corruptions = getattr(args, "corruptions", None) if flag == "--data" else None

@@ -380,6 +380,7 @@ MODELS = {
             ["shape (file vs model) head.weight [4, 192] vs [10, 192]", "num_classes"],
         ),
         ("vit", "empty", "", ["no images"]),
+        ("vit", "bundled", "", ["--model needs --data ROOT, a folder of your images"]),
         ("vit", "mislabeled", "", ["class folders ['dog'] are not listed in", "classes.txt"]),
         ("vit", "too-many-classes", "", ["class folder 'emu' gets label 4", "predicts 4 classes"]),
         ("vit", "imagenet-c", "--severity 3 --corruptions fog", ["no images", "fog/3"]),
@@ -416,7 +417,8 @@ MODELS = {
     ],
 )
 def test_bad_input(capsys, world, tmp_path, model, data, extra, fragments):
-    data_root = world / data if data in ("folder", "imagenet-c") else broken_tree(tmp_path, world, data)
+    given = {"folder": world / "folder", "imagenet-c": world / "imagenet-c", "bundled": "bundled"}
+    data_root = given[data] if data in given else broken_tree(tmp_path, world, data)
     (tmp_path / "mask.txt").write_text("0 1 7\n")
     bad = {PUBLISHED_PREFIX + k: v for k, v in MGG(16, 2).state_dict().items()}
     bad[PUBLISHED_PREFIX + "b1"] = torch.zeros(2, 1, 4)
