@@ -198,7 +198,8 @@ def _benchmark_sizes(p: argparse.ArgumentParser) -> None:
         "--corruptions",
         type=_list_of(str),
         default=None,
-        help="comma-separated test corruptions; unset: all 15",
+        help="comma-separated test corruptions; unset: all 15 (with --model: 'all' or unset is every "
+        "corruption folder)",
     )
     p.add_argument(
         "--n-test", type=_positive_int, default=BenchmarkConfig.n_test, help="images per test corruption"
@@ -311,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         **fmt,
-        help="meta-train an MGG on bundled validation corruptions or a folder of images",
-        description="Meta-train an MGG (unlabeled images) on a bundled source model and save it.",
+        help="meta-train an MGG on bundled validation corruptions or a folder; --model: for your timm model",
+        description="Meta-train an MGG (unlabeled images) on a bundled source model, or with --model on a "
+        "timm model and your images, and save it.",
     )
     train.add_argument(
         "--data",
@@ -349,10 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     adapt = sub.add_parser(
         "adapt",
         **fmt,
-        help="evaluate a saved MGG against NoAdapt/Tent/Adam",
+        help="evaluate a saved MGG against NoAdapt/Tent/Adam; --model: adapt your timm model on your data",
         description="Evaluate a saved MGG against the baselines: on the bundled benchmark (learning rates "
         "tuned on the validation corruptions, as in the demo) or on a folder of images with the "
-        "given learning rates (accuracy if the folder has class subfolders named 0..9).",
+        "given learning rates (accuracy if the folder has class subfolders named 0..9). With --model: "
+        "adapt a timm model on your ImageNet-C or ImageFolder tree, one resumable result per stream.",
     )
     adapt.add_argument(
         "--mgg",
