@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -56,8 +58,8 @@ class MGTTA(nn.Module):
 
     Move the model to its device (and dtype) before wrapping it: the optimizer state and the
     reset snapshot live there. Raises ``ValueError`` for a model without norm params,
-    ``loss="foa"`` without statistics, and (per call) a batch holding NaN/Inf or living on
-    another device than the model; nothing changes in those cases.
+    ``loss="foa"`` without statistics, and (per call) an empty batch, a batch holding NaN/Inf or
+    living on another device than the model; nothing changes in those cases.
     """
 
     def __init__(
@@ -181,10 +183,59 @@ class MGTTA(nn.Module):
             )
         if not isinstance(x, Tensor):
             raise TypeError(f"the batch must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"empty batch (shape {list(x.shape)}): nothing was adapted")
         if x.device != self.device:
             raise ValueError(f"the batch is on {x.device} but the model is on {self.device}; move it first")
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise ValueError("the batch holds NaN or Inf values: nothing was adapted")
+
+
+class MGTTADropIn(nn.Module):
+    """A drop-in for the official ``MGTTA(model, mgg, adapt_lr)`` in peers' harnesses:
+    ``outputs, loss = adapter(x)`` predicts on ``x``, adapts on it, and returns both detached.
+
+    Harnesses written for the published code (its ``main.py``, TTA suites that list ``mgtta``
+    beside ``tent`` or ``sar``) call the adapter this way and ``reset()`` it between corruptions;
+    swapping in this class changes the construction line only. It is :class:`MGTTA` with
+    ``optimizer="mgg"`` underneath (same parameters, loss and step). ``mgg`` is an :class:`MGG`
+    or the path of a checkpoint (ours or the published ``{"model_state_dict": ...}`` file);
+    ``source_stats`` is a :class:`SourceStats`, the path of a ``stats`` file or of the published
+    ``train_info.pt``, or ``None`` for the entropy loss. Other keywords go to :class:`MGTTA`.
+    Move the model to its device first."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mgg: MGG | str | os.PathLike,
+        adapt_lr: float = DEFAULT_LR["mgg"],
+        *,
+        source_stats: SourceStats | str | os.PathLike | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__()
+        device = next(model.parameters()).device
+        if isinstance(mgg, (str, os.PathLike)):
+            mgg = MGG.load(mgg, map_location=device)
+        if isinstance(source_stats, (str, os.PathLike)):
+            source_stats = SourceStats.load(source_stats, model)
+        kwargs.setdefault("loss", "foa" if source_stats is not None else "entropy")
+        self.adapter = MGTTA(
+            model, optimizer="mgg", mgg=mgg, lr=adapt_lr, source_stats=source_stats, **kwargs
+        )
+
+    @property
+    def model(self) -> nn.Module:
+        return self.adapter.model
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(outputs, loss)`` of the batch, both detached (the official call's return value)."""
+        outputs = self.adapter(x)
+        return outputs, self.adapter.last_loss
+
+    def reset(self) -> None:
+        """Back to the source model and a fresh optimizer state (as the official ``reset``)."""
+        self.adapter.reset()
 
 
 def _class_index(class_mask: Sequence[int] | Tensor | None, device: torch.device) -> Tensor | None:

@@ -1,18 +1,22 @@
-"""Command line: ``python -m mgg_fast {demo,train,adapt,bench}`` (also installed as ``mgg-fast``).
+"""Command line: ``python -m mgg_fast {demo,train,adapt,stats,bench}`` (also installed as ``mgg-fast``).
 
 * ``demo``   the distribution-shift benchmark on bundled data (corrupted MNIST): NoAdapt, Tent,
   Adam and a freshly meta-trained MGG; prints the table, writes JSON, Markdown and a PNG.
 * ``train``  meta-train an MGG on bundled validation corruptions or on a folder of images; saves
-  it with ``MGG.save``.
+  it with ``MGG.save``. With ``--model``: for any timm model, on your ImageNet-C / ImageFolder tree.
 * ``adapt``  evaluate a saved MGG against the baselines on the bundled benchmark or a folder.
+  With ``--model``: adapt a timm model on your folders, resumable (``mgg_fast.user_adapt``).
+* ``stats``  FOA source statistics of a timm model over clean images.
 * ``bench``  optimizer-step throughput: the reference step, the fused step (CUDA), torch Adam.
 
-Bad arguments and paths end with a one-line message and a non-zero exit status, no traceback.
+Bad arguments, paths and files end with a one-line message and exit status 2, no traceback;
+outputs are checked before any work, and nothing is written half.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -60,6 +64,25 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _model_kwargs(text: str) -> dict[str, Any]:
+    from mgg_fast.user_models import parse_model_args
+
+    try:
+        return parse_model_args(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _list_of(item: Callable[[str], Any]) -> Callable[[str], list[Any]]:
     def parse(text: str) -> list[Any]:
         parts = [p.strip() for p in text.split(",") if p.strip()]
@@ -86,6 +109,51 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise CLIError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return device
+
+
+def _writable_base(folder: Path, flag: str, shown: Path) -> None:
+    """The nearest existing ancestor of ``folder`` must be a writable folder (``flag`` names the option)."""
+    base = folder
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise CLIError(f"{flag} {shown}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag} {shown}: cannot write in {base} (permission denied)")
+
+
+def check_output_folder(path: Path, flag: str = "--out") -> None:
+    """Fail before any work if ``path`` cannot be (or become) a writable folder; creates nothing."""
+    path = path.expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{flag} {path} is a file, not a folder")
+    _writable_base(path, flag, path)
+
+
+def check_output_file(path: Path, flag: str = "--output") -> None:
+    """Fail before any work if ``path`` cannot be written (a folder, under a file, no permission)."""
+    path = path.expanduser().absolute()
+    if path.is_dir():
+        raise CLIError(f"{flag} {path} is a folder, not a file")
+    _writable_base(path.parent, flag, path)
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes on ``device``: CUDA's free memory, else the kernel's MemAvailable (or free pages)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# The flag to lower when a command runs out of memory.
+OOM_FLAG = {"bench": "--sizes"}  # every other command: --batch-size
 
 
 # ---- parser ---------------------------------------------------------------------------------------
@@ -116,7 +184,8 @@ def _cache(p: argparse.ArgumentParser) -> None:
         "--source-images",
         type=_positive_int,
         default=None,
-        help="clean images to train source models on; unset: all 3,500",
+        help="clean images to train the bundled source models on (unset: all 3,500), or to take from "
+        "--source-data (unset: 512)",
     )
 
 
@@ -129,7 +198,8 @@ def _benchmark_sizes(p: argparse.ArgumentParser) -> None:
         "--corruptions",
         type=_list_of(str),
         default=None,
-        help="comma-separated test corruptions; unset: all 15",
+        help="comma-separated test corruptions; unset: all 15 (with --model: 'all' or unset is every "
+        "corruption folder)",
     )
     p.add_argument(
         "--n-test", type=_positive_int, default=BenchmarkConfig.n_test, help="images per test corruption"
@@ -147,8 +217,78 @@ def _benchmark_sizes(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _user_model_options(p: argparse.ArgumentParser, required: bool = False) -> None:
+    g = p.add_argument_group("your own model and data (timm)")
+    g.add_argument(
+        "--model",
+        required=required,
+        default=None,
+        help="a timm model name (timm.create_model)" + ("" if required else "; unset: the bundled demo"),
+    )
+    weights = g.add_mutually_exclusive_group()
+    weights.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="local weights: .pth/.pt/.bin (torch, weights-only) or .safetensors; a state dict, or one "
+        "under 'state_dict'/'model'/'model_state_dict'",
+    )
+    weights.add_argument(
+        "--pretrained", action="store_true", help="timm's pretrained weights (downloads; needs internet)"
+    )
+    g.add_argument(
+        "--model-args",
+        type=_model_kwargs,
+        default={},
+        metavar="K=V,...",
+        help="more timm.create_model arguments, e.g. num_classes=10,img_size=64",
+    )
+    g.add_argument(
+        "--input-size",
+        type=_positive_int,
+        default=None,
+        help="image side fed to the model; unset: its data config",
+    )
+    g.add_argument(
+        "--layout",
+        choices=("imagenet-c", "imagefolder"),
+        default=None,
+        help="ROOT/<corruption>/<severity>/<class>/<img> or ROOT/<class>/<img>; unset: detected",
+    )
+    g.add_argument(
+        "--severity",
+        type=int,
+        choices=range(1, 6),
+        default=5,
+        metavar="1-5",
+        help="imagenet-c severity folder",
+    )
+    g.add_argument(
+        "--workers", type=_non_negative_int, default=min(4, os.cpu_count() or 1), help="DataLoader processes"
+    )
+
+
+def _source_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--source-stats",
+        type=Path,
+        default=None,
+        help="FOA source statistics: a file of 'mgg-fast stats' or the published train_info.pt",
+    )
+    g.add_argument(
+        "--source-data", default=None, help="FOA source statistics computed from this folder of clean images"
+    )
+    p.add_argument(
+        "--loss",
+        choices=("foa", "entropy"),
+        default=None,
+        help="adaptation loss; unset: foa where source statistics exist (bundled, --source-*), else entropy",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``mgg-fast`` argument parser with its four subcommands."""
+    """The ``mgg-fast`` argument parser with its five subcommands."""
     from mgg_fast.shift_benchmark import BenchmarkConfig
 
     parser = _Parser(
@@ -172,18 +312,25 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         **fmt,
-        help="meta-train an MGG on bundled validation corruptions or a folder of images",
-        description="Meta-train an MGG (unlabeled images) on a bundled source model and save it.",
+        help="meta-train an MGG on bundled validation corruptions or a folder; --model: for your timm model",
+        description="Meta-train an MGG (unlabeled images) on a bundled source model, or with --model on a "
+        "timm model and your images, and save it.",
     )
     train.add_argument(
         "--data",
         default=BUNDLED,
-        help="'bundled' (MNIST under the 4 validation corruptions) or a folder of png/jpg images",
+        help="'bundled' (MNIST under the 4 validation corruptions) or a folder of png/jpg images; with "
+        "--model: ROOT of your images (imagenet-c or imagefolder layout)",
     )
     train.add_argument("--arch", default="vit", help="source model: vit or resnet")
     train.add_argument("--output", type=Path, default=Path("mgg.pt"), help="where to save the MGG")
     train.add_argument(
-        "--n-images", type=_positive_int, default=BenchmarkConfig.n_meta, help="at most this many images"
+        "--images",
+        "--n-images",
+        dest="n_images",
+        type=_positive_int,
+        default=BenchmarkConfig.n_meta,
+        help="at most this many images (with --model: round-robin over the corruptions)",
     )
     train.add_argument("--batch-size", type=_positive_int, default=BenchmarkConfig.batch_size)
     train.add_argument(
@@ -193,31 +340,81 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--mgg-lr", type=_positive_float, default=BenchmarkConfig.mgg_lr, help="Adam lr of the MGG itself"
     )
-    train.add_argument("--loss", choices=("foa", "entropy"), default="foa")
+    train.add_argument(
+        "--corruptions", type=_list_of(str), default=None, help="with --model: corruption folders; unset: all"
+    )
+    _source_options(train)
+    _user_model_options(train)
     _cache(train)
     _common(train)
 
     adapt = sub.add_parser(
         "adapt",
         **fmt,
-        help="evaluate a saved MGG against NoAdapt/Tent/Adam",
+        help="evaluate a saved MGG against NoAdapt/Tent/Adam; --model: adapt your timm model on your data",
         description="Evaluate a saved MGG against the baselines: on the bundled benchmark (learning rates "
         "tuned on the validation corruptions, as in the demo) or on a folder of images with the "
-        "given learning rates (accuracy if the folder has class subfolders named 0..9).",
+        "given learning rates (accuracy if the folder has class subfolders named 0..9). With --model: "
+        "adapt a timm model on your ImageNet-C or ImageFolder tree, one resumable result per stream.",
     )
-    adapt.add_argument("--mgg", type=Path, required=True, help="an MGG saved by 'train' (MGG.save)")
-    adapt.add_argument("--data", default=BUNDLED, help="'bundled' or a folder of png/jpg images")
+    adapt.add_argument(
+        "--mgg",
+        type=Path,
+        default=None,
+        help="an MGG saved by 'train' (MGG.save) or the published checkpoint",
+    )
+    adapt.add_argument(
+        "--data", default=BUNDLED, help="'bundled', a folder of png/jpg images, or with --model: ROOT"
+    )
     adapt.add_argument(
         "--lr",
         type=_positive_float,
-        nargs=3,
-        metavar=("TENT", "ADAM", "MGG"),
+        nargs="+",
+        metavar="LR",
         default=None,
-        help="learning rates for a folder (default: the middle of each tuning grid)",
+        help="bundled models on a folder: TENT ADAM MGG (default: the middle of each tuning grid); with "
+        "--model: one for all methods or one per --method (default 1e-3, the published adapt_lr)",
     )
+    adapt.add_argument(
+        "--method",
+        type=_list_of(str),
+        default=["mgg"],
+        help="with --model: methods among noadapt,tent,adam,mgg",
+    )
+    adapt.add_argument("--episodic", action="store_true", help="with --model: reset before every batch")
+    adapt.add_argument(
+        "--class-mask", type=Path, default=None, help="with --model: text file of the class indices to keep"
+    )
+    adapt.add_argument(
+        "--images", type=_positive_int, default=None, help="with --model: at most this many images per stream"
+    )
+    adapt.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --model: continue the run in --out, skipping finished streams",
+    )
+    _source_options(adapt)
+    _user_model_options(adapt)
     _benchmark_sizes(adapt)
     _cache(adapt)
     _common(adapt)
+
+    stats = sub.add_parser(
+        "stats",
+        **fmt,
+        help="FOA source statistics of your model on clean images (for adapt/train --source-stats)",
+        description="Per-feature std and mean of the model's features (CLS token after every block for "
+        "ViTs, pooled stage outputs for CNNs) over clean source images, saved for the FOA loss.",
+    )
+    stats.add_argument(
+        "--data", required=True, help="ROOT of clean images (imagefolder, or imagenet-c layout)"
+    )
+    stats.add_argument("--output", type=Path, default=Path("stats.pt"), help="where to save the statistics")
+    stats.add_argument("--images", type=_positive_int, default=512, help="at most this many images")
+    stats.add_argument("--batch-size", type=_positive_int, default=64)
+    stats.add_argument("--corruptions", type=_list_of(str), default=None, help="imagenet-c layout: folders")
+    _user_model_options(stats, required=True)
+    _common(stats)
 
     bench = sub.add_parser(
         "bench",
@@ -241,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- commands -------------------------------------------------------------------------------------
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
+    """A line of the command's report on stdout, flushed (progress bars go to stderr)."""
     print(message, flush=True)
 
 
@@ -264,10 +462,10 @@ def _benchmark_config(args: argparse.Namespace, device: torch.device) -> Any:
 def _report(results: dict[str, Any], out: Path) -> None:
     from mgg_fast.shift_benchmark import format_text, write_reports
 
-    _say(format_text(results))
+    say(format_text(results))
     paths = write_reports(results, out)
-    _say("")
-    _say(f"Results: {paths['json']}, {paths['markdown']}, plot {paths['plot']}")
+    say("")
+    say(f"Results: {paths['json']}, {paths['markdown']}, plot {paths['plot']}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -275,15 +473,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from mgg_fast.shift_benchmark import run_benchmark
     from mgg_fast.shift_data import resolve_cache_dir
 
+    check_output_folder(args.out)
     device = resolve_device(args.device)
     cfg = _benchmark_config(args, device)
     cfg.validate()
     cache = resolve_cache_dir(args.cache_dir)
-    _say(f"mgg_fast demo on {device}: archs {', '.join(cfg.archs)}; cache {cache}")
+    say(f"mgg_fast demo on {device}: archs {', '.join(cfg.archs)}; cache {cache}")
     start = time.perf_counter()
-    results = run_benchmark(cfg, cache_dir=cache, progress=not args.no_progress, log=_say)
+    results = run_benchmark(cfg, cache_dir=cache, progress=not args.no_progress, log=say)
     _report(results, args.out)
-    _say(f"Total time {time.perf_counter() - start:.0f} s (data and source models cached in {cache})")
+    say(f"Total time {time.perf_counter() - start:.0f} s (data and source models cached in {cache})")
 
 
 def _source(arch: str, args: argparse.Namespace, device: torch.device) -> Any:
@@ -306,14 +505,41 @@ def _folder(path: str) -> Any:
     return load_image_folder(path)
 
 
+def meta_train_and_save(
+    model: Any, batches: list[torch.Tensor], loss: str, stats: Any, args: argparse.Namespace
+) -> None:
+    """Meta-train an MGG for ``model`` with the train options and save it to ``--output``."""
+    from mgg_fast.meta_training import train_mgg
+
+    mgg = train_mgg(
+        model,
+        batches,
+        epochs=args.epochs,
+        mgg_lr=args.mgg_lr,
+        adapt_lr=args.adapt_lr,
+        loss=loss,
+        source_stats=stats,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    mgg.save(args.output)
+    say(f"saved the MGG to {args.output}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """Meta-train an MGG and save it."""
-    from mgg_fast.meta_training import train_mgg
     from mgg_fast.shift_benchmark import BenchmarkConfig, clean_source_stats, meta_batches
     from mgg_fast.shift_data import resolve_cache_dir, to_tensor
 
+    check_output_file(args.output)
+    if args.model is not None:
+        from mgg_fast.user_commands import cmd_train_model
+
+        cmd_train_model(args)
+        return
     device = resolve_device(args.device)
     cache = resolve_cache_dir(args.cache_dir)
+    loss = args.loss or "foa"
     if args.data == BUNDLED:
         cfg = BenchmarkConfig(
             n_meta=args.n_images, batch_size=args.batch_size, seed=args.seed, device=str(device)
@@ -326,45 +552,47 @@ def cmd_train(args: argparse.Namespace) -> None:
         x = to_tensor(images).to(device)
         batches = list(x.split(args.batch_size))
         what = f"{len(images)} images from {args.data}"
-    if args.loss == "foa" and min(len(b) for b in batches) < 2:
-        raise CLIError("the foa loss needs batches of at least 2 images; use --loss entropy or more images")
+    check_foa_batches(loss, batches)
     torch.manual_seed(args.seed)
     src = _source(args.arch, args, device)
-    stats = clean_source_stats(src.model) if args.loss == "foa" else None
-    _say(
+    stats = clean_source_stats(src.model) if loss == "foa" else None
+    say(
         f"meta-training an MGG on {what} ({args.arch} source model, {args.epochs} epochs, "
         f"adapt lr {args.adapt_lr})"
     )
-    mgg = train_mgg(
-        src.model,
-        batches,
-        epochs=args.epochs,
-        mgg_lr=args.mgg_lr,
-        adapt_lr=args.adapt_lr,
-        loss=args.loss,
-        source_stats=stats,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    mgg.save(args.output)
-    _say(f"saved the MGG to {args.output}")
+    meta_train_and_save(src.model, batches, loss, stats, args)
+
+
+def load_mgg(path: Path, device: torch.device) -> Any:
+    """``MGG.load`` (ours or the published format); a missing file is a CLI error naming ``train``."""
+    from mgg_fast.mgg import MGG
+
+    try:
+        return MGG.load(path, map_location=device)
+    except FileNotFoundError:
+        raise CLIError(f"no MGG checkpoint at {path} (make one with 'mgg-fast train')") from None
 
 
 def cmd_adapt(args: argparse.Namespace) -> None:
-    """Evaluate a saved MGG against the baselines."""
-    from mgg_fast.mgg import MGG
+    """Evaluate a saved MGG against the baselines (bundled), or adapt your own model (``--model``)."""
+    if args.model is not None:
+        from mgg_fast.user_commands import cmd_adapt_model
 
+        cmd_adapt_model(args)
+        return
+    if args.mgg is None:
+        raise CLIError("the bundled models need --mgg FILE (an MGG from 'mgg-fast train'); or give --model")
+    if args.lr is not None and len(args.lr) != 3:
+        raise CLIError(f"--lr for the bundled models takes 3 values (TENT ADAM MGG), got {len(args.lr)}")
     device = resolve_device(args.device)
-    try:
-        mgg = MGG.load(args.mgg, map_location=device)
-    except FileNotFoundError:
-        raise CLIError(f"no MGG checkpoint at {args.mgg} (make one with 'mgg-fast train')") from None
+    mgg = load_mgg(args.mgg, device)
     if args.data == BUNDLED:
         from mgg_fast.shift_benchmark import run_benchmark
 
+        check_output_folder(args.out)
         cfg = _benchmark_config(args, device)
         results = run_benchmark(
-            cfg, cache_dir=args.cache_dir, mgg=mgg, progress=not args.no_progress, log=_say
+            cfg, cache_dir=args.cache_dir, mgg=mgg, progress=not args.no_progress, log=say
         )
         _report(results, args.out)
         return
@@ -394,7 +622,7 @@ def _adapt_folder(args: argparse.Namespace, device: torch.device, mgg: Any) -> N
         torch.manual_seed(args.seed)
         src = _source(arch, args, device)
         stats = clean_source_stats(src.model)
-        _say(f"{arch} on {len(data)} images from {args.data} ({'labeled' if data.labeled else 'unlabeled'})")
+        say(f"{arch} on {len(data)} images from {args.data} ({'labeled' if data.labeled else 'unlabeled'})")
         for method in METHODS:
             runner = Runner(
                 src.model, method, lr=lrs.get(method), mgg=mgg, stats=stats, mgg_memory=args.mgg_memory
@@ -405,10 +633,23 @@ def _adapt_folder(args: argparse.Namespace, device: torch.device, mgg: Any) -> N
                 confidence += float(probs.max(1).values.sum())
                 correct += int((probs.argmax(1) == y).sum())
             acc = f"accuracy {100 * correct / len(data):5.1f}%  " if data.labeled else ""
-            _say(
+            say(
                 f"  {LABELS[method]:<11} lr {lrs.get(method, 0):<8g} {acc}mean confidence "
                 f"{confidence / len(data):.3f}  {1e3 * runner.seconds / runner.batches:.1f} ms/batch"
             )
+
+
+def check_foa_batches(loss: str, batches: Sequence[torch.Tensor]) -> None:
+    """The FOA loss takes a batch std: every meta-training batch needs two images."""
+    if loss == "foa" and min(len(b) for b in batches) < 2:
+        raise CLIError("the foa loss needs batches of at least 2 images; use --loss entropy or more images")
+
+
+def cmd_stats(args: argparse.Namespace) -> None:
+    """FOA source statistics of a timm model (``mgg_fast.user_commands``)."""
+    from mgg_fast.user_commands import cmd_stats as stats
+
+    stats(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -422,6 +663,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
     cuda = device.type == "cuda"
     sizes = args.sizes or ([38_400, 1 << 20, 8 << 20] if cuda else [4_608, 38_400])
     steps = args.steps or (50 if cuda else 10)
+    free = available_memory(device)
+    for n in sizes:
+        need = BENCH_BYTES_PER_COORDINATE * n
+        if need > free:
+            raise CLIError(
+                f"--sizes {n:,} needs about {need / 2**30:.1f} GiB on {device} (optimizer state and step "
+                f"temporaries), {free / 2**30:.1f} GiB are free; lower --sizes"
+            )
     kinds: list[tuple[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]] = [
         ("MGG reference", lambda ps: MGGOptimizer(ps, MGG().to(device), backend="reference")),
         ("torch Adam(foreach)", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True)),
@@ -432,8 +681,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
             for name, w in (("MGG fused", None), ("MGG fused, bf16 W", torch.bfloat16))
         ]
     where = torch.cuda.get_device_name(device) if cuda else "CPU"
-    _say(f"optimizer step on {where}, torch {torch.__version__}")
-    _say(f"{'coords':>10}  {'optimizer':<20} {'µs/step':>10} {'coords/s':>10}")
+    say(f"optimizer step on {where}, torch {torch.__version__}")
+    say(f"{'coords':>10}  {'optimizer':<20} {'µs/step':>10} {'coords/s':>10}")
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     for n in tqdm(sizes, desc="sizes", disable=args.no_progress, leave=False):
@@ -443,7 +692,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
         for name, make in kinds:
             opt = make(params)
             seconds = _time_steps(opt, steps, device)
-            _say(f"{n:>10,}  {name:<20} {1e6 * seconds:>10.1f} {n / seconds:>10.3g}")
+            say(f"{n:>10,}  {name:<20} {1e6 * seconds:>10.1f} {n / seconds:>10.3g}")
+
+
+# parameter + gradient + the MGG's per-coordinate state (74 floats at H = 8), twice for the step's
+# temporaries: an estimate, to refuse sizes that cannot fit before allocating anything
+BENCH_BYTES_PER_COORDINATE = 4 * (2 + 74) * 2
 
 
 def _time_steps(opt: torch.optim.Optimizer, steps: int, device: torch.device) -> float:
@@ -462,7 +716,7 @@ def _time_steps(opt: torch.optim.Optimizer, steps: int, device: torch.device) ->
     return sorted(times)[len(times) // 2]
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "adapt": cmd_adapt, "bench": cmd_bench}
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "adapt": cmd_adapt, "stats": cmd_stats, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -475,10 +729,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, OSError, ImportError) as exc:  # bad paths, files, names, missing extras
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if not _is_out_of_memory(exc):
+            raise
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        flag = OOM_FLAG.get(args.command, "--batch-size")
+        print(f"{prog}: error: out of memory ({text[:200]}); lower {flag}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, OSError) as exc:  # bad paths, files, names: the user's input
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ImportError as exc:  # a missing optional extra
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure: torch's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    text = str(exc)
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in text

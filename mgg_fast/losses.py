@@ -21,17 +21,22 @@ are found.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from mgg_fast.files import load_weights, save_atomic
+
 FOA_LAMBDA = 0.4
 FOA_SCALE = 64.0
 LOSSES = ("foa", "entropy")
+STATS_FORMAT = "mgg_fast.source_stats/v1"
 
 
 def softmax_entropy(logits: Tensor) -> Tensor:
@@ -57,6 +62,58 @@ class SourceStats:
         """The same statistics on ``device``."""
         return SourceStats(self.std.to(device), self.mean.to(device), self.layers, self.mode)
 
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the statistics atomically as a weights-only torch file (the ``stats`` command's
+        output): ``{"format": "mgg_fast.source_stats/v1", "std": [D] float32, "mean": [D] float32,
+        "layers": [qualified module names], "mode": "cls" | "pooled"}``; feature ``j`` of ``std``
+        and ``mean`` belongs to the layers in order, each contributing its feature width."""
+        save_atomic(
+            {
+                "format": STATS_FORMAT,
+                "std": self.std.detach().float().cpu(),
+                "mean": self.mean.detach().float().cpu(),
+                "layers": list(self.layers),
+                "mode": self.mode,
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> SourceStats:
+        """Read a file written by :meth:`save`, or the published ``train_info.pt``.
+
+        The published file is the ``(std, mean)`` pair of ``torch.std_mean`` over the
+        concatenated CLS features of every block (ViT-B/16: 12 × 768 values each); it does not
+        name its layers, so ``model`` (the ViT it describes) is required and the sizes are
+        checked against its blocks and width. With ``model`` given, the layers of our format
+        must exist in it. Loads with ``weights_only=True``; bad files are a ``ValueError``."""
+        path = Path(path)
+        payload = load_weights(path, "source statistics file")
+        if isinstance(payload, dict) and payload.get("format") == STATS_FORMAT:
+            std, mean, layers, mode = (payload.get(k) for k in ("std", "mean", "layers", "mode"))
+            if mode not in ("cls", "pooled") or not (
+                isinstance(layers, list) and layers and all(isinstance(n, str) for n in layers)
+            ):
+                raise ValueError(f"{path}: invalid layers {layers!r} or mode {mode!r}")
+        elif isinstance(payload, (tuple, list)) and len(payload) == 2:
+            std, mean = payload
+            layers, mode = _published_layers(model, path, std)
+        else:
+            raise ValueError(
+                f"{path} is neither an mgg_fast source statistics file (format {STATS_FORMAT!r}) nor the "
+                "published (std, mean) pair"
+            )
+        for name, t in (("std", std), ("mean", mean)):
+            if not isinstance(t, Tensor) or not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{path}: {name} must be a finite floating-point tensor")
+        if std.shape != mean.shape or std.dim() != 1:
+            raise ValueError(
+                f"{path}: std {list(std.shape)} and mean {list(mean.shape)} must be equal 1-D shapes"
+            )
+        if model is not None:
+            resolve_layers(model, layers)
+        return cls(std.float(), mean.float(), tuple(layers), mode)
+
 
 def _candidate_layers(model: nn.Module) -> tuple[list[str], str]:
     """The feature layers (qualified names) and how to read them; wrapped backbones are found too."""
@@ -74,6 +131,28 @@ def _candidate_layers(model: nn.Module) -> tuple[list[str], str]:
         if isinstance(stages, (nn.Sequential, nn.ModuleList)):
             return [f"{dot}stages.{i}" for i in range(len(stages))], "pooled"
     return [name for name, _ in model.named_children()], "pooled"
+
+
+def _published_layers(model: nn.Module | None, path: Path, std: Any) -> tuple[list[str], str]:
+    """The CLS layers of ``model`` that a published ``(std, mean)`` file of ``std.numel()`` values
+    describes, after checking the count against the model's blocks and width."""
+    if model is None:
+        raise ValueError(f"{path} is the published (std, mean) pair: load it with the model it describes")
+    layers, mode = _candidate_layers(model)
+    vit = next((m for m in model.modules() if getattr(m, "cls_token", None) is not None), None)
+    if mode != "cls" or vit is None:
+        raise ValueError(
+            f"{path} holds the published CLS-feature statistics of a ViT, but "
+            f"{type(model).__name__} has no class token"
+        )
+    width = vit.cls_token.shape[-1]
+    n = std.numel() if isinstance(std, Tensor) else -1
+    if n != len(layers) * width:
+        raise ValueError(
+            f"{path} holds {n} values per statistic, but the model's {len(layers)} blocks × width "
+            f"{width} give {len(layers) * width} (statistics of another model?)"
+        )
+    return layers, mode
 
 
 def _vit_feature_layers(vit: nn.Module) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -11,6 +10,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from mgg_fast.files import load_weights, save_atomic
 from mgg_fast.reference import MGGWeights, memory_layer
 
 PUBLISHED_PREFIX = "seq_modeling_block."
@@ -156,49 +156,114 @@ class MGG(nn.Module):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write config + weights atomically (temporary file in the same folder, then rename)."""
-        path = Path(path)
         payload = {
             "format": CHECKPOINT_FORMAT,
             "config": self.config,
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(payload, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_atomic(payload, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> MGG:
-        """Load an MGG saved by :meth:`save` (``weights_only=True``); clear errors on bad files."""
+        """Load an MGG saved by :meth:`save`, or a checkpoint of the published code.
+
+        The published format is ``{"model_state_dict": <TTTMGG state_dict>}`` with keys prefixed
+        ``seq_modeling_block.``; its hidden size and head count are read from the tensor shapes.
+        Loading uses ``weights_only=True``. Every shape is checked against the tensors before
+        anything is allocated, so a bad file is a ``ValueError`` naming it (``FileNotFoundError``
+        when there is no file)."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no MGG checkpoint at {path}")
-        try:
-            payload = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as exc:  # corrupt / truncated / not a torch file / pickled objects
+        payload = load_weights(path, "MGG checkpoint", map_location)
+        if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+            sd, config = payload.get("state_dict"), payload.get("config")
+        elif isinstance(payload, dict) and "model_state_dict" in payload:
+            sd, config = payload["model_state_dict"], None
+        else:
             raise ValueError(
-                f"{path} is not a readable MGG checkpoint (corrupt, truncated, or not written by "
-                f"MGG.save; weights-only load failed with {type(exc).__name__})"
-            ) from exc
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not an mgg_fast MGG checkpoint (format {CHECKPOINT_FORMAT!r})")
-        config = payload.get("config", {})
-        try:
-            mgg = cls(int(config["hidden_size"]), int(config["num_heads"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path} has an invalid MGG config {config!r}: {exc}") from exc
-        sd = payload.get("state_dict", {})
-        dtype = next(iter(sd.values())).dtype if sd else torch.float32
-        mgg.to(dtype)
-        try:
-            mgg.load_state_dict(sd)
-        except RuntimeError as exc:
-            raise ValueError(f"{path} does not match its config {config}: {exc}") from exc
+                f"{path} is not an mgg_fast MGG checkpoint (format {CHECKPOINT_FORMAT!r}) nor a "
+                'published one ({"model_state_dict": ...})'
+            )
+        sd = _checked_tensors(sd, path)
+        hidden_size, num_heads = _sizes_of(sd, path)
+        if config is not None:
+            try:
+                declared = (int(config["hidden_size"]), int(config["num_heads"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"{path} has an invalid MGG config {config!r}: {exc}") from exc
+            if declared != (hidden_size, num_heads):
+                raise ValueError(
+                    f"{path} does not match its config {config}: its tensors have hidden_size "
+                    f"{hidden_size}, num_heads {num_heads}"
+                )
+        mgg = cls(hidden_size, num_heads).to(next(iter(sd.values())).dtype)
+        mgg.load_state_dict(sd)
         return mgg
+
+
+def expected_shapes(hidden_size: int, num_heads: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of an MGG state dict (our names, without the published prefix)."""
+    h, nh, f = hidden_size, num_heads, hidden_size // num_heads
+    return {
+        "q_proj.weight": (h, 2),
+        "k_proj.weight": (h, 2),
+        "v_proj.weight": (h, 2),
+        "o_proj.weight": (1, h),
+        "post_norm.weight": (h,),
+        "post_norm.bias": (h,),
+        "W1": (nh, f, f),
+        "b1": (nh, 1, f),
+        "ttt_norm_weight": (nh, f),
+        "ttt_norm_bias": (nh, f),
+        "learnable_ttt_lr_weight": (nh, 1, 2),
+        "learnable_ttt_lr_bias": (nh, 1),
+        "learnable_token_idx": (1,),
+    }
+
+
+def _checked_tensors(sd: Any, path: Path) -> dict[str, Tensor]:
+    """The state dict with the published prefix stripped, checked to hold tensors of one float dtype."""
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{path}: its state_dict is a {type(sd).__name__}, not a dict of tensors")
+    out = {(k[len(PUBLISHED_PREFIX) :] if k.startswith(PUBLISHED_PREFIX) else k): v for k, v in sd.items()}
+    bad = {k: type(v).__name__ for k, v in out.items() if not isinstance(v, Tensor)}
+    if bad or not out:
+        raise ValueError(f"{path}: its state_dict must map names to tensors, got {bad or 'nothing'}")
+    dtypes = [v.dtype for v in out.values()]
+    common = max(set(dtypes), key=dtypes.count)
+    odd = [k for k, v in out.items() if not v.is_floating_point()] or [
+        k for k, v in out.items() if v.dtype != common
+    ]
+    if odd:
+        raise ValueError(
+            f"{path}: {odd[0]} is {out[odd[0]].dtype}; an MGG's tensors share one floating dtype "
+            f"(found {sorted({str(d) for d in dtypes})})"
+        )
+    return out
+
+
+def _sizes_of(sd: dict[str, Tensor], path: Path) -> tuple[int, int]:
+    """``(hidden_size, num_heads)`` read from the shapes of ``q_proj.weight`` and ``W1``, after
+    checking every tensor's shape and that no name is missing or unexpected."""
+    missing = sorted(set(expected_shapes(1, 1)) - set(sd))
+    unexpected = sorted(set(sd) - set(expected_shapes(1, 1)))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} is not an MGG state dict: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
+    hidden_size, num_heads = sd["q_proj.weight"].shape[0], sd["W1"].shape[0]
+    if sd["W1"].dim() != 3 or num_heads < 1 or hidden_size != num_heads * sd["W1"].shape[-1]:
+        raise ValueError(
+            f"{path}: W1 {list(sd['W1'].shape)} and q_proj.weight {list(sd['q_proj.weight'].shape)} "
+            "do not describe an MGG (W1 must be [heads, f, f] with heads * f = hidden size)"
+        )
+    wrong = [
+        f"{name} {list(sd[name].shape)} (expected {list(shape)})"
+        for name, shape in expected_shapes(hidden_size, num_heads).items()
+        if tuple(sd[name].shape) != shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"{path}: tensor shapes do not fit hidden_size {hidden_size}, {num_heads} head(s): "
+            + ", ".join(wrong[:4])
+        )
+    return hidden_size, num_heads

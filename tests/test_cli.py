@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 pytest.importorskip("mlxtend")
 pytest.importorskip("imagecorruptions")
 
+import mgg_fast.cli
 from mgg_fast import MGG
 from mgg_fast.cli import main
 
@@ -58,11 +60,11 @@ def test_module_entry_point_help():
         [sys.executable, "-m", "mgg_fast", "--help"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0
-    for command in ("demo", "train", "adapt", "bench"):
+    for command in ("demo", "train", "adapt", "stats", "bench"):
         assert command in proc.stdout
 
 
-@pytest.mark.parametrize("command", ["demo", "train", "adapt", "bench"])
+@pytest.mark.parametrize("command", ["demo", "train", "adapt", "stats", "bench"])
 def test_subcommand_help(capsys, command):
     code, out, _ = run_cli(capsys, command, "--help")
     assert code == 0
@@ -135,3 +137,57 @@ def test_bench_cpu(capsys):
     )
     assert code == 0, err
     assert "MGG reference" in out and "torch Adam(foreach)" in out and "1,536" in out
+
+
+# ---- issue 14, item 12: outputs checked up front, huge sizes, raw pickles --------------------------
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the run started although its output place is unusable")
+
+
+@pytest.mark.parametrize("kind", ["file", "under-a-file"])
+def test_demo_out_is_checked_before_the_run(capsys, tmp_path, monkeypatch, kind):
+    import mgg_fast.shift_benchmark
+
+    monkeypatch.setattr(mgg_fast.shift_benchmark, "run_benchmark", _must_not_run)
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" if kind == "file" else tmp_path / "afile" / "reports"
+    code, _, err = run_cli(capsys, "demo", "--out", str(out), "--device", "cpu", "--no-progress")
+    assert_one_line_error(code, err, "--out", str(tmp_path / "afile"), "is a file, not a folder")
+    assert "File exists" not in err
+
+
+@pytest.mark.parametrize("kind", ["folder", "under-a-file"])
+def test_train_output_is_checked_before_the_run(capsys, tmp_path, monkeypatch, kind):
+    import mgg_fast.meta_training
+
+    monkeypatch.setattr(mgg_fast.cli, "_source", _must_not_run)
+    monkeypatch.setattr(mgg_fast.meta_training, "train_mgg", _must_not_run)
+    write_pngs(tmp_path / "imgs", [None] * 4)
+    (tmp_path / "afile").write_text("x")
+    output, fragment = {
+        "folder": (tmp_path / "imgs", "is a folder, not a file"),
+        "under-a-file": (tmp_path / "afile" / "mgg.pt", "is a file, not a folder"),
+    }[kind]
+    code, _, err = run_cli(
+        capsys, "train", "--data", str(tmp_path / "imgs"), "--output", str(output), *SMALL_SOURCE
+    )
+    assert_one_line_error(code, err, "--output", fragment)
+
+
+def test_bench_size_beyond_memory_is_a_one_line_error(capsys, monkeypatch):
+    monkeypatch.setattr(mgg_fast.cli, "available_memory", lambda device: 8 << 30, raising=False)
+    code, _, err = run_cli(capsys, "bench", "--sizes", "200000000", "--device", "cpu", "--no-progress")
+    assert_one_line_error(code, err, "--sizes", "200,000,000", "GiB")
+
+
+def test_raw_pickle_as_mgg_gives_the_error_alone(capsys, tmp_path):
+    import pickle
+
+    (tmp_path / "raw.pkl").write_bytes(pickle.dumps({"weights": [1.0, 2.0]}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = run_cli(capsys, "adapt", "--mgg", str(tmp_path / "raw.pkl"), "--device", "cpu")
+    assert_one_line_error(code, err, "raw.pkl", "not a readable MGG checkpoint")
+    assert [str(w.message) for w in caught] == []
