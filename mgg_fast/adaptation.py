@@ -44,7 +44,7 @@ class MGTTA(nn.Module):
             otherwise adaptation is continual.
         class_mask: class indices (or a boolean mask) to keep from the logits before the loss and
             in the returned logits (ImageNet-R/A style subsets).
-        backend: MGG step backend (``"auto"``, ``"triton"``, ``"reference"``, ``"compiled"``; see
+        backend: MGG step backend (``"auto"``, ``"triton"`` or ``"reference"``; see
             :class:`MGGOptimizer`).
         betas: moment coefficients of the MGG features and of Adam.
         memory_W_dtype: storage dtype of the MGG's memory matrices (``None`` or

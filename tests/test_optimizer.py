@@ -177,7 +177,7 @@ def test_bad_inputs_raise_before_any_change():
     assert_unchanged(params, opt, snap)
     set_grads(params, 1)
     opt.mgg.float()
-    with pytest.raises(TypeError, match="optimizer state is torch.float64 but the MGG is now torch.float32"):
+    with pytest.raises(TypeError, match=r"optimizer state is torch\.float64 but the MGG is now torch\.float32"):
         opt.step()
     opt.mgg.double()
     assert_unchanged(params, opt, snap)
@@ -194,7 +194,7 @@ def test_constructor_validation():
         MGGOptimizer(p, mgg, lr=-1.0)
     with pytest.raises(ValueError, match="betas"):
         MGGOptimizer(p, mgg, betas=(0.9, 1.0))
-    with pytest.raises(TypeError, match="parameters, got torch.int64"):
+    with pytest.raises(TypeError, match=r"parameters, got torch\.int64"):
         MGGOptimizer([torch.zeros(3, dtype=torch.int64)], mgg)
     with pytest.raises(TypeError, match="float32 or float64"):
         MGGOptimizer(p, MGG().half())
@@ -258,7 +258,7 @@ def test_mgg_rejects_bad_features_and_state():
         mgg(torch.zeros(5, 3))
     with pytest.raises(ValueError, match="float64"):
         mgg(torch.zeros(5, 2, dtype=torch.float64))
-    with pytest.raises(TypeError, match="features must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"features must be a torch\.Tensor"):
         mgg([[0.0, 1.0]])
     _, state = mgg(torch.zeros(5, 2))
     with pytest.raises(ValueError, match="state"):
@@ -316,7 +316,7 @@ def test_step_hooks_profiler_and_lr_scheduler_still_work():
 def test_bf16_memory_is_the_state_dtype_step_rounded(dtype):
     """With ``memory_W_dtype=torch.bfloat16`` a step computes exactly what a full-precision step
     from the same (bf16-valued) state computes, and stores memory_W rounded to nearest-even."""
-    mgg, params, full = make(dtype, seed=2)
+    _mgg, params, full = make(dtype, seed=2)
     with torch.no_grad():
         full.mgg.W1.copy_(full.mgg.W1.bfloat16())  # a bf16-valued learned memory: the same start
     params_bf = [p.detach().clone().requires_grad_(True) for p in params]
