@@ -177,7 +177,7 @@ def test_bad_inputs_raise_before_any_change():
     assert_unchanged(params, opt, snap)
     set_grads(params, 1)
     opt.mgg.float()
-    with pytest.raises(TypeError, match=r"optimizer state is torch\.float64 but the MGG is now torch\.float32"):
+    with pytest.raises(TypeError, match=r"state is torch\.float64 but the MGG is now torch\.float32"):
         opt.step()
     opt.mgg.double()
     assert_unchanged(params, opt, snap)

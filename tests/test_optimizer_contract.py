@@ -75,6 +75,14 @@ def run(opt, params, steps):
         opt.step()
 
 
+def stepped(kind, steps):
+    """Parameters and an optimizer of ``kind`` that took ``steps`` steps."""
+    params = make_params()
+    opt = OPTIMIZERS[kind](params)
+    run(opt, params, range(steps))
+    return params, opt
+
+
 def assert_same_params(a, b):
     for p, q in zip(a, b, strict=True):
         assert torch.equal(p.detach(), q.detach())
@@ -150,9 +158,7 @@ def test_state_entry_replaced_by_copies_continues_identically(backend):
 @pytest.mark.parametrize("how", ["clear", "reassign"])
 @pytest.mark.parametrize("kind", ["adam", "mgg"])
 def test_cleared_state_is_a_fresh_start(kind, how):
-    params = make_params()
-    opt = OPTIMIZERS[kind](params)
-    run(opt, params, range(3))
+    params, opt = stepped(kind, 3)
     if how == "clear":
         opt.state.clear()
     else:
@@ -199,9 +205,7 @@ def test_lookahead_resume_matches_an_uninterrupted_run(kind):
 def test_state_made_by_a_finite_step_can_be_copied_and_loaded(kind):
     """A finite gradient of 1e21 overflows the fp32 second moment (g * g) to +inf; Adam and the
     MGG both step on. Whatever state a step produced must survive a copy and a resume."""
-    params = make_params()
-    opt = OPTIMIZERS[kind](params)
-    run(opt, params, range(1))
+    params, opt = stepped(kind, 1)
     for p in params:
         p.grad = torch.full_like(p, 1e21)
     opt.step()
@@ -223,9 +227,7 @@ def test_state_made_by_a_finite_step_can_be_copied_and_loaded(kind):
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 @pytest.mark.parametrize("kind", ["adam", "mgg"])
 def test_copy_of_the_optimizer_works_and_is_independent(kind, how):
-    params = make_params()
-    opt = OPTIMIZERS[kind](params)
-    run(opt, params, range(2))
+    params, opt = stepped(kind, 2)
     dup = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
     dup_params = dup.param_groups[0]["params"]
     assert all(q is not p for p, q in zip(params, dup_params, strict=True))
@@ -246,9 +248,7 @@ def test_copy_of_the_optimizer_works_and_is_independent(kind, how):
 
 @pytest.mark.parametrize("kind", ["adam", "mgg"])
 def test_all_four_state_dict_hooks_fire(kind):
-    params = make_params()
-    opt = OPTIMIZERS[kind](params)
-    run(opt, params, range(2))
+    params, opt = stepped(kind, 2)
     calls = []
 
     def rewrite(o, sd):
@@ -274,9 +274,7 @@ def test_all_four_state_dict_hooks_fire(kind):
 def test_state_dict_post_hook_sees_the_whole_state_dict(kind):
     """torch calls the post-hook "after generating a state_dict": it sees (and may rewrite or
     replace) everything ``state_dict()`` returns."""
-    params = make_params()
-    opt = OPTIMIZERS[kind](params)
-    run(opt, params, range(1))
+    params, opt = stepped(kind, 1)
     seen = []
     opt.register_state_dict_post_hook(lambda o, sd: seen.append(sorted(sd)))
     returned = opt.state_dict()
