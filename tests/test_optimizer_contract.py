@@ -274,7 +274,7 @@ def test_all_four_state_dict_hooks_fire(kind):
 def test_state_dict_post_hook_sees_the_whole_state_dict(kind):
     """torch calls the post-hook "after generating a state_dict": it sees (and may rewrite or
     replace) everything ``state_dict()`` returns."""
-    params, opt = stepped(kind, 1)
+    _params, opt = stepped(kind, 1)
     seen = []
     opt.register_state_dict_post_hook(lambda o, sd: seen.append(sorted(sd)))
     returned = opt.state_dict()
