@@ -4,6 +4,10 @@ runs under the Triton interpreter here, so tensors stay at a few hundred element
 
 import copy
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -399,3 +403,43 @@ def test_nonfinite_first_step_creates_no_state(backend, policy):
     opt.step()
     assert all(float(opt.state[p]["step"]) == 1.0 for p in params)
     assert math.isfinite(float(sum(p.detach().sum() for p in params)))
+
+
+# ---- found while writing these tests: an MGG of another size swapped in ------------------------
+
+SWAP_MGG = """
+import torch
+from helpers import random_mgg
+from mgg_fast import MGGOptimizer
+
+p = torch.zeros(4, requires_grad=True)
+opt = MGGOptimizer([p], random_mgg(), lr=0.1, backend={backend!r})
+p.grad = torch.ones(4)
+opt.step()
+before = {{k: v.clone() for k, v in opt.state[p].items()}}, p.detach().clone()
+opt.mgg = random_mgg(16, 2)  # memory [4, 1, 8, 8] no longer fits: the step must refuse
+try:
+    opt.step()
+except (TypeError, ValueError) as e:
+    assert re.search(r"MGG|shape|head", str(e)), e
+    print("raised:", e)
+else:
+    raise SystemExit("no error")
+assert torch.equal(p.detach(), before[1])
+assert all(torch.equal(opt.state[p][k], v) for k, v in before[0].items())
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mgg_of_another_size_swapped_in_raises_and_changes_nothing(backend):
+    """``opt.mgg`` is a plain attribute (a float64 MGG swapped in is already rejected). One of
+    another size must be too, before anything changes. Run in a child process: the fused kernel
+    reading and writing the old memory with the new sizes corrupts the heap."""
+    code = "import re\n" + SWAP_MGG.format(backend=backend)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    assert "raised:" in done.stdout
