@@ -1,13 +1,14 @@
 """Differential fuzz of the fused step (``backend="triton"``) against the reference backend.
 
 Each seeded case draws an MGG size the kernels support (head dim 8/16/32, hidden <= 64), the
-memory storage dtype, a group of parameters (0, 1 or a few hundred elements, fp32/bf16/fp16/fp64,
-some non-contiguous) and several steps of gradients (missing, empty, non-contiguous, tiny to
-huge, now and then NaN/Inf). Both optimizers take the same steps; after each one the parameters,
-the state, the step counts and the skipped-step count must agree, and the reference is then set
-to the fused values so that every step is compared from identical inputs (one step's rounding,
-not an accumulated drift). The default run is a few cases (the interpreter is slow); set
-``MGG_FUZZ_CASES`` (e.g. 300) for a larger run, ``MGG_FUZZ_FIRST`` to start at another seed.
+memory storage dtype, parameters (0, 1 or a few hundred elements, fp32/bf16/fp16/fp64, some
+non-contiguous, in one or two groups) and several steps of gradients (missing, empty,
+non-contiguous, tiny to huge, now and then NaN/Inf). Both optimizers take the same steps; after
+each one the parameters, the state, the step counts and the skipped-step count must agree, and
+the reference is then set to the fused values so that every step is compared from identical
+inputs (one step's rounding, not an accumulated drift). The default run is a few cases (the
+interpreter is slow); set ``MGG_FUZZ_CASES`` (e.g. 300) for a larger run, ``MGG_FUZZ_FIRST`` to
+start at another seed.
 """
 
 import copy
@@ -54,6 +55,7 @@ class Case:
     tensors: list[Tensor_]
     # per step and tensor: None (no gradient) or (log10 scale, contiguous, bad value or None)
     grads: list[list[tuple[float, bool, float | None] | None]]
+    split: int  # tensors[split:] form a second parameter group (lr / 2) when 0 < split
 
 
 def draw_case(seed: int) -> Case:
@@ -88,7 +90,8 @@ def draw_case(seed: int) -> Case:
         grads.append(row)
     lr = rng.choice([1e-3, 0.05, 0.5])
     betas = (rng.choice([0.0, 0.5, 0.9]), rng.choice([0.9, 0.99, 0.999]))
-    return Case(seed, heads, f, memory, lr, betas, tensors, grads)
+    split = rng.randint(1, len(tensors) - 1) if len(tensors) > 1 and rng.random() < 0.4 else 0
+    return Case(seed, heads, f, memory, lr, betas, tensors, grads, split)
 
 
 def laid_out(values: torch.Tensor, contiguous: bool) -> torch.Tensor:
@@ -123,6 +126,12 @@ def make_grads(case: Case, step: int) -> list[torch.Tensor | None]:
             g.view(-1)[0] = bad
         grads.append(laid_out(g.to(t.dtype), contiguous))
     return grads
+
+
+def groups(case: Case, params: list[torch.Tensor]) -> list[dict]:
+    if not case.split:
+        return [{"params": params}]
+    return [{"params": params[: case.split]}, {"params": params[case.split :], "lr": case.lr / 2}]
 
 
 def low_precision_tol(dtype: torch.dtype) -> dict[str, float]:
@@ -176,8 +185,8 @@ def test_fused_matches_reference(seed):
     weights = copy.deepcopy(mgg.state_dict())
     fused, ref = make_params(case), make_params(case)
     kw = {"lr": case.lr, "betas": case.betas, "memory_W_dtype": case.memory}
-    opt_f = MGGOptimizer(fused, copy.deepcopy(mgg), backend="triton", **kw)
-    opt_r = MGGOptimizer(ref, copy.deepcopy(mgg), backend="reference", **kw)
+    opt_f = MGGOptimizer(groups(case, fused), copy.deepcopy(mgg), backend="triton", **kw)
+    opt_r = MGGOptimizer(groups(case, ref), copy.deepcopy(mgg), backend="reference", **kw)
     for step in range(len(case.grads)):
         grads = make_grads(case, step)
         for p, q, g in zip(fused, ref, grads, strict=True):
@@ -205,3 +214,4 @@ def test_default_cases_cover_the_space():
     specs = [g for c in cases for row in c.grads for g in row]
     assert None in specs and any(g is not None and not g[1] for g in specs)
     assert any(g is not None and g[2] is not None for g in specs)  # a NaN/Inf step
+    assert any(c.split for c in cases)  # two parameter groups
