@@ -252,8 +252,15 @@ class MGGOptimizer(torch.optim.Optimizer):
         if self.capturable and not fused:
             raise ValueError("capturable=True needs CUDA parameters and the fused backend")
         pack = self._packs[gi] if gi < len(self._packs) else None
-        if pack is not None and pack.exp_avg.dtype != self.mgg.W1.dtype:
-            raise TypeError(f"optimizer state is {pack.exp_avg.dtype} but the MGG is now {self.mgg.W1.dtype}")
+        if pack is not None:
+            mgg = self.mgg
+            if pack.exp_avg.dtype != mgg.W1.dtype:
+                raise TypeError(f"optimizer state is {pack.exp_avg.dtype} but the MGG is now {mgg.W1.dtype}")
+            if tuple(pack.memory_b.shape[-2:]) != (mgg.num_heads, mgg.head_dim):
+                nh, f = pack.memory_b.shape[-2:]
+                raise ValueError(
+                    f"optimizer state was made for an MGG of {nh} head(s) of {f}, this one is {mgg.config}"
+                )
         states = list(map(self.state.get, params))
         if (
             not any(missing)
