@@ -1,7 +1,9 @@
 """Helpers shared by the tests: tolerances, the parity vectors, random MGGs."""
 
+import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from mgg_fast import MGG
@@ -10,6 +12,12 @@ PARITY_DIR = Path(__file__).parent / "data" / "parity"
 F64 = {"rtol": 1e-9, "atol": 1e-10}
 F32 = {"rtol": 1e-4, "atol": 1e-5}
 F32_METAGRAD = {"rtol": 1e-3, "atol": 1e-4}
+# The fused backend on CPU tensors: only under the Triton interpreter (tests/conftest.py turns it
+# on where there is no GPU; on a GPU machine these cases skip, the kernel tests run on CUDA).
+INTERPRETER_ONLY = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="fused kernels on CPU tensors need TRITON_INTERPRET=1"
+)
+TRITON_ON_CPU = pytest.param("triton", marks=INTERPRETER_ONLY)
 
 
 def load_parity(name: str) -> dict:

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_mgg
+from helpers import INTERPRETER_ONLY, TRITON_ON_CPU, random_mgg
 from torch.testing import assert_close
 
 from mgg_fast import MGG, MGGOptimizer
 
-BACKENDS = ["triton", "reference"]
+BACKENDS = [TRITON_ON_CPU, "reference"]
 NAN, INF = float("nan"), float("inf")
 
 
@@ -372,6 +372,7 @@ def assert_no_state(opt, params, before):
     ],
     ids=["head-dim-12", "float64-mgg"],
 )
+@INTERPRETER_ONLY
 def test_fused_step_that_raises_creates_no_state(mgg, error, match):
     params = [torch.randn(4, requires_grad=True), torch.randn(3, requires_grad=True)]
     if match == "float64":

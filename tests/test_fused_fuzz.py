@@ -23,6 +23,8 @@ from torch.testing import assert_close
 
 from mgg_fast import MGGOptimizer
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs the kernels on CPU
+
 HEAD_CONFIGS = {8: (1, 2, 4, 8), 16: (1, 2, 4), 32: (1, 2)}  # head dim f -> head counts, nh * f <= 64
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 GRAD_EXPONENTS = {  # log10 range of gradient scales that the dtype (and g * g in fp32) holds
@@ -95,13 +97,13 @@ def draw_case(seed: int) -> Case:
 
 
 def laid_out(values: torch.Tensor, contiguous: bool) -> torch.Tensor:
-    """``values`` as they are, or as a non-contiguous tensor with the same shape and values."""
+    """``values`` on DEVICE as they are, or as a non-contiguous tensor with the same shape and values."""
     if contiguous or values.dim() == 0:
-        return values.clone()
+        return values.to(DEVICE, copy=True)
     if values.dim() == 1:
-        out = torch.zeros(values.shape[0], 2, dtype=values.dtype)[:, 0]
+        out = torch.zeros(values.shape[0], 2, dtype=values.dtype, device=DEVICE)[:, 0]
     else:
-        out = torch.zeros(values.shape[::-1], dtype=values.dtype).t()
+        out = torch.zeros(values.shape[::-1], dtype=values.dtype, device=DEVICE).t()
     return out.copy_(values)
 
 
@@ -181,7 +183,7 @@ def resync(fused, opt_f, ref, opt_r):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_fused_matches_reference(seed):
     case = draw_case(seed)
-    mgg = random_mgg(case.heads * case.head_dim, case.heads, seed=seed)
+    mgg = random_mgg(case.heads * case.head_dim, case.heads, seed=seed).to(DEVICE)
     weights = copy.deepcopy(mgg.state_dict())
     fused, ref = make_params(case), make_params(case)
     kw = {"lr": case.lr, "betas": case.betas, "memory_W_dtype": case.memory}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import F32, random_mgg
+from helpers import F32, INTERPRETER_ONLY, TRITON_ON_CPU, random_mgg
 from torch import nn
 from torch.optim.lr_scheduler import (
     ConstantLR,
@@ -114,7 +114,7 @@ def save_atomic(obj, path: Path) -> None:
 # ---- state[p] is the truth ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU])
 def test_replaced_exp_avg_is_what_is_stepped(backend):
     params = make_params()
     opt = mgg_opt(params, backend)
@@ -140,7 +140,7 @@ def test_replaced_exp_avg_is_what_is_stepped(backend):
     assert float(opt.state[params[1]]["step"]) == 3.0
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU])
 def test_state_entry_replaced_by_copies_continues_identically(backend):
     """What ZeroRedundancyOptimizer.load_state_dict does: ``optim.state[p] = {...copies...}``."""
     params, twin = make_params(), make_params()
@@ -456,7 +456,7 @@ def test_ema_and_swa_average_the_mgg_trajectory():
         assert_close(w.detach(), torch.stack([t[i] for t in trajectory]).mean(0), **F32)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU])
 def test_clip_grad_norm_then_step(backend):
     params, by_hand = make_params(), make_params()
     opt, opt_hand = mgg_opt(params, backend), mgg_opt(by_hand, backend)
@@ -480,7 +480,12 @@ def test_clip_grad_norm_then_step(backend):
 
 @pytest.mark.parametrize(
     ("backend", "memory"),
-    [("reference", None), ("triton", None), ("triton", torch.bfloat16), ("reference", torch.bfloat16)],
+    [
+        ("reference", None),
+        pytest.param("triton", None, marks=INTERPRETER_ONLY),
+        pytest.param("triton", torch.bfloat16, marks=INTERPRETER_ONLY),
+        ("reference", torch.bfloat16),
+    ],
 )
 def test_resume_through_torch_save_and_weights_only_load(tmp_path, backend, memory):
     shapes = [(130,), (2, 3), (1,)]  # two programs under the interpreter for the first tensor
