@@ -153,6 +153,7 @@ def _device_table(columns: array.array, device: torch.device, keep_alive: list[T
 
 _data_ptr = Tensor.data_ptr
 _is_contiguous = Tensor.is_contiguous
+_dtype = operator.attrgetter("dtype")
 
 
 def mgg_step_(
@@ -220,7 +221,10 @@ def mgg_step_(
     table = _device_table(columns, device, keep_alive)
     scalars = (lr, beta1, 1.0 - beta1, _ln(beta1), beta2, 1.0 - beta2, _ln(beta2), eps)
     state = (len(params), steps, found_inf, exp_avg, exp_avg_sq, memory_W, memory_b)
-    dtypes = {p.dtype for p, s in zip(work_params, stepped, strict=True) if s}
+    if all(stepped):
+        dtypes = set(map(_dtype, work_params))
+    else:
+        dtypes = {p.dtype for p, s in zip(work_params, stepped, strict=True) if s}
     for dtype in dtypes:
         launch_table = table
         if len(dtypes) > 1:  # this launch steps the parameters of one dtype only

@@ -266,8 +266,8 @@ class MGGOptimizer(torch.optim.Optimizer):
             not any(missing)
             and pack is not None
             and pack.exp_avg.device == device
-            and _grads_fit(params, grads, device)
             and pack.holds_all(params, states)
+            and _grads_fit(params, grads, pack.shapes, device)
         ):
             return _GroupWork(gi, lr, beta1, beta2, eps, params, grads, pack.views, False, fused)
         members, member_grads, entries = [], [], []
@@ -330,14 +330,13 @@ class MGGOptimizer(torch.optim.Optimizer):
         (one fused pass, no host synchronisation)."""
         flag = self._found_inf
         flag.zero_()
-        # the MGG's tensors as one copy: the check rewrites its inputs (times 1.0) in place
-        tensors = [g for g in grads if g.dtype != torch.bfloat16]
         mgg = self.mgg
-        tensors.append(torch.cat(list(map(torch.flatten, (*mgg.weights(), mgg.W1, mgg.b1)))))
-        # CUDA's check has no bfloat16 kernel: those gradients go in as one float32 copy.
-        bf16 = [g.reshape(-1) for g in grads if g.dtype == torch.bfloat16]
-        if bf16:
-            tensors.append(torch.cat(bf16).float())
+        # the MGG's tensors as one copy: the check rewrites its inputs (times 1.0) in place
+        tensors = [*grads, torch.cat(list(map(torch.flatten, (*mgg.weights(), mgg.W1, mgg.b1))))]
+        if torch.bfloat16 in set(map(_dtype, grads)):
+            # CUDA's check has no bfloat16 kernel: those gradients go in as one float32 copy.
+            tensors = [g for g in tensors if g.dtype != torch.bfloat16]
+            tensors.append(torch.cat([g.reshape(-1) for g in grads if g.dtype == torch.bfloat16]).float())
         torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, self._one)
         return flag
 
@@ -478,6 +477,8 @@ def _check_mgg(mgg: MGG) -> None:
 
 def _real(value: Any) -> float | None:
     """``value`` as a float if it is a real number or a one-element real tensor, else ``None``."""
+    if type(value) is float:
+        return value
     if isinstance(value, Tensor):
         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
             return None
@@ -511,12 +512,15 @@ _layout = operator.attrgetter("layout")
 _device_index = Tensor.get_device
 
 
-def _grads_fit(params: list[Tensor], grads: list[Tensor], device: torch.device) -> bool:
-    """Whether every gradient matches its parameter (shape, dtype, dense) and all are on
-    ``device``: the check of a common step in C-level passes (``_check_grad`` says what is wrong)."""
+def _grads_fit(
+    params: list[Tensor], grads: list[Tensor], shapes: list[torch.Size], device: torch.device
+) -> bool:
+    """Whether every gradient matches its parameter (``shapes``: the parameters', checked by the
+    caller; dtype, dense) and all are on ``device``: the check of a common step in C-level passes
+    (``_check_grad`` says what is wrong)."""
     index = -1 if device.type == "cpu" else device.index
     return (
-        list(map(_shape, grads)) == list(map(_shape, params))
+        list(map(_shape, grads)) == shapes
         and list(map(_dtype, grads)) == list(map(_dtype, params))
         and set(map(_layout, grads)) == {torch.strided}
         and set(map(_device_index, grads)) == {index}
