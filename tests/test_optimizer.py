@@ -316,7 +316,7 @@ def test_step_hooks_profiler_and_lr_scheduler_still_work():
 def test_bf16_memory_is_the_state_dtype_step_rounded(dtype):
     """With ``memory_W_dtype=torch.bfloat16`` a step computes exactly what a full-precision step
     from the same (bf16-valued) state computes, and stores memory_W rounded to nearest-even."""
-    mgg, params, full = make(dtype, seed=2)
+    _mgg, params, full = make(dtype, seed=2)
     with torch.no_grad():
         full.mgg.W1.copy_(full.mgg.W1.bfloat16())  # a bf16-valued learned memory: the same start
     params_bf = [p.detach().clone().requires_grad_(True) for p in params]
