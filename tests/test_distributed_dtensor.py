@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import F32, init_gloo, random_mgg, run_processes
+from helpers import F32, random_mgg
 from torch import nn
 from torch.testing import assert_close
 
 from mgg_fast import MGGOptimizer
+from mgg_fast.distributed import init_local_gloo, run_local_processes
 
 LR, BETAS = 0.05, (0.9, 0.99)
 BACKENDS = ("reference", "triton")
@@ -290,7 +291,7 @@ def _dcp_scenario(rank, mesh, out: Path) -> dict:
 
 
 def _worker(rank, world_size, port, out):
-    dist = init_gloo(rank, world_size, port)
+    dist = init_local_gloo(rank, world_size, port)
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -308,7 +309,7 @@ def _worker(rank, world_size, port, out):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return run_processes(_worker, tmp_path_factory.mktemp("dtensor"), nprocs=WORLD)
+    return run_local_processes(_worker, tmp_path_factory.mktemp("dtensor"), nprocs=WORLD)
 
 
 def assert_params_close(a: dict, b: dict) -> None:

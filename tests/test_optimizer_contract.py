@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import F32, init_gloo, random_mgg, run_processes
+from helpers import F32, random_mgg
 from torch import nn
 from torch.optim.lr_scheduler import (
     ConstantLR,
@@ -34,6 +34,7 @@ from torch.optim.lr_scheduler import (
 from torch.testing import assert_close
 
 from mgg_fast import MGGOptimizer
+from mgg_fast.distributed import init_local_gloo, run_local_processes
 
 LR, BETAS = 0.05, (0.9, 0.99)
 SHAPES = [(6,), (2, 3), (1,)]
@@ -589,7 +590,7 @@ def _zero_scenario(rank, out):
 
 def _distributed_worker(rank, world_size, port, out):
     """Both distributed scenarios in one pair of processes (each process start costs seconds)."""
-    dist = init_gloo(rank, world_size, port)
+    dist = init_local_gloo(rank, world_size, port)
     try:
         results = {"dcp": _dcp_scenario(rank, out), "zero": _zero_scenario(rank, out)}
         torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -599,7 +600,7 @@ def _distributed_worker(rank, world_size, port, out):
 
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
-    return run_processes(_distributed_worker, tmp_path_factory.mktemp("distributed"))
+    return run_local_processes(_distributed_worker, tmp_path_factory.mktemp("distributed"))
 
 
 def test_ddp_dcp_resume_matches_an_uninterrupted_run(distributed_results):
