@@ -1,5 +1,7 @@
-"""Small pieces for running mgg_fast on several processes: this rank's optimizer-state bytes,
-and local gloo process groups on 127.0.0.1 (the multi-process tests and the memory benchmark).
+"""Small pieces for running mgg_fast on several processes: data-parallel gradients and batch
+features (``MGTTA(data_parallel=True)``, ``train_mgg(data_parallel=True)``), this rank's
+optimizer-state bytes, and local gloo process groups on 127.0.0.1 (the multi-process tests and
+the memory benchmark).
 
 The optimizer itself needs nothing from here: DTensor parameters (FSDP2, tensor parallel) are
 handled by :class:`mgg_fast.MGGOptimizer` directly, DDP needs nothing at all.
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,93 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
         for v in st.values()
         if isinstance(v, torch.Tensor)
     )
+
+
+def is_rank_zero() -> bool:
+    """Whether this process writes reports, checkpoints and progress bars: rank 0 of the default
+    process group, or the only process when none is initialised."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def require_process_group(what: str) -> None:
+    """Raise a clear error unless a default process group is initialised (``what`` needs it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{what} needs an initialised process group: call torch.distributed.init_process_group "
+            "first (torchrun sets up the environment for it)"
+        )
+
+
+def broadcast_from_rank_zero(tensors: Iterable[torch.Tensor]) -> None:
+    """Give every rank rank 0's values of ``tensors`` (in place; the same tensors, in the same
+    order, on every rank), as DDP does with a model's parameters at construction."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t, src=0)
+
+
+def average_gradients(params: Iterable[torch.Tensor]) -> None:
+    """Replace each gradient by its mean over the ranks, in one all-reduce (what DDP does in the
+    backward pass). Parameters without a gradient are left out; every rank must have gradients
+    for the same parameters (true when all ranks run the same model and loss)."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    torch._foreach_copy_(
+        grads, [c.view_as(g) for c, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)]
+    )
+
+
+class _GatherBatch(torch.autograd.Function):
+    """All ranks' ``[B, ...]`` parts concatenated in rank order; the backward pass sums the
+    gradients every rank computed for this rank's part (an all-reduce: works on gloo too)."""
+
+    @staticmethod
+    def forward(ctx: Any, part: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.rank, ctx.size = dist.get_rank(), part.shape[0]
+        parts = [torch.empty_like(part) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, part.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size]
+
+
+def gather_batch(part: torch.Tensor) -> torch.Tensor:
+    """The whole batch's ``[B_total, ...]`` from every rank's ``[B, ...]`` part, differentiable.
+
+    Used for the FOA loss's feature statistics: its std/mean term is not a mean over samples, so
+    averaging the ranks' gradients of per-part statistics would not give the whole batch's
+    gradient; with the gathered features (and gradients averaged over the ranks) it is exact.
+    The parts must have the same size on every rank (checked: a clear error on every rank)."""
+    import torch.distributed as dist
+
+    sizes = torch.tensor([part.shape[0]], device=part.device)
+    all_sizes = [torch.empty_like(sizes) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_sizes, sizes)
+    if len({int(n) for n in all_sizes}) != 1:
+        raise ValueError(
+            f"data-parallel batches must have the same size on every rank, got {[int(n) for n in all_sizes]}"
+        )
+    return _GatherBatch.apply(part)
 
 
 def free_port() -> int:

@@ -182,6 +182,11 @@ class MGGOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"MGGOptimizer can only optimize tensors, got {type(p).__name__}")
             if p.dtype not in PARAM_DTYPES:
                 raise TypeError(f"MGGOptimizer supports {PARAM_DTYPES} parameters, got {p.dtype}")
+            if is_dtensor(p) and any(pl.is_partial() for pl in p.placements):
+                raise ValueError(
+                    f"a DTensor parameter with Partial placements {tuple(p.placements)} has no local "
+                    "values to step: redistribute it to Shard or Replicate placements first"
+                )
         if len({id(p) for p in params}) != len(params):
             raise ValueError("a parameter appears more than once in the group: list each parameter once")
         if len({p.device for p in params}) > 1:

@@ -154,7 +154,7 @@ def _errors_scenario(rank, mesh) -> dict:
     """Unsupported input raises a clear error on every rank (the same one, or 'another rank
     rejected' where only one rank's input is bad) and changes nothing; a NaN in one rank's
     gradient shard skips the step on both."""
-    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
 
     model = sharded(tiny_model(), mesh)
     opt = mgg_opt(list(model.parameters()), "reference")
@@ -197,6 +197,11 @@ def _errors_scenario(rank, mesh) -> dict:
         if rank == 1:
             p.grad.to_local().fill_(float("nan"))
 
+    partial = nn.Parameter(DTensor.from_local(torch.ones(2), mesh, [Partial()]))
+    try:
+        mgg_opt([partial], "reference")
+    except ValueError as err:
+        errors["partial_param"] = str(err)
     attempt("replicated_grad", replicated_grad)
     attempt("plain_exp_avg", plain_exp_avg)
     attempt("nan_state_on_rank1", nan_state_on_rank1)
@@ -349,6 +354,7 @@ def test_plain_dtensors_step_as_full_tensors(results, backend):
 def test_unsupported_input_raises_on_every_rank_and_changes_nothing(results):
     for rank, r in enumerate(results):
         e = r["errors"]
+        assert e["partial_param"].startswith("a DTensor parameter with Partial placements")
         assert e["replicated_grad"].startswith("ValueError: the gradient is laid out as (Replicate(),)")
         assert e["plain_exp_avg"].startswith(
             "TypeError: state of parameter 0 of group 0['exp_avg'] is a plain"
