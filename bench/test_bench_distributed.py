@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mgg_fast import MGG, MGGOptimizer
-from mgg_fast.distributed import init_local_gloo, run_local_processes, state_bytes
+from mgg_fast.distributed import run_local_processes, state_bytes
 
 HIDDEN, HEADS = 8, 1
 LAYERS = [(64, 256), (256, 256), (256, 10)]  # Linear(in, out): weight rows = out
@@ -30,19 +30,15 @@ def _model() -> nn.Module:
     return nn.Sequential(*(nn.Linear(i, o) for i, o in LAYERS))
 
 
-def _worker(rank: int, world_size: int, port: int, out: str) -> None:
+def _worker(rank: int, world_size: int, out: Path) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    dist = init_local_gloo(rank, world_size, port)
-    try:
-        model = fully_shard(_model(), mesh=init_device_mesh("cpu", (world_size,)))
-        opt = MGGOptimizer(model.parameters(), MGG(HIDDEN, HEADS), backend="reference")
-        model(torch.randn(8, LAYERS[0][0])).pow(2).mean().backward()
-        opt.step()
-        torch.save({"state_bytes": state_bytes(opt)}, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    model = fully_shard(_model(), mesh=init_device_mesh("cpu", (world_size,)))
+    opt = MGGOptimizer(model.parameters(), MGG(HIDDEN, HEADS), backend="reference")
+    model(torch.randn(8, LAYERS[0][0])).pow(2).mean().backward()
+    opt.step()
+    return {"state_bytes": state_bytes(opt)}
 
 
 def _bytes_per_coordinate() -> int:

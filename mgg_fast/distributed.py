@@ -143,16 +143,31 @@ def init_local_gloo(rank: int, world_size: int, port: int, timeout_s: float = 60
     return dist
 
 
+def _rank_main(
+    rank: int, worker: Callable[[int, int, Path], Any], world_size: int, port: int, out: str
+) -> None:
+    init_local_gloo(rank, world_size, port)
+    try:
+        torch.save(worker(rank, world_size, Path(out)), Path(out) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def run_local_processes(
-    worker: Callable[[int, int, int, str], None], out: Path, nprocs: int = 2, timeout_s: float = 180.0
+    worker: Callable[[int, int, Path], Any], out: Path, nprocs: int = 2, timeout_s: float = 180.0
 ) -> list[Any]:
-    """Run ``worker(rank, world_size, port, out)`` on ``nprocs`` spawned processes, bounded in
-    time (all killed past ``timeout_s``); returns what each rank saved to ``out/rank{r}.pt``
-    (loaded with ``weights_only=True``). A rank that raises makes this raise."""
+    """Run ``worker(rank, world_size, out)`` on ``nprocs`` spawned processes joined in a gloo
+    group on 127.0.0.1, bounded in time (all killed past ``timeout_s``); returns what each
+    rank's worker returned (saved to ``out/rank{r}.pt``, loaded with ``weights_only=True``). A
+    rank that raises makes this raise. ``worker`` must be a module-level function."""
     import torch.multiprocessing as mp
 
     ctx = mp.start_processes(
-        worker, args=(nprocs, free_port(), str(out)), nprocs=nprocs, join=False, start_method="spawn"
+        _rank_main,
+        args=(worker, nprocs, free_port(), str(out)),
+        nprocs=nprocs,
+        join=False,
+        start_method="spawn",
     )
     deadline = time.monotonic() + timeout_s
     try:

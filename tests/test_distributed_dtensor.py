@@ -15,7 +15,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from mgg_fast import MGGOptimizer
-from mgg_fast.distributed import init_local_gloo, run_local_processes
+from mgg_fast.distributed import run_local_processes
 
 LR, BETAS = 0.05, (0.9, 0.99)
 BACKENDS = ("reference", "triton")
@@ -295,21 +295,16 @@ def _dcp_scenario(rank, mesh, out: Path) -> dict:
     return result
 
 
-def _worker(rank, world_size, port, out):
-    dist = init_local_gloo(rank, world_size, port)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
+def _worker(rank, world_size, out):
+    from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh("cpu", (world_size,))
-        results = {
-            "fsdp": _fsdp_scenario(rank, mesh),
-            "plain": _plain_dtensor_scenario(rank, mesh),
-            "errors": _errors_scenario(rank, mesh),
-            "dcp": _dcp_scenario(rank, mesh, Path(out)),
-        }
-        torch.save(results, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (world_size,))
+    return {
+        "fsdp": _fsdp_scenario(rank, mesh),
+        "plain": _plain_dtensor_scenario(rank, mesh),
+        "errors": _errors_scenario(rank, mesh),
+        "dcp": _dcp_scenario(rank, mesh, out),
+    }
 
 
 @pytest.fixture(scope="module")
