@@ -21,6 +21,14 @@ from typing import Any, NoReturn
 
 import torch
 
+from mgg_fast.distributed import (
+    close_process_group,
+    init_from_torchrun,
+    is_rank_zero,
+    rank_part,
+    rank_zero_first,
+)
+
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 BUNDLED = "bundled"
@@ -242,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _say(message: str) -> None:
-    print(message, flush=True)
+    if is_rank_zero():  # under torchrun, one report
+        print(message, flush=True)
 
 
 def _benchmark_config(args: argparse.Namespace, device: torch.device) -> Any:
@@ -313,6 +322,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from mgg_fast.shift_data import resolve_cache_dir, to_tensor
 
     device = resolve_device(args.device)
+    data_parallel = init_from_torchrun(device)
     cache = resolve_cache_dir(args.cache_dir)
     if args.data == BUNDLED:
         cfg = BenchmarkConfig(
@@ -326,10 +336,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         x = to_tensor(images).to(device)
         batches = list(x.split(args.batch_size))
         what = f"{len(images)} images from {args.data}"
+    if data_parallel:  # each process meta-trains on its part of every batch
+        batches = [rank_part(b) for b in batches]
     if args.loss == "foa" and min(len(b) for b in batches) < 2:
         raise CLIError("the foa loss needs batches of at least 2 images; use --loss entropy or more images")
     torch.manual_seed(args.seed)
-    src = _source(args.arch, args, device)
+    with rank_zero_first(data_parallel):  # rank 0 trains and caches the source model
+        src = _source(args.arch, args, device)
     stats = clean_source_stats(src.model) if args.loss == "foa" else None
     _say(
         f"meta-training an MGG on {what} ({args.arch} source model, {args.epochs} epochs, "
@@ -345,8 +358,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         source_stats=stats,
         seed=args.seed,
         progress=not args.no_progress,
+        data_parallel=data_parallel,
     )
-    mgg.save(args.output)
+    if is_rank_zero():
+        mgg.save(args.output)
     _say(f"saved the MGG to {args.output}")
 
 
@@ -481,4 +496,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        close_process_group()
     return 0

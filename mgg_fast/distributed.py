@@ -9,10 +9,11 @@ handled by :class:`mgg_fast.MGGOptimizer` directly, DDP needs nothing at all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,54 @@ def is_rank_zero() -> bool:
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def init_from_torchrun(device: torch.device) -> bool:
+    """Join the process group that ``torchrun`` describes in the environment (NCCL for a CUDA
+    ``device``, gloo otherwise), if it describes more than one process; returns whether this
+    run is data-parallel."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+@contextlib.contextmanager
+def rank_zero_first(active: bool = True) -> Iterator[None]:
+    """Rank 0 runs the block first, the other ranks after it (e.g. rank 0 trains and caches a
+    model, the others then load it from the cache instead of racing to write it)."""
+    import torch.distributed as dist
+
+    if active and not is_rank_zero():
+        dist.barrier()
+    yield
+    if active and is_rank_zero():
+        dist.barrier()
+
+
+def close_process_group() -> None:
+    """Leave the default process group, if this process is in one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_part(batch: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous part of a batch (rank ``r`` of ``W`` takes the ``r``-th of ``W``
+    equal parts); the batch size must be divisible by the world size."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if batch.shape[0] % world:
+        raise ValueError(f"a batch of {batch.shape[0]} does not split evenly over {world} processes")
+    size = batch.shape[0] // world
+    return batch[rank * size : (rank + 1) * size]
 
 
 def require_process_group(what: str) -> None:
