@@ -111,6 +111,14 @@ class MGGOptimizer(torch.optim.Optimizer):
     is validated and packed again before the step, so it is what gets stepped. (Entries changed
     in place, also through ``.data``/``set_`` on a view, are seen where they stay views;
     re-pointing a view at other storage is not detected.)
+
+    DTensor parameters (FSDP2's ``fully_shard``, tensor-parallel shards) are stepped by their
+    local shards (empty ones included) and their ``state[p]`` entries are DTensors with the
+    parameter's mesh and placements, ``memory_W``/``memory_b`` laid out ``[*p.shape, nh, f(, f)]``
+    so that they shard like the parameter (see :mod:`mgg_fast.packed_state`). The ranks of their
+    meshes take each step's decisions together (one all-reduce of the non-finite flag): a
+    non-finite shard skips the step everywhere, and a rank whose validation fails makes every
+    rank raise before anything changes.
     """
 
     def __init__(
