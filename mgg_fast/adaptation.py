@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mgg_fast import distributed
 from mgg_fast.losses import AdaptationLoss, SourceStats
 from mgg_fast.mgg import MGG
 from mgg_fast.norm_params import configure_for_adaptation, select_norm_params
@@ -49,6 +50,12 @@ class MGTTA(nn.Module):
         betas: moment coefficients of the MGG features and of Adam.
         memory_W_dtype: storage dtype of the MGG's memory matrices (``None`` or
             ``torch.bfloat16``; see :class:`MGGOptimizer`); ``"mgg"`` only.
+        data_parallel: each rank of the default process group adapts on its part of the batch
+            (the same size on every rank): rank 0's parameters, buffers and MGG are broadcast at
+            construction, the gradients are averaged over the ranks before every step and the
+            FOA feature statistics are those of the whole batch (gathered), so every rank holds
+            the same adapted parameters, as one process on the whole batch would (BatchNorm
+            layers still normalise with their rank's part: ``nn.SyncBatchNorm`` on GPUs).
 
     Attributes:
         num_updates: optimizer steps since construction or the last :meth:`reset`.
@@ -75,13 +82,19 @@ class MGTTA(nn.Module):
         backend: str = "auto",
         betas: tuple[float, float] = (0.9, 0.99),
         memory_W_dtype: torch.dtype | None = None,
+        data_parallel: bool = False,
     ):
         super().__init__()
+        if data_parallel:
+            distributed.require_process_group("MGTTA(data_parallel=True)")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         named = select_norm_params(model)  # raises for models without norm params
         self.device = named[0][1].device
-        self.loss_fn = AdaptationLoss(model, loss, source_stats, _class_index(class_mask, self.device))
+        gather = distributed.gather_batch if data_parallel else None
+        mask = _class_index(class_mask, self.device)
+        self.loss_fn = AdaptationLoss(model, loss, source_stats, mask, gather)
+        self.data_parallel = data_parallel
         self.model = model
         self.optimizer_name = optimizer
         self.episodic = episodic
@@ -110,6 +123,9 @@ class MGTTA(nn.Module):
         self._config = configure_for_adaptation(model)
         # Only the adapted params and the buffers can change: snapshot those, not the whole model.
         self._tracked = params + [b for b in model.buffers() if b is not None]
+        if data_parallel:
+            mgg_weights = list(self.mgg.parameters()) if self.mgg is not None else []
+            distributed.broadcast_from_rank_zero(self._tracked + mgg_weights)
         self._initial = [t.detach().clone() for t in self._tracked]
         self._optimizer_state = copy.deepcopy(self.optimizer.state_dict())
         self.num_updates = 0
@@ -139,6 +155,8 @@ class MGTTA(nn.Module):
             logits, loss = self.loss_fn(lambda: self.model(x))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+        if self.data_parallel:
+            distributed.average_gradients(self._tracked)
         self.last_loss = loss.detach()
         return logits.detach()
 

@@ -25,6 +25,14 @@ from typing import Any, NoReturn
 
 import torch
 
+from mgg_fast.distributed import (
+    close_process_group,
+    init_from_torchrun,
+    is_rank_zero,
+    rank_part,
+    rank_zero_first,
+)
+
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 BUNDLED = "bundled"
@@ -439,8 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def say(message: str) -> None:
-    """A line of the command's report on stdout, flushed (progress bars go to stderr)."""
-    print(message, flush=True)
+    """A line of the command's report on stdout, flushed (progress bars go to stderr); under
+    torchrun only rank 0 reports."""
+    if is_rank_zero():
+        print(message, flush=True)
 
 
 def _benchmark_config(args: argparse.Namespace, device: torch.device) -> Any:
@@ -506,9 +516,16 @@ def _folder(path: str) -> Any:
 
 
 def meta_train_and_save(
-    model: Any, batches: list[torch.Tensor], loss: str, stats: Any, args: argparse.Namespace
+    model: Any,
+    batches: list[torch.Tensor],
+    loss: str,
+    stats: Any,
+    args: argparse.Namespace,
+    *,
+    data_parallel: bool = False,
 ) -> None:
-    """Meta-train an MGG for ``model`` with the train options and save it to ``--output``."""
+    """Meta-train an MGG for ``model`` with the train options and save it to ``--output`` (rank 0
+    saves when the processes train data-parallel)."""
     from mgg_fast.meta_training import train_mgg
 
     mgg = train_mgg(
@@ -521,8 +538,10 @@ def meta_train_and_save(
         source_stats=stats,
         seed=args.seed,
         progress=not args.no_progress,
+        data_parallel=data_parallel,
     )
-    mgg.save(args.output)
+    if is_rank_zero():
+        mgg.save(args.output)
     say(f"saved the MGG to {args.output}")
 
 
@@ -538,6 +557,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         cmd_train_model(args)
         return
     device = resolve_device(args.device)
+    data_parallel = init_from_torchrun(device)
     cache = resolve_cache_dir(args.cache_dir)
     loss = args.loss or "foa"
     if args.data == BUNDLED:
@@ -552,15 +572,18 @@ def cmd_train(args: argparse.Namespace) -> None:
         x = to_tensor(images).to(device)
         batches = list(x.split(args.batch_size))
         what = f"{len(images)} images from {args.data}"
+    if data_parallel:  # each process meta-trains on its part of every batch
+        batches = [rank_part(b) for b in batches]
     check_foa_batches(loss, batches)
     torch.manual_seed(args.seed)
-    src = _source(args.arch, args, device)
+    with rank_zero_first(data_parallel):  # rank 0 trains and caches the source model
+        src = _source(args.arch, args, device)
     stats = clean_source_stats(src.model) if loss == "foa" else None
     say(
         f"meta-training an MGG on {what} ({args.arch} source model, {args.epochs} epochs, "
         f"adapt lr {args.adapt_lr})"
     )
-    meta_train_and_save(src.model, batches, loss, stats, args)
+    meta_train_and_save(src.model, batches, loss, stats, args, data_parallel=data_parallel)
 
 
 def load_mgg(path: Path, device: torch.device) -> Any:
@@ -745,6 +768,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        close_process_group()
     return 0
 
 

@@ -292,6 +292,8 @@ class AdaptationLoss:
 
     ``loss`` is ``"foa"`` (needs ``source_stats``), ``"entropy"``, or a callable
     ``outputs -> scalar`` (the raw model output; for custom objectives and tests).
+    ``gather`` (data-parallel runs: :func:`mgg_fast.distributed.gather_batch`) turns this rank's
+    FOA features into the whole batch's before their statistics are taken.
     """
 
     def __init__(
@@ -300,6 +302,7 @@ class AdaptationLoss:
         loss: str | Callable[[Tensor], Tensor],
         source_stats: SourceStats | None = None,
         class_mask: Tensor | None = None,
+        gather: Callable[[Tensor], Tensor] | None = None,
     ):
         if not callable(loss) and loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES} or a callable, got {loss!r}")
@@ -314,6 +317,7 @@ class AdaptationLoss:
         self.stats = source_stats.to(device) if loss == "foa" else None
         self._layers = resolve_layers(model, self.stats.layers) if self.stats is not None else {}
         self.class_mask = class_mask
+        self.gather = gather
 
     def __call__(self, forward: Callable[[], Tensor]) -> tuple[Tensor, Tensor]:
         """Run ``forward()`` (the model on the batch) and return ``(logits, loss)``."""
@@ -324,6 +328,8 @@ class AdaptationLoss:
         with feature_tap(self._layers, self.stats.mode) as found:
             logits = self._mask(forward())
         features = concat_features(found, self.stats.layers)
+        if self.gather is not None:
+            features = self.gather(features)
         return logits, foa_loss(logits, features, self.stats)
 
     def _mask(self, logits: Tensor) -> Tensor:

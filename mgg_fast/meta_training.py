@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from mgg_fast import distributed
 from mgg_fast.losses import AdaptationLoss, SourceStats, _batch_inputs
 from mgg_fast.mgg import MGG, MGGState
 from mgg_fast.norm_params import configure_for_adaptation, select_norm_params
@@ -44,6 +45,11 @@ class MetaTrainer:
         loss: ``"foa"`` (needs ``source_stats``), ``"entropy"`` or a callable
             ``model outputs -> scalar``.
         betas, eps: moment coefficients, as in :class:`MGGOptimizer`.
+        data_parallel: each rank of the default process group runs its part of every batch
+            (the same size on every rank): rank 0's MGG is broadcast at construction, the
+            gradients of the adapted parameters and of the MGG are averaged over the ranks
+            before they are used, and the FOA feature statistics are the whole batch's, so every
+            rank trains the same MGG, as one process on the union of the batches would.
     """
 
     def __init__(
@@ -57,14 +63,22 @@ class MetaTrainer:
         source_stats: SourceStats | None = None,
         betas: tuple[float, float] = (0.9, 0.99),
         eps: float = MOMENT_EPS,
+        data_parallel: bool = False,
     ):
+        if data_parallel:
+            distributed.require_process_group("meta-training with data_parallel=True")
         named = select_norm_params(model)
         self.device = named[0][1].device
         if not isinstance(mgg, MGG):
             raise TypeError(f"mgg must be an mgg_fast.MGG, got {type(mgg).__name__}")
         if mgg.W1.device != self.device:
             raise ValueError(f"the MGG is on {mgg.W1.device} but the model is on {self.device}")
-        self.loss_fn = AdaptationLoss(model, loss, source_stats)
+        self.loss_fn = AdaptationLoss(
+            model, loss, source_stats, gather=distributed.gather_batch if data_parallel else None
+        )
+        self.data_parallel = data_parallel
+        if data_parallel:
+            distributed.broadcast_from_rank_zero(mgg.parameters())
         self.model = model
         self.mgg = mgg
         self.adapt_lr = adapt_lr
@@ -98,6 +112,8 @@ class MetaTrainer:
             raise FloatingPointError(f"meta-training loss is {loss.item()} at step {self.num_steps + 1}")
         self.meta_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.data_parallel:
+            distributed.average_gradients([*self.params.values(), *self.mgg.parameters()])
         mgg_grads = {
             name: None if p.grad is None else p.grad.detach().clone()
             for name, p in self.mgg.named_parameters()
@@ -153,6 +169,7 @@ def train_mgg(
     progress: bool = True,
     hidden_size: int = 8,
     num_heads: int = 1,
+    data_parallel: bool = False,
 ) -> MGG:
     """Meta-train an MGG on unlabeled batches of ``model`` (labels in ``(x, y)`` batches are ignored).
 
@@ -163,10 +180,13 @@ def train_mgg(
     (moved to the model's device). ``validate(mgg) -> float`` (higher is better) runs after each
     epoch; the model's state is restored after each call, and a deep copy of the best-scoring MGG
     is returned. Without ``validate`` the final MGG is returned. The model is left as it was.
+    ``data_parallel``: see :class:`MetaTrainer` (each rank passes its part of every batch;
+    progress is shown on rank 0 only).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     device = select_norm_params(model)[0][1].device
+    progress = progress and distributed.is_rank_zero()
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)
@@ -175,7 +195,14 @@ def train_mgg(
         best: MGG | None = None
         best_score = -math.inf
         with MetaTrainer(
-            model, mgg, mgg_lr=mgg_lr, adapt_lr=adapt_lr, loss=loss, source_stats=source_stats, betas=betas
+            model,
+            mgg,
+            mgg_lr=mgg_lr,
+            adapt_lr=adapt_lr,
+            loss=loss,
+            source_stats=source_stats,
+            betas=betas,
+            data_parallel=data_parallel,
         ) as trainer:
             for epoch in range(epochs):
                 trainer.reset()

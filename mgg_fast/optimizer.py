@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from mgg_fast.mgg import MGG
-from mgg_fast.packed_state import STATE_KEYS, PackedState, check_entry
+from mgg_fast.packed_state import STATE_KEYS, PackedState, check_entry, is_dtensor, local_tensor
 from mgg_fast.reference import apply_update, optimizer_step
 
 BACKENDS = ("auto", "triton", "reference")
@@ -67,7 +67,8 @@ class _GroupWork:
     beta2: float
     eps: float
     members: list[Tensor]  # parameters with state or a gradient, in group order
-    grads: list[Tensor | None]  # aligned with members
+    locals: list[Tensor]  # what is stepped: the members, or their local shards (DTensors)
+    grads: list[Tensor | None]  # aligned with members (local shards of DTensor gradients)
     entries: list[Mapping | None]  # their state[p] before the step (None: none yet)
     repack: bool
     fused: bool
@@ -110,6 +111,14 @@ class MGGOptimizer(torch.optim.Optimizer):
     is validated and packed again before the step, so it is what gets stepped. (Entries changed
     in place, also through ``.data``/``set_`` on a view, are seen where they stay views;
     re-pointing a view at other storage is not detected.)
+
+    DTensor parameters (FSDP2's ``fully_shard``, tensor-parallel shards) are stepped by their
+    local shards (empty ones included) and their ``state[p]`` entries are DTensors with the
+    parameter's mesh and placements, ``memory_W``/``memory_b`` laid out ``[*p.shape, nh, f(, f)]``
+    so that they shard like the parameter (see :mod:`mgg_fast.packed_state`). The ranks of their
+    meshes take each step's decisions together (one all-reduce of the non-finite flag): a
+    non-finite shard skips the step everywhere, and a rank whose validation fails makes every
+    rank raise before anything changes.
     """
 
     def __init__(
@@ -181,6 +190,11 @@ class MGGOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"MGGOptimizer can only optimize tensors, got {type(p).__name__}")
             if p.dtype not in PARAM_DTYPES:
                 raise TypeError(f"MGGOptimizer supports {PARAM_DTYPES} parameters, got {p.dtype}")
+            if is_dtensor(p) and any(pl.is_partial() for pl in p.placements):
+                raise ValueError(
+                    f"a DTensor parameter with Partial placements {tuple(p.placements)} has no local "
+                    "values to step: redistribute it to Shard or Replicate placements first"
+                )
         if len({id(p) for p in params}) != len(params):
             raise ValueError("a parameter appears more than once in the group: list each parameter once")
         if len({p.device for p in params}) > 1:
@@ -208,12 +222,18 @@ class MGGOptimizer(torch.optim.Optimizer):
         mgg = self.mgg
         _check_mgg_dtype(mgg)
         device = mgg.W1.device
-        work = [w for gi in range(len(self.param_groups)) if (w := self._prepare_group(gi, device))]
-        if not work:
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        meshes = _meshes(self.param_groups)  # DTensor parameters: the ranks decide together
+        try:
+            work = [w for gi in range(len(self.param_groups)) if (w := self._prepare_group(gi, device))]
+        except Exception:
+            if meshes and not capturing:  # the other ranks wait for this rank's verdict
+                _max_over_ranks(torch.full((1,), _REJECTED, device=device), meshes)
+            raise
+        if not work and not meshes:
             return loss
         if self._skipped.device != device:
             self._init_counters(self._skipped.to(device))
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         host = self.nonfinite == "raise" or any(not w.fused or w.creates_state for w in work)
         if capturing and any(w.repack for w in work):
             raise RuntimeError(
@@ -221,7 +241,16 @@ class MGGOptimizer(torch.optim.Optimizer):
                 "take one step with the same parameters before capturing"
             )
         found_inf = self._nonfinite_flag([g for w in work for g in w.grads if g is not None])
-        if host and not capturing and bool(found_inf.item()):
+        if meshes:
+            # a shard's NaN skips the step on every rank; a rank's failed validation stops all
+            _max_over_ranks(found_inf, meshes)
+            host = not capturing
+        verdict = float(found_inf.item()) if host and not capturing else 0.0
+        if verdict >= _REJECTED:
+            raise RuntimeError("another rank rejected this optimizer step (see its error); nothing changed")
+        if not work:
+            return loss
+        if verdict:
             if self.nonfinite == "raise":
                 raise FloatingPointError("a gradient or MGG weight holds NaN/Inf; the step was not taken")
             self._skipped += 1
@@ -247,6 +276,10 @@ class MGGOptimizer(torch.optim.Optimizer):
         missing = list(map(operator.is_, grads, repeat(None)))
         if all(missing):
             return None
+        locals_ = params
+        if any(map(is_dtensor, params)) or any(map(is_dtensor, grads)):
+            grads = list(map(_local_grad, params, grads))
+            locals_ = list(map(local_tensor, params))
         lr, beta1, beta2, eps = _hyperparams(group)
         fused = self._use_triton(device)
         if self.capturable and not fused:
@@ -267,16 +300,19 @@ class MGGOptimizer(torch.optim.Optimizer):
             and pack is not None
             and pack.exp_avg.device == device
             and pack.holds_all(params, states)
-            and _grads_fit(params, grads, pack.shapes, device)
+            and _grads_fit(
+                locals_, grads, pack.shapes if locals_ is params else list(map(_shape, locals_)), device
+            )
         ):
-            return _GroupWork(gi, lr, beta1, beta2, eps, params, grads, pack.views, False, fused)
-        members, member_grads, entries = [], [], []
-        for p, g, st in zip(params, grads, states, strict=True):
+            return _GroupWork(gi, lr, beta1, beta2, eps, params, locals_, grads, pack.views, False, fused)
+        members, member_locals, member_grads, entries = [], [], [], []
+        for p, loc, g, st in zip(params, locals_, grads, states, strict=True):
             if g is not None:
-                _check_grad(p, g, device)
+                _check_grad(loc, g, device)
             elif not st:
                 continue
             members.append(p)
+            member_locals.append(loc)
             member_grads.append(g)
             entries.append(st or None)
         repack = pack is None or not pack.holds(members, entries, self.mgg.W1.dtype)
@@ -286,7 +322,9 @@ class MGGOptimizer(torch.optim.Optimizer):
                 if entry is not None:
                     where = f"state of parameter {i} of group {gi}"
                     check_entry(where, p, entry, mgg.num_heads, mgg.head_dim, self._memory_dtype())
-        return _GroupWork(gi, lr, beta1, beta2, eps, members, member_grads, entries, repack, fused)
+        return _GroupWork(
+            gi, lr, beta1, beta2, eps, members, member_locals, member_grads, entries, repack, fused
+        )
 
     def _memory_dtype(self) -> torch.dtype:
         return self.memory_W_dtype or self.mgg.W1.dtype
@@ -317,7 +355,7 @@ class MGGOptimizer(torch.optim.Optimizer):
         if layout is None:
             layout = pack.layouts[block] = kernels.chunk_layout(pack.numels, block, pack.exp_avg.device)
         kernels.mgg_step_(
-            pack.params, w.grads, pack.exp_avg, pack.exp_avg_sq, pack.memory_W, pack.memory_b,
+            w.locals, w.grads, pack.exp_avg, pack.exp_avg_sq, pack.memory_W, pack.memory_b,
             pack.steps, layout, weight_args(mgg.weights(), pack.exp_avg.device),
             num_heads=mgg.num_heads, head_dim=mgg.head_dim,
             lr=w.lr, beta1=w.beta1, beta2=w.beta2, eps=w.eps,
@@ -459,6 +497,29 @@ class MGGOptimizer(torch.optim.Optimizer):
             self.register_state_dict_post_hook(MGGOptimizer._add_mgg_fast_entry, prepend=True)
 
 
+_REJECTED = 2.0  # the non-finite flag of a rank whose validation failed (a non-finite step is 1.0)
+
+
+def _meshes(groups: list[dict[str, Any]]) -> list[Any]:
+    """The device meshes of the DTensor parameters, in order of first appearance (the same on
+    every rank, so the collectives match)."""
+    meshes: dict[Any, None] = {}
+    for group in groups:
+        params = group["params"]
+        if any(map(is_dtensor, params)):
+            meshes.update(dict.fromkeys(p.device_mesh for p in params if is_dtensor(p)))
+    return list(meshes)
+
+
+def _max_over_ranks(flag: Tensor, meshes: list[Any]) -> None:
+    """``flag`` becomes its maximum over every rank of every mesh (in place, on the device)."""
+    import torch.distributed as dist
+
+    for mesh in meshes:
+        for dim in range(mesh.ndim):
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+
+
 def _to_device(value: Any, device: torch.device) -> Any:
     return value.to(device) if isinstance(value, Tensor) else value
 
@@ -528,6 +589,22 @@ def _grads_fit(
     )
 
 
+def _local_grad(p: Tensor, g: Tensor | None) -> Tensor | None:
+    """The local shard of a DTensor parameter's gradient, which must be laid out as the
+    parameter is (same mesh and placements: FSDP2's reduce-scattered gradients are)."""
+    if g is None:
+        return None
+    if is_dtensor(p) != is_dtensor(g):
+        kinds = ("a plain tensor", "a DTensor")
+        raise TypeError(f"the gradient is {kinds[is_dtensor(g)]} but the parameter is {kinds[is_dtensor(p)]}")
+    if is_dtensor(p) and (g.device_mesh != p.device_mesh or tuple(g.placements) != tuple(p.placements)):
+        raise ValueError(
+            f"the gradient is laid out as {tuple(g.placements)} on {g.device_mesh}, the parameter as "
+            f"{tuple(p.placements)} on {p.device_mesh}: reduce it to the parameter's placements first"
+        )
+    return local_tensor(g)
+
+
 def _check_grad(p: Tensor, g: Tensor, device: torch.device) -> None:
     if g.is_sparse:
         raise RuntimeError("MGGOptimizer does not support sparse gradients")
@@ -572,4 +649,4 @@ def _reference_step(w: _GroupWork, pack: PackedState, mgg: MGG) -> None:
     if coords is not None:
         for buf, val in zip(buffers, out[1:], strict=True):
             buf.index_copy_(0, coords, val)
-    apply_update([pack.params[i] for i in active], out.update, w.lr)
+    apply_update([w.locals[i] for i in active], out.update, w.lr)

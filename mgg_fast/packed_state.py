@@ -6,10 +6,19 @@ the whole group when the state sits in flat buffers. ``state[p]`` stays the trut
 checks before every step that each ``state[p]`` still holds the views made here (the same
 tensor objects) and packs again from whatever ``state[p]`` holds when it does not (a replaced
 entry, a cleared or reassigned state, a state dict loaded by a wrapper).
+
+DTensor parameters (FSDP2's ``fully_shard``, tensor-parallel shards) are packed by their local
+shards, and their ``state[p]`` entries are DTensors with the parameter's mesh and placements
+(``step`` stays a plain tensor, as in torch's Adam: it is the same on every rank). Their memory
+is laid out ``[*p.shape, nh, f, f]`` / ``[*p.shape, nh, f]`` so that it shards exactly as the
+parameter does (a ``[numel, ...]`` layout chunks elements, not rows, and would not match the
+parameter's uneven ``Shard(d)`` chunks); plain parameters keep ``[numel, ...]`` and accept
+either layout on load.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Mapping, Sequence
@@ -19,19 +28,72 @@ import torch
 from torch import Tensor
 
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "memory_W", "memory_b")
+SHARDED_KEYS = STATE_KEYS[1:]  # DTensors like the parameter, for a DTensor parameter
 _shape = operator.attrgetter("shape")
+
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor
+
+    is_dtensor = functools.partial(type.__instancecheck__, DTensor)
+else:  # a torch built without distributed: no DTensor can exist
+
+    def is_dtensor(t: object) -> bool:
+        return False
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (the tensor itself otherwise), as a tensor that aliases it:
+    what the step reads and writes in place."""
+    if not is_dtensor(t):
+        return t
+    with torch.no_grad():
+        return t.to_local()
 
 
 def state_shapes(p: Tensor, num_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
-    """The shape of each ``state[p]`` entry of parameter ``p``."""
-    n = p.numel()
+    """The (global) shape of each ``state[p]`` entry of parameter ``p``: the memory is
+    ``[numel, ...]`` for a plain parameter, ``[*p.shape, ...]`` for a DTensor one."""
+    lead = tuple(p.shape) if is_dtensor(p) else (p.numel(),)
     return {
         "step": (),
         "exp_avg": tuple(p.shape),
         "exp_avg_sq": tuple(p.shape),
-        "memory_W": (n, num_heads, head_dim, head_dim),
-        "memory_b": (n, num_heads, head_dim),
+        "memory_W": (*lead, num_heads, head_dim, head_dim),
+        "memory_b": (*lead, num_heads, head_dim),
     }
+
+
+def _accepted_shapes(p: Tensor, key: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Shapes accepted on load: the memory of a plain parameter also in the DTensor layout (a full
+    state dict gathered from an FSDP run)."""
+    if key in ("memory_W", "memory_b") and not is_dtensor(p):
+        return shape, (*p.shape, *shape[1:])
+    return (shape,)
+
+
+def _check_placement(where: str, p: Tensor, key: str, value: Tensor) -> Tensor:
+    """The local tensor of ``value`` after checking it is laid out like ``p``: a DTensor with
+    ``p``'s mesh and placements for a DTensor parameter (``step`` a plain tensor or a replicated
+    DTensor), a plain tensor for a plain one."""
+    if not is_dtensor(p):
+        if is_dtensor(value):
+            raise TypeError(f"{where}[{key!r}] is a DTensor but the parameter is a plain tensor")
+        return value
+    if key == "step":
+        if is_dtensor(value) and not all(pl.is_replicate() for pl in value.placements):
+            raise ValueError(f"{where}['step'] must be a plain or replicated tensor, got {value.placements}")
+        return local_tensor(value)
+    if not is_dtensor(value):
+        raise TypeError(
+            f"{where}[{key!r}] is a plain tensor but the parameter is a DTensor: load sharded state "
+            "through torch.distributed.checkpoint.state_dict.set_optimizer_state_dict"
+        )
+    if value.device_mesh != p.device_mesh or tuple(value.placements) != tuple(p.placements):
+        raise ValueError(
+            f"{where}[{key!r}] is laid out as {value.device_mesh}, {tuple(value.placements)}; "
+            f"the parameter as {p.device_mesh}, {tuple(p.placements)}"
+        )
+    return local_tensor(value)
 
 
 def check_entry(
@@ -39,7 +101,9 @@ def check_entry(
 ) -> None:
     """Raise a clear error unless ``entry`` is a valid ``state[p]`` for parameter ``p``: every key
     present, real floating-point tensors (``step`` may be any real number) of the right shapes, no
-    NaN (``step`` a finite, non-negative whole number). ``where`` names the entry in messages."""
+    NaN (``step`` a finite, non-negative whole number), laid out like ``p`` (DTensors with its mesh
+    and placements for a DTensor parameter; the values of this rank's shard are checked).
+    ``where`` names the entry in messages."""
     shapes = state_shapes(p, num_heads, head_dim)
     for key, shape in shapes.items():
         if key not in entry:
@@ -49,6 +113,8 @@ def check_entry(
             value = torch.tensor(float(value))
         if not isinstance(value, Tensor):
             raise TypeError(f"{where}[{key!r}] must be a tensor, got {type(value).__name__}")
+        global_shape = tuple(value.shape)
+        value = _check_placement(where, p, key, value)
         if (
             value.is_complex()
             or value.dtype == torch.bool
@@ -59,9 +125,9 @@ def check_entry(
             raise TypeError(
                 f"{where}[{key!r}] is {value.dtype}; this optimizer stores it as {memory_W_dtype}"
             )
-        if tuple(value.shape) != shape and not (key == "step" and value.numel() == 1):
+        if global_shape not in _accepted_shapes(p, key, shape) and not (key == "step" and value.numel() == 1):
             raise ValueError(
-                f"{where}[{key!r}] has shape {list(value.shape)}, expected {list(shape)} for a parameter "
+                f"{where}[{key!r}] has shape {list(global_shape)}, expected {list(shape)} for a parameter "
                 f"of shape {list(p.shape)}"
             )
         # NaN is rejected; +-Inf is not: a step on a huge finite gradient overflows exp_avg_sq
@@ -79,6 +145,8 @@ class PackedState:
 
     Moments and ``memory_b`` in the state dtype, ``memory_W`` in its storage dtype, one float32
     step count per parameter. ``views[i]`` are the tensors installed in ``state[params[i]]``.
+    For a DTensor parameter the buffers hold its local shard (``numels`` are local sizes) and
+    its views are DTensors over them.
     """
 
     params: list[Tensor]
@@ -115,8 +183,9 @@ class PackedState:
         """Buffers for ``params``: each parameter's state copied from ``entries[i]`` (validated by
         :func:`check_entry`), or fresh where it is ``None`` (zero moments and step, the memory
         tiled from the learned ``W1 [nh, f, f]`` / ``b1 [nh, f]``)."""
-        device = params[0].device
-        numels = [p.numel() for p in params]
+        locals_ = list(map(local_tensor, params))
+        device = locals_[0].device
+        numels = [p.numel() for p in locals_]
         offsets = [0]
         for n in numels[:-1]:
             offsets.append(offsets[-1] + n)
@@ -128,18 +197,23 @@ class PackedState:
         b = b1.detach().to(device=device, dtype=dtype).repeat(n, 1, 1)
         steps = torch.zeros(len(params), device=device, dtype=torch.float32)
         views = []
-        for i, (p, start, count) in enumerate(zip(params, offsets, numels, strict=True)):
+        for i, (p, loc, start, count) in enumerate(zip(params, locals_, offsets, numels, strict=True)):
+            sharded = is_dtensor(p)
+            lead = loc.shape if sharded else (count,)
             view = {
                 "step": steps[i],
-                "exp_avg": m[start : start + count].view(p.shape),
-                "exp_avg_sq": v[start : start + count].view(p.shape),
-                "memory_W": W[start : start + count],
-                "memory_b": b[start : start + count],
+                "exp_avg": m[start : start + count].view(loc.shape),
+                "exp_avg_sq": v[start : start + count].view(loc.shape),
+                "memory_W": W[start : start + count].view(*lead, *W.shape[1:]),
+                "memory_b": b[start : start + count].view(*lead, *b.shape[1:]),
             }
             entry = entries[i]
             if entry is not None:
                 for key in STATE_KEYS:
-                    view[key].copy_(torch.as_tensor(entry[key]).reshape(view[key].shape))
+                    source = local_tensor(torch.as_tensor(entry[key]))
+                    view[key].copy_(source.reshape(view[key].shape))
+            if sharded:
+                view.update({key: _like(p, view[key]) for key in SHARDED_KEYS})
             views.append(view)
         return cls(list(params), numels, offsets, m, v, W, b, steps, views)
 
@@ -160,8 +234,8 @@ class PackedState:
 
     def holds(self, members: Sequence[Tensor], states: Sequence[Mapping | None], dtype: torch.dtype) -> bool:
         """Whether ``members`` are exactly the packed parameters, in order, each ``state[p]``
-        (``states[i]``) holding this pack's views, with sizes, state dtype and device unchanged."""
-        packed, views, numels = self.params, self.views, self.numels
+        (``states[i]``) holding this pack's views, with shapes, state dtype and device unchanged."""
+        packed, views, shapes = self.params, self.views, self.shapes
         if len(members) != len(packed) or self.exp_avg.dtype != dtype:
             return False
         device = self.exp_avg.device
@@ -170,7 +244,7 @@ class PackedState:
             if not (
                 st
                 and packed[j] is p
-                and p.numel() == numels[j]
+                and p.shape == shapes[j]
                 and p.device == device
                 and st.get("exp_avg") is view["exp_avg"]
                 and st.get("exp_avg_sq") is view["exp_avg_sq"]
@@ -180,3 +254,11 @@ class PackedState:
             ):
                 return False
         return True
+
+
+def _like(p: Tensor, local: Tensor) -> Tensor:
+    """A DTensor over ``local`` (this rank's part of a state entry of DTensor parameter ``p``)
+    with ``p``'s mesh and placements; its global shape leads with ``p``'s."""
+    shape = torch.Size((*p.shape, *local.shape[p.dim() :]))
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, p.device_mesh, p.placements, shape=shape, stride=stride)

@@ -9,11 +9,8 @@ import copy
 import io
 import os
 import pickle
-import socket
 import tempfile
-import time
 from collections import defaultdict
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -37,10 +34,10 @@ from torch.optim.lr_scheduler import (
 from torch.testing import assert_close
 
 from mgg_fast import MGGOptimizer
+from mgg_fast.distributed import run_local_processes
 
 LR, BETAS = 0.05, (0.9, 0.99)
 SHAPES = [(6,), (2, 3), (1,)]
-DIST_TIMEOUT_S = 180.0
 
 
 def make_params(seed=0, shapes=SHAPES, dtype=torch.float32):
@@ -527,47 +524,6 @@ def test_resume_through_torch_save_and_weights_only_load(tmp_path, backend, memo
 # ---- distributed: DDP + DCP, ZeroRedundancyOptimizer (2 gloo processes on 127.0.0.1) ----------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_two_processes(worker, out: Path) -> list[dict]:
-    """Run ``worker(rank, world_size, port, out)`` on 2 spawned processes, bounded in time; the
-    results each rank saved to ``out/rank{r}.pt``."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(
-        worker, args=(2, free_port(), str(out)), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + DIST_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{worker.__name__} did not finish within {DIST_TIMEOUT_S} s")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
-
-
-def _init_gloo(rank, world_size, port):
-    import torch.distributed as dist
-
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=60),
-    )
-    return dist
-
-
 def _ddp_train(model, opt, rank, steps):
     for s in steps:
         opt.zero_grad()
@@ -657,19 +613,14 @@ def _zero_scenario(rank, out):
     }
 
 
-def _distributed_worker(rank, world_size, port, out):
+def _distributed_worker(rank, _world_size, out):
     """Both distributed scenarios in one pair of processes (each process start costs seconds)."""
-    dist = _init_gloo(rank, world_size, port)
-    try:
-        results = {"dcp": _dcp_scenario(rank, out), "zero": _zero_scenario(rank, out)}
-        torch.save(results, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    return {"dcp": _dcp_scenario(rank, out), "zero": _zero_scenario(rank, out)}
 
 
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
-    return run_two_processes(_distributed_worker, tmp_path_factory.mktemp("distributed"))
+    return run_local_processes(_distributed_worker, tmp_path_factory.mktemp("distributed"))
 
 
 def test_ddp_dcp_resume_matches_an_uninterrupted_run(distributed_results):

@@ -1,0 +1,231 @@
+"""Small pieces for running mgg_fast on several processes: data-parallel gradients and batch
+features (``MGTTA(data_parallel=True)``, ``train_mgg(data_parallel=True)``), this rank's
+optimizer-state bytes, and local gloo process groups on 127.0.0.1 (the multi-process tests and
+the memory benchmark).
+
+The optimizer itself needs nothing from here: DTensor parameters (FSDP2, tensor parallel) are
+handled by :class:`mgg_fast.MGGOptimizer` directly, DDP needs nothing at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mgg_fast.packed_state import local_tensor
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state held by this rank: every tensor in ``optimizer.state``, counted
+    by its local shard for a DTensor (so it falls as 1/world size under FSDP2)."""
+    return sum(
+        local_tensor(v).numel() * v.element_size()
+        for st in optimizer.state.values()
+        for v in st.values()
+        if isinstance(v, torch.Tensor)
+    )
+
+
+def is_rank_zero() -> bool:
+    """Whether this process writes reports, checkpoints and progress bars: rank 0 of the default
+    process group, or the only process when none is initialised."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def init_from_torchrun(device: torch.device) -> bool:
+    """Join the process group that ``torchrun`` describes in the environment (NCCL for a CUDA
+    ``device``, gloo otherwise), if it describes more than one process; returns whether this
+    run is data-parallel."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+@contextlib.contextmanager
+def rank_zero_first(active: bool = True) -> Iterator[None]:
+    """Rank 0 runs the block first, the other ranks after it (e.g. rank 0 trains and caches a
+    model, the others then load it from the cache instead of racing to write it)."""
+    import torch.distributed as dist
+
+    if active and not is_rank_zero():
+        dist.barrier()
+    yield
+    if active and is_rank_zero():
+        dist.barrier()
+
+
+def close_process_group() -> None:
+    """Leave the default process group, if this process is in one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_part(batch: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous part of a batch (rank ``r`` of ``W`` takes the ``r``-th of ``W``
+    equal parts); the batch size must be divisible by the world size."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if batch.shape[0] % world:
+        raise ValueError(f"a batch of {batch.shape[0]} does not split evenly over {world} processes")
+    size = batch.shape[0] // world
+    return batch[rank * size : (rank + 1) * size]
+
+
+def require_process_group(what: str) -> None:
+    """Raise a clear error unless a default process group is initialised (``what`` needs it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{what} needs an initialised process group: call torch.distributed.init_process_group "
+            "first (torchrun sets up the environment for it)"
+        )
+
+
+def broadcast_from_rank_zero(tensors: Iterable[torch.Tensor]) -> None:
+    """Give every rank rank 0's values of ``tensors`` (in place; the same tensors, in the same
+    order, on every rank), as DDP does with a model's parameters at construction."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t, src=0)
+
+
+def average_gradients(params: Iterable[torch.Tensor]) -> None:
+    """Replace each gradient by its mean over the ranks, in one all-reduce (what DDP does in the
+    backward pass). Parameters without a gradient are left out; every rank must have gradients
+    for the same parameters (true when all ranks run the same model and loss)."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    torch._foreach_copy_(
+        grads, [c.view_as(g) for c, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)]
+    )
+
+
+class _GatherBatch(torch.autograd.Function):
+    """All ranks' ``[B, ...]`` parts concatenated in rank order; the backward pass sums the
+    gradients every rank computed for this rank's part (an all-reduce: works on gloo too)."""
+
+    @staticmethod
+    def forward(ctx: Any, part: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.rank, ctx.size = dist.get_rank(), part.shape[0]
+        parts = [torch.empty_like(part) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, part.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size]
+
+
+def gather_batch(part: torch.Tensor) -> torch.Tensor:
+    """The whole batch's ``[B_total, ...]`` from every rank's ``[B, ...]`` part, differentiable.
+
+    Used for the FOA loss's feature statistics: its std/mean term is not a mean over samples, so
+    averaging the ranks' gradients of per-part statistics would not give the whole batch's
+    gradient; with the gathered features (and gradients averaged over the ranks) it is exact.
+    The parts must have the same size on every rank (checked: a clear error on every rank)."""
+    import torch.distributed as dist
+
+    sizes = torch.tensor([part.shape[0]], device=part.device)
+    all_sizes = [torch.empty_like(sizes) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_sizes, sizes)
+    if len({int(n) for n in all_sizes}) != 1:
+        raise ValueError(
+            f"data-parallel batches must have the same size on every rank, got {[int(n) for n in all_sizes]}"
+        )
+    return _GatherBatch.apply(part)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a gloo rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_local_gloo(rank: int, world_size: int, port: int, timeout_s: float = 60.0) -> Any:
+    """Join a gloo process group on 127.0.0.1 (collectives time out after ``timeout_s``);
+    returns ``torch.distributed``."""
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return dist
+
+
+def _rank_main(
+    rank: int, worker: Callable[[int, int, Path], Any], world_size: int, port: int, out: str
+) -> None:
+    init_local_gloo(rank, world_size, port)
+    try:
+        torch.save(worker(rank, world_size, Path(out)), Path(out) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_local_processes(
+    worker: Callable[[int, int, Path], Any], out: Path, nprocs: int = 2, timeout_s: float = 180.0
+) -> list[Any]:
+    """Run ``worker(rank, world_size, out)`` on ``nprocs`` spawned processes joined in a gloo
+    group on 127.0.0.1, bounded in time (all killed past ``timeout_s``); returns what each
+    rank's worker returned (saved to ``out/rank{r}.pt``, loaded with ``weights_only=True``). A
+    rank that raises makes this raise. ``worker`` must be a module-level function."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(
+        _rank_main,
+        args=(worker, nprocs, free_port(), str(out)),
+        nprocs=nprocs,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{worker.__name__} did not finish within {timeout_s} s")
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(nprocs)]

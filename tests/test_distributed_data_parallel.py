@@ -1,0 +1,167 @@
+"""Data-parallel MGTTA and meta-training on 2 gloo processes (127.0.0.1): each rank takes its
+half of every batch; the result must be what one process gets on the whole batches.
+
+One pair of spawned processes runs every scenario (a process start costs seconds); each rank
+computes the single-process run itself (no communication) and saves both for the tests below.
+"""
+
+import pytest
+import torch
+from helpers import F32, F32_METAGRAD, random_mgg
+from torch import nn
+from torch.testing import assert_close
+
+from mgg_fast import MGTTA, fit_source_stats, train_mgg
+from mgg_fast.distributed import run_local_processes
+from mgg_fast.meta_training import MetaTrainer
+
+WORLD, HALF = 2, 4
+
+
+def tiny_cnn() -> nn.Module:
+    """GroupNorm only (per-sample statistics), pooled 4-D stage features for the FOA loss."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3),
+        nn.GroupNorm(2, 6),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 5),
+    )
+
+
+def whole_batch(step: int) -> torch.Tensor:
+    return torch.randn(WORLD * HALF, 3, 8, 8, generator=torch.Generator().manual_seed(step))
+
+
+def part(step: int, rank: int) -> torch.Tensor:
+    return whole_batch(step)[rank * HALF : (rank + 1) * HALF]
+
+
+def source_stats():
+    source = 3 * torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(99)) + 2
+    return fit_source_stats(tiny_cnn(), [source])  # far from the test batches: the FOA term matters
+
+
+def adapter(data_parallel: bool) -> MGTTA:
+    return MGTTA(
+        tiny_cnn(),
+        mgg=random_mgg(seed=3),
+        lr=0.05,
+        loss="foa",
+        source_stats=source_stats(),
+        backend="reference",
+        data_parallel=data_parallel,
+    )
+
+
+def adapted(a: MGTTA) -> list[torch.Tensor]:
+    return [p.detach().clone() for g in a.optimizer.param_groups for p in g["params"]]
+
+
+def _mgtta_scenario(rank) -> dict:
+    single, dp = adapter(False), adapter(True)
+    initial = adapted(dp)
+    for s in range(3):
+        single(whole_batch(s))
+        dp(part(s, rank))
+    out = {"single": adapted(single), "dp": adapted(dp), "initial": initial}
+    dp.reset()
+    out["after_reset"] = adapted(dp)
+    single.reset()
+    single(whole_batch(5))
+    dp(part(5, rank))
+    out["single_after_reset"], out["dp_after_reset"] = adapted(single), adapted(dp)
+    try:
+        dp(part(6, rank)[: 3 + rank])  # 3 samples on rank 0, 4 on rank 1
+        out["uneven"] = None
+    except ValueError as err:
+        out["uneven"] = str(err)
+    out["uneven/unchanged"] = all(map(torch.equal, out["dp_after_reset"], adapted(dp)))
+    return out
+
+
+def _meta_scenario(rank) -> dict:
+    stats = source_stats()
+
+    def train(batches, data_parallel):
+        mgg = random_mgg(seed=3)
+        return train_mgg(
+            tiny_cnn(),
+            batches,
+            mgg=mgg,
+            mgg_lr=1e-2,
+            adapt_lr=0.05,
+            loss="foa",
+            source_stats=stats,
+            progress=False,
+            data_parallel=data_parallel,
+        )
+
+    def meta_grads(data_parallel):
+        kw = {"mgg_lr": 1e-2, "adapt_lr": 0.05, "loss": "foa", "source_stats": stats}
+        with MetaTrainer(tiny_cnn(), random_mgg(seed=3), data_parallel=data_parallel, **kw) as trainer:
+            batches = [part(s, rank) if data_parallel else whole_batch(s) for s in range(3)]
+            return [trainer.step(x)["mgg_grads"] for x in batches]
+
+    single = train([whole_batch(s) for s in range(3)], False)
+    dp = train([part(s, rank) for s in range(3)], True)
+    untrained = random_mgg(seed=3)
+    return {
+        "single_grads": meta_grads(False),
+        "dp_grads": meta_grads(True),
+        "single": {k: v.detach() for k, v in single.state_dict().items()},
+        "dp": {k: v.detach() for k, v in dp.state_dict().items()},
+        "untrained": {k: v.detach() for k, v in untrained.state_dict().items()},
+    }
+
+
+def _worker(rank, _world_size, _out):
+    return {"mgtta": _mgtta_scenario(rank), "meta": _meta_scenario(rank)}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return run_local_processes(_worker, tmp_path_factory.mktemp("data_parallel"), nprocs=WORLD)
+
+
+def test_data_parallel_mgtta_matches_one_process_on_the_whole_batch(results):
+    for r in results:
+        m = r["mgtta"]
+        for a, b, c in zip(m["dp"], m["single"], m["initial"], strict=True):
+            assert_close(a, b, **F32)
+            assert not torch.equal(a, c)  # it adapted
+    for a, b in zip(results[0]["mgtta"]["dp"], results[1]["mgtta"]["dp"], strict=True):
+        assert torch.equal(a, b)  # the same on every rank
+
+
+def test_data_parallel_mgtta_reset_and_uneven_batches(results):
+    for r in results:
+        m = r["mgtta"]
+        assert all(map(torch.equal, m["after_reset"], m["initial"]))
+        for a, b in zip(m["dp_after_reset"], m["single_after_reset"], strict=True):
+            assert_close(a, b, **F32)
+        assert m["uneven"].startswith(
+            "data-parallel batches must have the same size on every rank, got [3, 4]"
+        )
+        assert m["uneven/unchanged"]
+
+
+def test_data_parallel_meta_training_matches_one_process_on_the_union(results):
+    for r in results:
+        m = r["meta"]
+        for k, v in m["single"].items():
+            assert_close(m["dp"][k], v, **F32_METAGRAD, msg=k)
+        assert any(not torch.equal(v, m["untrained"][k]) for k, v in m["single"].items())  # it trained
+        for step, (dp, single) in enumerate(zip(m["dp_grads"], m["single_grads"], strict=True)):
+            assert dp.keys() == single.keys()
+            assert (step == 0) == all(g is None for g in single.values())  # step 1: no MGG output yet
+            for k, g in single.items():
+                assert (g is None) == (dp[k] is None), (step, k)
+                if g is not None:
+                    assert_close(dp[k], g, **F32_METAGRAD, msg=f"{step} {k}")
+    for k, v in results[0]["meta"]["dp"].items():
+        assert torch.equal(v, results[1]["meta"]["dp"][k]), k
