@@ -68,9 +68,13 @@ def test_splits_are_disjoint_balanced_and_fixed():
     np.testing.assert_array_equal(mnist_split("val", 10).labels, sets["val"].labels[:10])
 
 
+def _cache_files(folder, stem):
+    return folder / "data" / f"{stem}.npz", folder / "data" / f"{stem}.json"
+
+
 def test_corrupted_cache_checksum_and_regeneration(tmp_path, count_generations):
     first = corrupted_split("test", "contrast", 5, 6, cache_dir=tmp_path)
-    npz, manifest = tmp_path / "data" / "test-contrast-s5.npz", tmp_path / "data" / "test-contrast-s5.json"
+    npz, manifest = _cache_files(tmp_path, "test-contrast-s5-n6-seed0")
     meta = json.loads(manifest.read_text())
     assert meta["sha256"] == sha256_file(npz)
     assert meta["params"]["n_images"] == 6 and meta["params"]["severity"] == 5
@@ -88,17 +92,30 @@ def test_corrupted_cache_checksum_and_regeneration(tmp_path, count_generations):
     np.testing.assert_array_equal(repaired.images, first.images)  # deterministic regeneration
     assert json.loads(manifest.read_text())["sha256"] == sha256_file(npz)
 
-    corrupted_split("test", "contrast", 5, 7, cache_dir=tmp_path)  # parameters changed
+    json_meta = json.loads(manifest.read_text())  # a stale manifest (other parameters): regenerated
+    json_meta["params"]["severity"] = 4
+    manifest.write_text(json.dumps(json_meta))
+    corrupted_split("test", "contrast", 5, 6, cache_dir=tmp_path)
     assert len(count_generations) == 3
-    assert json.loads(manifest.read_text())["params"]["n_images"] == 7
-    corrupted_split("test", "contrast", 5, 7, seed=1, cache_dir=tmp_path)
-    assert len(count_generations) == 4
 
     manifest.unlink()  # missing manifest
-    corrupted_split("test", "contrast", 5, 7, seed=1, cache_dir=tmp_path)
+    corrupted_split("test", "contrast", 5, 6, cache_dir=tmp_path)
     npz.unlink()  # missing data file
-    corrupted_split("test", "contrast", 5, 7, seed=1, cache_dir=tmp_path)
-    assert len(count_generations) == 6
+    corrupted_split("test", "contrast", 5, 6, cache_dir=tmp_path)
+    assert len(count_generations) == 5
+
+
+def test_sets_of_other_sizes_and_seeds_do_not_overwrite_each_other(tmp_path, count_generations):
+    """Regression (issue 16): the cache name lacked the image count, so the 32-image meta set and the
+    96-image tuning set of a corruption replaced each other and were regenerated on every run."""
+    for n, seed in ((6, 0), (7, 0), (6, 1)):
+        corrupted_split("test", "contrast", 5, n, seed=seed, cache_dir=tmp_path)
+    assert len(count_generations) == 3
+    for n, seed in ((6, 0), (7, 0), (6, 1)):  # all three are cache hits now
+        data = corrupted_split("test", "contrast", 5, n, seed=seed, cache_dir=tmp_path)
+        assert len(data) == n
+    assert len(count_generations) == 3
+    assert len(list((tmp_path / "data").glob("test-contrast-*.npz"))) == 3
 
 
 def test_corruptions_are_real_and_names_checked(tmp_path):
