@@ -38,7 +38,7 @@ TINY = {
     "batch_size": 4,
     "n_stats": 16,
     "meta_epochs": 1,
-    "lr_grid": {"tent": (1e-3,), "adam": (1e-3, 1e-2), "mgg": (1e-3,)},
+    "lr_grid": {"tent": (1e-3,), "adam": (1e-3, 1e-2), "mgg": (1e-3,), "sar": (1e-3,), "eata": (1e-2,)},
     "source_epochs": 1,
     "n_train": 32,
     "backend": "reference",
@@ -158,38 +158,104 @@ def test_summarize_definitions():
 
 
 def test_pipeline_end_to_end(tmp_path):
-    cfg = BenchmarkConfig(archs=("vit", "resnet"), **TINY)
+    cfg = BenchmarkConfig(archs=("resnet",), n_seeds=2, **TINY)
     results = run_benchmark(cfg, cache_dir=tmp_path / "cache", progress=False)
     assert results["config"]["corruptions"] == list(TINY["corruptions"])
+    assert results["config"]["seeds"] == [0, 1]
     for r in results["archs"].values():
-        assert set(r["methods"]) == {"noadapt", "tent", "adam", "mgg"}
-        assert set(r["tuning"]["adam"]) == {"0.001", "0.01"}
-        assert r["methods"]["adam"]["lr"] in (1e-3, 1e-2)
-        assert r["methods"]["noadapt"]["lr"] is None
-        for m in r["methods"].values():
-            for mode in ("episodic", "continual"):
-                per = m[mode]["per_corruption"]
-                assert list(per) == list(TINY["corruptions"])
-                assert m[mode]["mean"] == pytest.approx(np.mean(list(per.values())))
-                assert all(0.0 <= v <= 1.0 for v in per.values())
-            assert len(m["episodic"]["curve"]) == 2  # 8 images in batches of 4
-            assert m["episodic"]["acc_at"]["1"] == m["episodic"]["curve"][1]
-            assert m["ms_per_batch"] > 0
-        assert r["methods"]["noadapt"]["step_ms_per_batch"] == 0
-    # NoAdapt has no state: episodic and continual agree
-    noadapt = results["archs"]["resnet"]["methods"]["noadapt"]
-    assert noadapt["episodic"]["per_corruption"] == noadapt["continual"]["per_corruption"]
+        assert [s["seed"] for s in r["seeds"]] == [0, 1]
+        for run in r["seeds"]:
+            assert set(run["methods"]) == {"noadapt", "tent", "adam", "sar", "eata", "mgg"}
+            assert (
+                set(run["tuning"]["adam"]["episodic"])
+                == set(run["tuning"]["adam"]["continual"])
+                == {
+                    "0.001",
+                    "0.01",
+                }
+            )
+            for setting in ("episodic", "continual"):
+                assert run["methods"]["adam"]["lr"][setting] in (1e-3, 1e-2)
+            assert run["methods"]["noadapt"]["lr"] == {"episodic": None, "continual": None}
+            for m in run["methods"].values():
+                for mode in ("episodic", "continual"):
+                    per = m[mode]["per_corruption"]
+                    assert list(per) == list(TINY["corruptions"])
+                    assert m[mode]["mean"] == pytest.approx(np.mean(list(per.values())))
+                    assert all(0.0 <= v <= 1.0 for v in per.values())
+                assert len(m["episodic"]["curve"]) == 2  # 8 images in batches of 4
+                assert m["episodic"]["acc_at"]["1"] == m["episodic"]["curve"][1]
+                assert m["ms_per_batch"] > 0
+                assert m["updates_to_tent"] is None or 0 <= m["updates_to_tent"] < 2
+            assert run["methods"]["noadapt"]["step_ms_per_batch"] == 0
+            # NoAdapt has no state: episodic and continual agree
+            noadapt = run["methods"]["noadapt"]
+            assert noadapt["episodic"]["per_corruption"] == noadapt["continual"]["per_corruption"]
+        # the statistics over seeds are computed from the per-seed numbers
+        summary = r["summary"]
+        for method, entry in summary["methods"].items():
+            for setting in ("episodic", "continual"):
+                values = [run["methods"][method][setting]["mean"] for run in r["seeds"]]
+                assert entry[setting]["values"] == values
+                assert entry[setting]["mean"] == pytest.approx(np.mean(values))
+        for base in ("tent", "adam"):
+            d = summary["paired"][f"mgg-{base}"]["continual"]
+            diffs = [
+                run["methods"]["mgg"]["continual"]["mean"] - run["methods"][base]["continual"]["mean"]
+                for run in r["seeds"]
+            ]
+            assert d["values"] == pytest.approx(diffs)
 
     paths = write_reports(results, tmp_path / "out")
     assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(results))
     md = paths["markdown"].read_text()
     for arch, r in results["archs"].items():
         assert f"## {arch}:" in md
-        assert (
-            f"| MGG | {r['methods']['mgg']['lr']:g} | {100 * r['methods']['mgg']['episodic']['mean']:.1f} |"
-            in md
-        )
+        ep = r["summary"]["methods"]["mgg"]["episodic"]
+        assert "| MGG | " in md and f"{100 * ep['mean']:.1f} ± {100 * ep['ci95']:.1f}" in md
+        assert "| MGG − Tent (SGD) |" in md
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mean_ci_is_the_t_interval_and_paired_differences_cancel_seed_effects():
+    from scipy import stats
+
+    from mgg_fast.shift_benchmark import aggregate, mean_ci
+
+    values = [0.5, 0.6, 0.7, 0.9]
+    ci = mean_ci(values)
+    assert ci["mean"] == pytest.approx(0.675) and ci["n"] == 4
+    assert ci["ci95"] == pytest.approx(stats.t.ppf(0.975, 3) * np.std(values, ddof=1) / 2)
+    assert mean_ci([0.3])["ci95"] is None
+
+    def run(seed, tent, mgg):  # seeds differ a lot, MGG − Tent is always +0.02
+        per = lambda acc: {"mean": acc, "per_corruption": {"a": acc}, "curve": [acc, acc], "acc_at": {}}
+        method = lambda acc: {
+            "lr": {"episodic": 0.1, "continual": 0.1},
+            "episodic": per(acc),
+            "continual": per(acc),
+            "updates_to_tent": 0,
+            "ms_per_batch": 1.0,
+            "step_ms_per_batch": 0.1,
+        }
+        return {
+            "seed": seed,
+            "source": {"clean_accuracy": 0.9},
+            "methods": {"tent": method(tent), "mgg": method(mgg)},
+        }
+
+    summary = aggregate([run(0, 0.3, 0.32), run(1, 0.6, 0.62), run(2, 0.45, 0.47)])
+    assert summary["methods"]["mgg"]["episodic"]["ci95"] > 0.1  # unpaired: wide
+    paired = summary["paired"]["mgg-tent"]["episodic"]
+    assert paired["mean"] == pytest.approx(0.02) and paired["ci95"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_updates_to_reach():
+    from mgg_fast.shift_benchmark import final_accuracy, updates_to_reach
+
+    assert updates_to_reach([0.1, 0.4, 0.3, 0.6], 0.35) == 1
+    assert updates_to_reach([0.1, 0.2], 0.5) is None
+    assert final_accuracy([0.0, 0.1, 0.2, 0.3, 0.4]) == pytest.approx(0.3)
 
 
 def test_config_rejects_bad_sizes_and_names():
@@ -237,8 +303,8 @@ def test_given_mgg_is_tuned_not_retrained(tmp_path, monkeypatch):
         raise AssertionError("a given MGG must not be meta-trained")
 
     monkeypatch.setattr(shift_benchmark, "train_mgg", no_meta_training)
-    cfg = BenchmarkConfig(archs=("resnet",), **{**TINY, "lr_grid": {**TINY["lr_grid"], "mgg": (1e-3, 1e-2)}})
+    cfg = BenchmarkConfig(archs=("vit",), **{**TINY, "lr_grid": {**TINY["lr_grid"], "mgg": (1e-3, 1e-2)}})
     results = run_benchmark(cfg, cache_dir=tmp_path, mgg=MGG(), progress=False)
-    r = results["archs"]["resnet"]
-    assert results["given_mgg"] and set(r["tuning"]["mgg"]) == {"0.001", "0.01"}
-    assert r["methods"]["mgg"]["lr"] in (1e-3, 1e-2)
+    (run,) = results["archs"]["vit"]["seeds"]
+    assert results["given_mgg"] and set(run["tuning"]["mgg"]["continual"]) == {"0.001", "0.01"}
+    assert all(run["methods"]["mgg"]["lr"][s] in (1e-3, 1e-2) for s in ("episodic", "continual"))
