@@ -145,7 +145,7 @@ RECIPES = {
         validate=True,
         reset_params=False,
     ),
-    "unroll": MetaRecipe("unroll", n_meta=1024, unroll=4, stream="blocks"),
+    "unroll": MetaRecipe("unroll", n_meta=512, unroll=4, stream="blocks"),
 }
 
 
@@ -734,6 +734,42 @@ def run_benchmark(
         "archs": archs,
         "wall_seconds": time.perf_counter() - start,
         "given_mgg": mgg is not None,
+    }
+
+
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from runs of the same configuration on disjoint seeds (e.g. one process per seed,
+    to keep each run short): the per-seed runs side by side, the statistics over all of them.
+
+    Raises ``ValueError`` if the configurations differ other than in their seeds, or seeds repeat."""
+    if not parts:
+        raise ValueError("merge_results needs at least one result")
+    ignore = ("seed", "n_seeds", "seeds", "threads")
+
+    def settings(part: dict[str, Any]) -> dict[str, Any]:  # as JSON holds them (tuples → lists)
+        return json.loads(json.dumps({k: v for k, v in part["config"].items() if k not in ignore}))
+
+    base = settings(parts[0])
+    for p in parts[1:]:
+        other = settings(p)
+        if other != base:
+            diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
+            raise ValueError(f"cannot merge runs whose configurations differ in {', '.join(diff)}")
+    seeds = [s for p in parts for s in p["config"]["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"cannot merge runs with repeated seeds {seeds}")
+    archs = {}
+    for arch in parts[0]["archs"]:
+        runs = sorted((r for p in parts for r in p["archs"][arch]["seeds"]), key=lambda r: r["seed"])
+        archs[arch] = {"seeds": runs, "summary": aggregate(runs)}
+    return {
+        **parts[0],
+        "config": {**parts[0]["config"], "seeds": sorted(seeds), "n_seeds": len(seeds)},
+        "machine": parts[0]["machine"],
+        "machines": [p["machine"] for p in parts],
+        "archs": archs,
+        "wall_seconds": sum(p["wall_seconds"] for p in parts),
+        "merged_from": len(parts),
     }
 
 

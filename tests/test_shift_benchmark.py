@@ -308,3 +308,73 @@ def test_given_mgg_is_tuned_not_retrained(tmp_path, monkeypatch):
     (run,) = results["archs"]["vit"]["seeds"]
     assert results["given_mgg"] and set(run["tuning"]["mgg"]["continual"]) == {"0.001", "0.01"}
     assert all(run["methods"]["mgg"]["lr"][s] in (1e-3, 1e-2) for s in ("episodic", "continual"))
+
+
+def test_merge_results_of_single_seed_runs(tmp_path):
+    from mgg_fast.shift_benchmark import merge_results
+
+    tiny = {**TINY, "lr_grid": {k: v[:1] for k, v in TINY["lr_grid"].items()}}
+    parts = [
+        run_benchmark(BenchmarkConfig(archs=("resnet",), seed=s, **tiny), cache_dir=tmp_path, progress=False)
+        for s in (1, 0)
+    ]
+    merged = merge_results(parts)
+    assert merged["config"]["seeds"] == [0, 1] and merged["merged_from"] == 2
+    runs = merged["archs"]["resnet"]["seeds"]
+    assert [r["seed"] for r in runs] == [0, 1] and runs[1] == parts[0]["archs"]["resnet"]["seeds"][0]
+    tent = merged["archs"]["resnet"]["summary"]["methods"]["tent"]["episodic"]
+    assert (
+        tent["values"] == [r["methods"]["tent"]["episodic"]["mean"] for r in runs]
+        and tent["ci95"] is not None
+    )
+    with pytest.raises(ValueError, match="repeated seeds"):
+        merge_results([parts[0], parts[0]])
+    other = json.loads(json.dumps(parts[1]))
+    other["config"]["n_test"] = 4
+    with pytest.raises(ValueError, match="differ in n_test"):
+        merge_results([parts[0], other])
+
+
+def test_published_recipe_configuration(tmp_path, monkeypatch):
+    """The published recipe as the benchmark runs it: batch 2, 40 epochs over 128 images, train adapt
+    lr 1e-4, eval lr 1e-3 in both settings, a shuffled loader, per-epoch validation keeping the best
+    epoch, and norm params that drift across epochs (init_state resets only moments/memory/step)."""
+    from mgg_fast import MGG, shift_benchmark
+    from mgg_fast.shift_benchmark import RECIPES, aggregate
+
+    published = RECIPES["published"]
+    assert (published.batch_size, published.epochs, published.n_meta) == (2, 40, 128)
+    assert (published.adapt_lr, published.eval_lr, published.unroll) == (1e-4, 1e-3, 1)
+    assert published.shuffle and published.validate and not published.reset_params
+    assert published.method == "mgg-published" and RECIPES["demo"].method == "mgg"
+    assert RECIPES["unroll"].unroll == 4 and RECIPES["unroll"].stream == "blocks"
+    calls = []
+
+    def fake_train(model, batches, **kwargs):
+        calls.append((batches, kwargs))
+        assert kwargs["validate"](MGG()) >= 0.0  # the per-epoch validation runs and scores
+        return MGG()
+
+    monkeypatch.setattr(shift_benchmark, "train_mgg", fake_train)
+    cfg = BenchmarkConfig(archs=("resnet",), recipes=("published",), **{**TINY, "n_meta": 8})
+    run = run_benchmark(cfg, cache_dir=tmp_path, progress=False)["archs"]["resnet"]["seeds"][0]
+    ((batches, kwargs),) = calls
+    assert len(batches) == 64 and {len(b) for b in batches} == {2}  # 128 images, batch 2
+    assert kwargs["epochs"] == 40 and kwargs["adapt_lr"] == 1e-4 and kwargs["mgg_lr"] == 1e-2
+    assert kwargs["shuffle"] and not kwargs["reset_params"] and kwargs["unroll"] == 1
+    assert run["methods"]["mgg-published"]["lr"] == {"episodic": 1e-3, "continual": 1e-3}
+    assert "mgg" not in run["methods"] and "mgg-published-tent" in aggregate([run])["paired"]
+
+
+def test_meta_batches_streams():
+    from dataclasses import replace
+
+    from mgg_fast.shift_benchmark import RECIPES, meta_batches
+
+    cfg = BenchmarkConfig(**{**TINY, "n_meta": 16})
+    rr = meta_batches(cfg, shift_data.default_cache_dir(), "cpu")  # 8 images per corruption, batch 4
+    blocks = meta_batches(
+        cfg, shift_data.default_cache_dir(), "cpu", recipe=replace(RECIPES["demo"], stream="blocks")
+    )
+    assert len(rr) == len(blocks) == 4
+    assert torch.equal(rr[0], blocks[0]) and torch.equal(rr[1], blocks[2])  # a, b, a, b vs a, a, b, b
