@@ -811,7 +811,7 @@ def _pm(stat: dict[str, Any], signed: bool = False) -> str:
 
 def _lrs(values: list[float | None]) -> str:
     distinct = sorted({v for v in values if v is not None})
-    return "–" if not distinct else "/".join(f"{v:g}" for v in distinct)
+    return "–" if not distinct else ",".join(f"{v:g}" for v in distinct)
 
 
 def _updates(entry: dict[str, Any], n_seeds: int) -> str:
