@@ -157,6 +157,7 @@ def test_summarize_definitions():
     assert s["acc_at"] == {"1": 0.75, "5": None, "10": None}
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end(tmp_path):
     cfg = BenchmarkConfig(archs=("resnet",), n_seeds=2, **TINY)
     results = run_benchmark(cfg, cache_dir=tmp_path / "cache", progress=False)
