@@ -314,6 +314,21 @@ def build_parser() -> argparse.ArgumentParser:
         "validation corruptions. Data and source models are cached; reports go to --out.",
     )
     _benchmark_sizes(demo)
+    demo.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=1,
+        help="seeds --seed, --seed+1, ... (mean ± 95%% CI over them)",
+    )
+    demo.add_argument(
+        "--recipes",
+        type=_list_of(str),
+        default=["demo"],
+        help="MGG meta-training recipes side by side: demo, published, unroll",
+    )
+    demo.add_argument(
+        "--threads", type=_positive_int, default=None, help="torch CPU threads (fix it to reproduce a run)"
+    )
     _cache(demo)
     _common(demo)
 
@@ -486,9 +501,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     check_output_folder(args.out)
     device = resolve_device(args.device)
     cfg = _benchmark_config(args, device)
+    cfg.n_seeds, cfg.recipes, cfg.threads = args.seeds, tuple(args.recipes), args.threads
     cfg.validate()
     cache = resolve_cache_dir(args.cache_dir)
-    say(f"mgg_fast demo on {device}: archs {', '.join(cfg.archs)}; cache {cache}")
+    say(f"mgg_fast demo on {device}: archs {', '.join(cfg.archs)}, {cfg.n_seeds} seed(s); cache {cache}")
     start = time.perf_counter()
     results = run_benchmark(cfg, cache_dir=cache, progress=not args.no_progress, log=say)
     _report(results, args.out)

@@ -115,16 +115,21 @@ def average_gradients(params: Iterable[torch.Tensor]) -> None:
     """Replace each gradient by its mean over the ranks, in one all-reduce (what DDP does in the
     backward pass). Parameters without a gradient are left out; every rank must have gradients
     for the same parameters (true when all ranks run the same model and loss)."""
+    average_tensors([p.grad for p in params if p.grad is not None])
+
+
+def average_tensors(tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor (in place) by its mean over the ranks, in one all-reduce."""
     import torch.distributed as dist
 
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    if not tensors:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
     torch._foreach_copy_(
-        grads, [c.view_as(g) for c, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)]
+        tensors,
+        [c.view_as(t) for c, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)],
     )
 
 

@@ -1,11 +1,14 @@
-"""Meta-training of the MGG: the published one-step truncated scheme, on unlabeled batches.
+"""Meta-training of the MGG: the published one-step truncated scheme and K-step truncated unrolls.
 
 At step t the model runs with its norm parameters ``p_t`` (a functional substitute, the model's
-own parameters are never changed). The loss is back-propagated; its gradient w.r.t. ``p_t``
-flows into the MGG output that produced ``p_t`` (one step back), and Adam updates the MGG. Then
-the (detached) gradient ``g_t`` feeds the moments and features, the MGG runs *with* autograd
-(its memory carried but detached between steps), and ``p_{t+1} = p_t.detach() - adapt_lr * u_t``
-keeps a graph to the MGG only.
+own parameters are never changed) and gives the loss ``L_t``. Its (detached) gradient ``g_t``
+feeds the moments and features, the MGG runs *with* autograd and ``p_{t+1} = p_t - adapt_lr * u_t``.
+
+Truncation over ``unroll = K`` steps: the losses of a window of K steps are summed and
+back-propagated through the parameters *and* the MGG memory of the window (the gradients ``g_t``
+stay detached: no second-order terms), Adam updates the MGG, and the parameters and memory are
+detached before the next window. ``K = 1`` is the published scheme: each loss reaches the MGG
+output that produced ``p_t`` (one step back), and the memory is detached between steps.
 """
 
 from __future__ import annotations
@@ -24,16 +27,18 @@ from mgg_fast import distributed
 from mgg_fast.losses import AdaptationLoss, SourceStats, _batch_inputs
 from mgg_fast.mgg import MGG, MGGState
 from mgg_fast.norm_params import configure_for_adaptation, select_norm_params
-from mgg_fast.reference import bias_corrections, moment_features_
+from mgg_fast.reference import optimizer_step
 
 MOMENT_EPS = 1e-8
 
 
 class MetaTrainer:
-    """One-step truncated meta-training of an MGG on a model's norm parameters.
+    """Truncated meta-training of an MGG on a model's norm parameters (see the module doc).
 
-    :meth:`step` runs one batch and returns ``{"loss": float, "mgg_grads": {name: tensor or
-    None}}``, the MGG gradients as the meta-optimizer saw them (before its step). The model is
+    :meth:`step` runs one batch and returns ``{"loss": float, "meta_step": bool, "mgg_grads":
+    {name: tensor or None}}``: whether the window closed at this batch (every ``unroll``-th
+    batch of a run) and the MGG gradients the meta-optimizer saw then, before its step (all
+    ``None`` inside a window). :meth:`flush` closes a partial window. The model is
     configured for adaptation while the trainer is open (use it as a context manager, or call
     :meth:`close`). The MGG is trained in place and must be on the model's device.
 
@@ -45,6 +50,7 @@ class MetaTrainer:
         loss: ``"foa"`` (needs ``source_stats``), ``"entropy"`` or a callable
             ``model outputs -> scalar``.
         betas, eps: moment coefficients, as in :class:`MGGOptimizer`.
+        unroll: K, the adaptation steps per truncation window (1: as published).
         data_parallel: each rank of the default process group runs its part of every batch
             (the same size on every rank): rank 0's MGG is broadcast at construction, the
             gradients of the adapted parameters and of the MGG are averaged over the ranks
@@ -63,8 +69,11 @@ class MetaTrainer:
         source_stats: SourceStats | None = None,
         betas: tuple[float, float] = (0.9, 0.99),
         eps: float = MOMENT_EPS,
+        unroll: int = 1,
         data_parallel: bool = False,
     ):
+        if not (isinstance(unroll, int) and unroll >= 1):
+            raise ValueError(f"unroll must be a positive int, got {unroll!r}")
         if data_parallel:
             distributed.require_process_group("meta-training with data_parallel=True")
         named = select_norm_params(model)
@@ -84,34 +93,63 @@ class MetaTrainer:
         self.adapt_lr = adapt_lr
         self.betas = betas
         self.eps = eps
+        self.unroll = unroll
         self._initial = {name: p.detach() for name, p in named}
         self.meta_optimizer = torch.optim.Adam(mgg.parameters(), lr=mgg_lr)
         self._config = configure_for_adaptation(model)
         self.reset()
 
-    def reset(self) -> None:
-        """Start a new adaptation run: original params, zero moments, no MGG memory, step 0."""
+    def reset(self, params: bool = True) -> None:
+        """Start a new adaptation run: zero moments, no MGG memory, step 0, no open window; and,
+        with ``params``, the original norm params (``False`` keeps the current ones, detached:
+        the published recipe lets them drift from one epoch to the next)."""
         dtype = self.mgg.W1.dtype
+        start = self._initial if params else self.params
         self.params: dict[str, Tensor] = {
-            name: p.clone().requires_grad_(True) for name, p in self._initial.items()
+            name: p.detach().clone().requires_grad_(True) for name, p in start.items()
         }
         n = sum(p.numel() for p in self.params.values())
         self.exp_avg = torch.zeros(n, dtype=dtype, device=self.device)
         self.exp_avg_sq = torch.zeros(n, dtype=dtype, device=self.device)
         self.state: MGGState | None = None
         self.num_steps = 0
+        self._window: list[Tensor] = []
 
     def step(self, batch: Tensor | Sequence[Any]) -> dict[str, Any]:
-        """One batch (a tensor, or ``(x, y)`` with ``y`` ignored): meta-update, then adapt."""
+        """One batch (a tensor, or ``(x, y)`` with ``y`` ignored): its loss, the meta-update if it
+        closes a window, then the adaptation step."""
         x = _batch_inputs(batch).to(self.device)
-        for p in self.params.values():
-            if not p.is_leaf:
-                p.retain_grad()
+        params = list(self.params.values())
         _, loss = self.loss_fn(lambda: functional_call(self.model, self.params, (x,)))
         if not bool(torch.isfinite(loss)):
             raise FloatingPointError(f"meta-training loss is {loss.item()} at step {self.num_steps + 1}")
+        self._window.append(loss)
+        closes = len(self._window) == self.unroll
+        if closes:  # one backward gives both g_t (the last loss alone depends on p_t) and the MGG grads
+            for p in params:
+                if not p.is_leaf:
+                    p.retain_grad()
+            mgg_grads = self._meta_update()
+            grads = [p.grad for p in params]
+        else:
+            grads = list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
+            if self.data_parallel:
+                distributed.average_tensors([g for g in grads if g is not None])
+            mgg_grads = {name: None for name, _ in self.mgg.named_parameters()}
+        self._adapt(
+            [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)]
+        )
+        return {"loss": float(loss.detach()), "meta_step": closes, "mgg_grads": mgg_grads}
+
+    def flush(self) -> dict[str, Tensor | None] | None:
+        """Close a partial window (meta-update on its losses); ``None`` if none is open."""
+        return self._meta_update() if self._window else None
+
+    def _meta_update(self) -> dict[str, Tensor | None]:
+        """Back-propagate the window's summed loss, step the MGG, truncate the graph."""
         self.meta_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.stack(self._window).sum().backward()
+        self._window = []
         if self.data_parallel:
             distributed.average_gradients([*self.params.values(), *self.mgg.parameters()])
         mgg_grads = {
@@ -120,22 +158,31 @@ class MetaTrainer:
         }
         self.meta_optimizer.step()
         self.meta_optimizer.zero_grad(set_to_none=True)
-        self._adapt()
-        return {"loss": float(loss.detach()), "mgg_grads": mgg_grads}
+        self.params = {name: p.detach() for name, p in self.params.items()}
+        if self.state is not None:
+            self.state = MGGState(self.state.W1.detach(), self.state.b1.detach())
+        return mgg_grads
 
-    def _adapt(self) -> None:
-        """p_{t+1} = p_t - adapt_lr * MGG(features(g_t)), with autograd into the MGG."""
+    def _adapt(self, grads: list[Tensor]) -> None:
+        """p_{t+1} = p_t - adapt_lr * MGG(features(g_t)), with autograd into the MGG and, inside a
+        window, through p_t and the memory: the reference's differentiable optimizer step."""
         self.num_steps += 1
         dtype = self.exp_avg.dtype
         params = list(self.params.values())
-        grad = torch.cat(
-            [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params]
-        ).to(dtype)
+        grad = torch.cat([g.reshape(-1) for g in grads]).to(dtype)
         beta1, beta2 = self.betas
-        bc1, bc2 = bias_corrections(self.num_steps, beta1, beta2)
-        features = moment_features_(grad, self.exp_avg, self.exp_avg_sq, bc1, bc2, beta1, beta2, self.eps)
-        update, self.state = self.mgg(features, self.state)
-        flat = torch.cat([p.detach().reshape(-1).to(dtype) for p in params]) - self.adapt_lr * update
+        if self.state is None:  # the learned memory, tiled (gradients reach W1 and b1)
+            n = grad.shape[0]
+            W = self.mgg.W1.unsqueeze(0).expand(n, -1, -1, -1)
+            b = self.mgg.b1[:, 0, :].unsqueeze(0).expand(n, -1, -1)
+        else:
+            W, b = self.state
+        update, self.exp_avg, self.exp_avg_sq, W_new, b_new = optimizer_step(
+            grad, self.exp_avg, self.exp_avg_sq, W, b, self.num_steps, self.mgg.weights(),
+            beta1=beta1, beta2=beta2, eps=self.eps,
+        )  # fmt: skip
+        self.state = MGGState(W_new, b_new)
+        flat = torch.cat([p.reshape(-1).to(dtype) for p in params]) - self.adapt_lr * update
         chunks = flat.split([p.numel() for p in params])
         self.params = {
             name: chunk.view(p.shape).to(p.dtype)
@@ -169,12 +216,21 @@ def train_mgg(
     progress: bool = True,
     hidden_size: int = 8,
     num_heads: int = 1,
+    unroll: int = 1,
+    shuffle: bool = False,
+    reset_params: bool = True,
+    history: list[dict[str, float]] | None = None,
     data_parallel: bool = False,
 ) -> MGG:
     """Meta-train an MGG on unlabeled batches of ``model`` (labels in ``(x, y)`` batches are ignored).
 
-    Every epoch starts a fresh adaptation run (original norm params, zero moments, empty MGG
-    memory); the MGG and its Adam state carry over. ``batches`` must be re-iterable for
+    Every epoch starts a fresh adaptation run (zero moments, empty MGG memory, step 0, and with
+    ``reset_params`` the original norm params; ``False`` lets them drift across epochs, as the
+    published ``init_state()`` does); the MGG and its Adam state carry over. ``unroll`` is the
+    truncation window K (see :class:`MetaTrainer`); a partial window at the end of an epoch is
+    closed there. ``shuffle`` re-draws the order of the images every epoch (a seeded shuffled
+    loader with the size of the first batch; the last batch may be smaller). ``history``, if
+    given, receives ``{"epoch", "mean_loss", "score"}`` per epoch. ``batches`` must be re-iterable for
     ``epochs > 1`` (a list or a DataLoader). ``mgg=None`` creates ``MGG(hidden_size, num_heads)``
     seeded by ``seed`` (the global RNG is restored afterwards); a given MGG is trained in place
     (moved to the model's device). ``validate(mgg) -> float`` (higher is better) runs after each
@@ -194,6 +250,7 @@ def train_mgg(
         mgg.to(device)
         best: MGG | None = None
         best_score = -math.inf
+        order = _Shuffler(batches, seed) if shuffle else None
         with MetaTrainer(
             model,
             mgg,
@@ -202,11 +259,13 @@ def train_mgg(
             loss=loss,
             source_stats=source_stats,
             betas=betas,
+            unroll=unroll,
             data_parallel=data_parallel,
         ) as trainer:
             for epoch in range(epochs):
-                trainer.reset()
-                bar = tqdm(batches, desc=f"meta-train {epoch + 1}/{epochs}", disable=not progress)
+                trainer.reset(params=reset_params or epoch == 0)
+                epoch_batches = order.epoch() if order is not None else batches
+                bar = tqdm(epoch_batches, desc=f"meta-train {epoch + 1}/{epochs}", disable=not progress)
                 total = 0.0
                 for batch in bar:
                     loss_t = trainer.step(batch)["loss"]
@@ -214,13 +273,34 @@ def train_mgg(
                     bar.set_postfix(loss=f"{loss_t:.4f}", mean=f"{total / trainer.num_steps:.4f}")
                 if trainer.num_steps == 0:
                     raise ValueError(f"epoch {epoch + 1} got no batches (is `batches` a one-shot iterator?)")
+                trainer.flush()
+                score = _validate(model, mgg, validate) if validate is not None else math.nan
                 if validate is not None:
-                    score = _validate(model, mgg, validate)
                     if progress:
                         tqdm.write(f"meta-train {epoch + 1}/{epochs}: validation score {score:.4f}")
                     if best is None or score > best_score:
                         best, best_score = copy.deepcopy(mgg), score
+                if history is not None:
+                    history.append(
+                        {"epoch": epoch + 1, "mean_loss": total / trainer.num_steps, "score": score}
+                    )
     return mgg if best is None else best
+
+
+class _Shuffler:
+    """A seeded shuffled loader over the images of ``batches``: a new permutation every epoch."""
+
+    def __init__(self, batches: Iterable[Tensor | Sequence[Any]], seed: int):
+        inputs = [_batch_inputs(b) for b in batches]
+        if not inputs:
+            raise ValueError("shuffle=True got no batches")
+        self.images = torch.cat(inputs)
+        self.batch_size = len(inputs[0])
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def epoch(self) -> list[Tensor]:
+        perm = torch.randperm(len(self.images), generator=self.generator).to(self.images.device)
+        return list(self.images[perm].split(self.batch_size))
 
 
 def _validate(model: nn.Module, mgg: MGG, validate: Callable[[MGG], float]) -> float:

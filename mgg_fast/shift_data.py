@@ -234,6 +234,12 @@ def corrupt_images(images: np.ndarray, corruption: str, severity: int, seed: int
     return out
 
 
+def corrupted_cache_name(split: str, corruption: str, severity: int, n_images: int, seed: int) -> str:
+    """The cache file stem of a corrupted set: every parameter that changes its content is in it, so
+    sets of different sizes or seeds (the meta set and the tuning set) live side by side."""
+    return f"{split}-{corruption}-s{severity}-n{n_images}-seed{seed}"
+
+
 def corrupted_split(
     split: str,
     corruption: str,
@@ -262,7 +268,7 @@ def corrupted_split(
     }
     arrays = cached_arrays(
         resolve_cache_dir(cache_dir),
-        f"{split}-{corruption}-s{severity}",
+        corrupted_cache_name(split, corruption, severity, len(clean), seed),
         params,
         lambda: {"images": corrupt_images(clean.images, corruption, severity, seed), "labels": clean.labels},
     )

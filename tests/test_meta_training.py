@@ -240,3 +240,133 @@ def test_meta_training_learns_to_lower_the_adaptation_loss(vit_setup):
             epochs.append([trainer.step(b)["loss"] for b in batches])
     assert epochs[0][0] == epochs[1][0] == epochs[2][0]  # the reset: same params at step 1
     assert sum(epochs[2][1:]) < sum(epochs[1][1:]) < sum(epochs[0][1:])
+
+
+# ---- K-step truncated unrolls -------------------------------------------------------------------
+
+
+def _window_grads(model, mgg, batches, unroll, loss, **kw):
+    """The MGG gradients of the first window closed by a trainer with ``unroll`` (mgg_lr 0)."""
+    with MetaTrainer(model, mgg, mgg_lr=0.0, adapt_lr=0.3, loss=loss, unroll=unroll, **kw) as trainer:
+        out = [trainer.step(b) for b in batches]
+    assert [o["meta_step"] for o in out] == [(i + 1) % unroll == 0 for i in range(len(batches))]
+    return out[unroll - 1]["mgg_grads"], sum(o["loss"] for o in out[:unroll])
+
+
+def test_unrolled_metagradient_matches_finite_differences(metagrad_vectors):
+    """Linear loss Σ<p_t, g_t>: its gradient g_t does not depend on p, so the detached-gradient
+    unroll is the exact derivative of the K-step meta-loss; central differences over a random
+    direction in MGG-parameter space check the path through the parameters and the memory."""
+    case = metagrad_vectors["cases"]["trainmgg_chain"]
+    mgg = mgg_from_parity(metagrad_vectors, torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 48, generator=gen, dtype=torch.float64) for _ in range(4)]
+    model = InnerProductModel(case["params_init"])
+    grads, _ = _window_grads(model, copy.deepcopy(mgg), batches, 4, lambda out: out)
+    assert all(g is not None for g in grads.values())  # W1/b1 reach the last loss through the memory
+    direction = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in grads.items()}
+    analytic = sum((grads[k] * direction[k]).sum() for k in grads)
+
+    def meta_loss(eps):
+        shifted = copy.deepcopy(mgg)
+        with torch.no_grad():
+            for name, p in shifted.named_parameters():
+                p.add_(eps * direction[name])
+        return _window_grads(model, shifted, batches, 4, lambda out: out)[1]
+
+    eps = 1e-5
+    numeric = (meta_loss(eps) - meta_loss(-eps)) / (2 * eps)
+    assert float(analytic) == pytest.approx(numeric, rel=1e-6, abs=1e-9)
+
+
+def _independent_unroll(model, mgg, batches, loss_fn, adapt_lr, betas=(0.9, 0.99), eps=1e-8):
+    """A plain re-statement of K-step unrolled meta-training (K = len(batches)): functional model,
+    moments and published bias corrections written out, memory carried with its graph."""
+    from torch.func import functional_call
+
+    from mgg_fast.norm_params import configure_for_adaptation, select_norm_params
+    from mgg_fast.reference import memory_layer
+
+    config = configure_for_adaptation(model)
+    names = [n for n, _ in select_norm_params(model)]
+    params = [p.detach().clone().requires_grad_(True) for _, p in select_norm_params(model)]
+    n = sum(p.numel() for p in params)
+    m = torch.zeros(n, dtype=torch.float64)
+    v = torch.zeros(n, dtype=torch.float64)
+    W = mgg.W1.unsqueeze(0).expand(n, -1, -1, -1)
+    b = mgg.b1[:, 0, :].unsqueeze(0).expand(n, -1, -1)
+    total = 0.0
+    for t, x in enumerate(batches, start=1):
+        loss = loss_fn(functional_call(model, dict(zip(names, params, strict=True)), (x,)))
+        total = total + loss
+        g = torch.cat([gi.reshape(-1) for gi in torch.autograd.grad(loss, params, retain_graph=True)])
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        denom = (v / (1 - betas[1] ** (t + 1))).sqrt() + eps
+        features = torch.stack((m / (1 - betas[0] ** (t + 1)) / denom, g / denom), dim=-1)
+        u, W, b = memory_layer(features, W, b, mgg.weights())
+        flat = torch.cat([p.reshape(-1) for p in params]) - adapt_lr * u
+        shapes = [p.shape for p in params]
+        params = [c.view(s) for c, s in zip(flat.split([p.numel() for p in params]), shapes, strict=True)]
+    config.restore()
+    mgg_params = dict(mgg.named_parameters())
+    grads = torch.autograd.grad(total, list(mgg_params.values()), allow_unused=True)
+    return dict(zip(mgg_params, grads, strict=True)), [p.detach() for p in params]
+
+
+class _TinyNormNet(nn.Module):
+    """A nonlinear float64 model with LayerNorm and BatchNorm params: entropy is not linear in them."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 12, dtype=torch.float64)
+        self.ln = nn.LayerNorm(12, dtype=torch.float64)
+        self.bn = nn.BatchNorm1d(12, dtype=torch.float64)
+        self.fc2 = nn.Linear(12, 5, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.bn(self.ln(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("unroll", [1, 3])
+def test_unrolled_metagradient_matches_an_independent_autograd_unroll(metagrad_vectors, unroll):
+    from mgg_fast.losses import softmax_entropy
+
+    torch.manual_seed(0)
+    model = _TinyNormNet().eval()
+    mgg = mgg_from_parity(metagrad_vectors, torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(8, 6, generator=gen, dtype=torch.float64) for _ in range(unroll)]
+    entropy = lambda out: softmax_entropy(out).mean()
+    expected, p_next = _independent_unroll(model, copy.deepcopy(mgg), batches, entropy, adapt_lr=0.3)
+    with MetaTrainer(model, mgg, mgg_lr=0.0, adapt_lr=0.3, loss=entropy, unroll=unroll) as trainer:
+        out = [trainer.step(x) for x in batches]
+        got = out[-1]["mgg_grads"]
+        assert_close(torch.cat([p.reshape(-1) for p in trainer.params.values()]), torch.cat(p_next), **F64)
+    for name, ref in expected.items():
+        if ref is None:
+            assert got[name] is None, name
+        else:
+            assert_close(got[name], ref, **F64, msg=lambda m, s=name: f"{s}: {m}")
+    assert expected["W1"] is not None if unroll > 1 else expected["W1"] is None
+
+
+def test_flush_closes_a_partial_window_and_reset_can_keep_params(vit_setup):
+    model, stats, batches = vit_setup
+    with MetaTrainer(model, MGG(), source_stats=stats, adapt_lr=1e-2, unroll=4) as trainer:
+        out = [trainer.step(b) for b in batches]  # 3 batches: the window stays open
+        assert not any(o["meta_step"] for o in out)
+        before = copy.deepcopy(trainer.mgg.state_dict())
+        grads = trainer.flush()
+        assert grads is not None and grads["q_proj.weight"] is not None
+        assert not torch.equal(trainer.mgg.state_dict()["q_proj.weight"], before["q_proj.weight"])
+        assert trainer.flush() is None
+        drifted = torch.cat([p.detach().reshape(-1) for p in trainer.params.values()])
+        trainer.reset(params=False)
+        assert trainer.num_steps == 0 and trainer.state is None and not trainer.exp_avg.any()
+        assert torch.equal(torch.cat([p.reshape(-1) for p in trainer.params.values()]), drifted)
+        trainer.reset()
+        initial = torch.cat([p.detach().reshape(-1) for _, p in sorted(trainer._initial.items())])
+        assert torch.equal(torch.cat([p.reshape(-1) for _, p in sorted(trainer.params.items())]), initial)
+    with pytest.raises(ValueError, match="unroll must be a positive int"):
+        MetaTrainer(model, MGG(), source_stats=stats, unroll=0)
