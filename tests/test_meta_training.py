@@ -177,7 +177,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         MGG(16).save(tmp_path / "m.pt")
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="disk full"):
         MGG().save(tmp_path / "new.pt")
     assert os.listdir(tmp_path) == ["m.pt"]  # no temporary leftovers, no partial new file
     assert (tmp_path / "m.pt").read_bytes() == good

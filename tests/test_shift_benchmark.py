@@ -291,9 +291,9 @@ def test_image_folder_flat_and_classes(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
         load_image_folder(tmp_path / "empty")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         load_image_folder(tmp_path / "missing")
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(NotADirectoryError, match="not a folder"):
         load_image_folder(flat / "a.png")
 
 
