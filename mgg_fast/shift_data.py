@@ -16,7 +16,6 @@ import hashlib
 import inspect
 import json
 import os
-import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from mgg_fast.files import atomic_write
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
@@ -100,22 +101,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through ``write(file)`` to a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results and caches are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_cached(npz: Path, manifest: Path, params: dict[str, Any]) -> dict[str, np.ndarray] | None:
