@@ -159,7 +159,7 @@ def _kernel_step(opt: MGGOptimizer, config: tuple[int, int] | None = None) -> Ca
     block, num_warps = config or launch_config(mgg.num_heads, mgg.head_dim)
     layout = pack.layouts.get(block)
     if layout is None:
-        layout = pack.layouts[block] = chunk_layout(pack.numels, block, DEVICE)
+        layout = pack.layouts[block] = chunk_layout(pack.numels, pack.offsets, block, DEVICE)
     weights = weight_args(mgg.weights(), DEVICE)
     grads = [p.grad for p in pack.params]
     found_inf = torch.zeros(1, device=DEVICE)

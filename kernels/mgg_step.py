@@ -41,7 +41,6 @@ PARAM_DTYPES = {
     torch.float16: tl.float16,
     torch.float64: tl.float64,
 }
-MEMORY_W_DTYPES = (torch.float32, torch.bfloat16)
 LAYOUT_COLUMNS = 4  # slot (parameter index), start in the tensor, flat start, count
 SLOTS = 256  # step counts advanced per iteration of advance_steps' single program
 
@@ -113,23 +112,16 @@ def _advance_steps_kernel(ptrs, steps, found_inf, skipped, n_rows, COUNT: tl.con
         tl.store(skipped, tl.load(skipped) + found)
 
 
-def chunk_layout(numels: Sequence[int], block: int, device: torch.device) -> Tensor:
-    """The chunk table ``[chunks, 4]`` (int64) of parameters with these sizes: per chunk its
-    parameter index, start in the tensor, start in the flat state and count (1..block)."""
+def chunk_layout(numels: Sequence[int], offsets: Sequence[int], block: int, device: torch.device) -> Tensor:
+    """The chunk table ``[chunks, 4]`` (int64) of parameters with these sizes and flat-state
+    offsets: per chunk its parameter index, start in the tensor, start in the flat state and
+    count (1..block)."""
     rows = [
         (i, start, offset + start, min(block, n - start))
-        for i, (n, offset) in enumerate(zip(numels, _offsets(numels), strict=True))
+        for i, (n, offset) in enumerate(zip(numels, offsets, strict=True))
         for start in range(0, n, block)
     ]
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, LAYOUT_COLUMNS).to(device)
-
-
-def _offsets(numels: Sequence[int]) -> list[int]:
-    out, acc = [], 0
-    for n in numels:
-        out.append(acc)
-        acc += n
-    return out
 
 
 def _ln(beta: float) -> float:

@@ -353,7 +353,9 @@ class MGGOptimizer(torch.optim.Optimizer):
         block, num_warps = kernels.launch_config(mgg.num_heads, mgg.head_dim)
         layout = pack.layouts.get(block)
         if layout is None:
-            layout = pack.layouts[block] = kernels.chunk_layout(pack.numels, block, pack.exp_avg.device)
+            layout = pack.layouts[block] = kernels.chunk_layout(
+                pack.numels, pack.offsets, block, pack.exp_avg.device
+            )
         kernels.mgg_step_(
             w.locals, w.grads, pack.exp_avg, pack.exp_avg_sq, pack.memory_W, pack.memory_b,
             pack.steps, layout, weight_args(mgg.weights(), pack.exp_avg.device),

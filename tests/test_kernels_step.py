@@ -239,7 +239,7 @@ def test_update_with_found_inf_set_writes_nothing():
     pack = opt._packs[0]
     snap = snapshot(params, opt)
     grads = [p.grad for p in params[:2]] + [None]
-    layout = chunk_layout(pack.numels, 128, params[0].device)
+    layout = chunk_layout(pack.numels, pack.offsets, 128, params[0].device)
     buffers = (pack.exp_avg, pack.exp_avg_sq, pack.memory_W, pack.memory_b, pack.steps, layout)
     kw = {"num_heads": 1, "head_dim": 8, "lr": 0.05, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
     weights = weight_args(mgg.weights(), params[0].device)
