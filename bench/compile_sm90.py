@@ -104,7 +104,7 @@ def configurations(everything: bool) -> Iterator[tuple[str, triton.JITFunction, 
     yield "step-fp64", mgg_step._mgg_step_kernel, step | {"P_DTYPE": tl.float64}, warps, {}
     yield "step-bf16W", mgg_step._mgg_step_kernel, step, warps, BF16_MEMORY
     for count in (False, True):
-        advance = {"COUNT": count, "SLOTS": mgg_step.SLOTS}
+        advance = {"NH": 1, "F": 8, "COUNT": count, "SLOTS": mgg_step.SLOTS}
         yield "advance", mgg_step._advance_steps_kernel, advance, ADVANCE_WARPS, {}
 
 

@@ -13,6 +13,8 @@ two-pass and several heads stay numerically stable without holding all of ``u`` 
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import triton
 import triton.language as tl
@@ -41,12 +43,40 @@ def weight_args(w: MGGWeights, device: torch.device) -> list[torch.Tensor]:
     """
     if w.q_proj.device != device:
         raise ValueError(f"the MGG is on {w.q_proj.device} but the data is on {device}")
-    if any(t.dtype != torch.float32 for t in w):
+    if set(map(_dtype, w)) != {torch.float32}:
         raise TypeError(
-            f"the fused MGG kernels compute with float32 weights, got {w.q_proj.dtype}; "
-            "use backend='reference'"
+            f"the fused MGG kernels compute with float32 weights, got {sorted(map(str, set(map(_dtype, w))))}"
+            "; use backend='reference'"
         )
-    return [t if t.is_contiguous() else t.contiguous() for t in w]
+    if all(map(torch.Tensor.is_contiguous, w)):
+        return list(w)
+    return [t.contiguous() for t in w]
+
+
+_dtype = operator.attrgetter("dtype")
+
+
+@triton.jit
+def _all_finite(ptr, N: tl.constexpr):
+    """Whether the ``N`` fp32 values at ``ptr`` are all finite (``x * 0`` is NaN for NaN/Inf)."""
+    offs = tl.arange(0, N)
+    return tl.sum(tl.load(ptr + offs) * 0.0, axis=0) == 0.0
+
+
+@triton.jit
+def weights_finite(
+    q_w, k_w, v_w, o_w, pn_w, pn_b, ln_w, ln_b, lr_w, lr_b, token, NH: tl.constexpr, F: tl.constexpr
+):
+    """Whether every learned weight a memory step reads (``MGGWeights``) is finite: a scalar the
+    same in every program, read head by head (each piece a power of two long)."""
+    ok = _all_finite(token, 1)
+    for h in tl.static_range(NH):
+        ok = ok & _all_finite(q_w + h * 2 * F, 2 * F) & _all_finite(k_w + h * 2 * F, 2 * F)
+        ok = ok & _all_finite(v_w + h * 2 * F, 2 * F) & _all_finite(o_w + h * F, F)
+        ok = ok & _all_finite(pn_w + h * F, F) & _all_finite(pn_b + h * F, F)
+        ok = ok & _all_finite(ln_w + h * F, F) & _all_finite(ln_b + h * F, F)
+        ok = ok & _all_finite(lr_w + h * 2, 2) & _all_finite(lr_b + h, 1)
+    return ok
 
 
 # The interpreter's fp32->bf16 cast truncates; the GPU's rounds to nearest-even, as torch does.

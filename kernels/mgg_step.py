@@ -14,10 +14,12 @@ addresses go in a small table built anew on every step (with a flag: is that par
 stepped), so parameters and gradients stay separate tensors, without a gather.
 
 A step is three launches, with no host synchronisation: torch's fused non-finite check of the
-gradients (by the caller) sets ``found_inf``; the update writes nothing where it is set; then
-:func:`advance_steps` adds ``1 - found_inf`` to the step counts of the stepped parameters (and,
-once per step, ``found_inf`` to the skipped-step counter). The update reads the step counts
-before they advance, so no program reads a count another one writes.
+gradients (by the caller) sets ``found_inf``; the update writes nothing where it is set or where
+an MGG weight is not finite (every program reads the ~100 weights anyway and checks them itself,
+so all agree without a copy of the weights per step); then :func:`advance_steps` sets
+``found_inf`` for a non-finite weight too and adds ``1 - found_inf`` to the step counts of the
+stepped parameters (and, once per step, ``found_inf`` to the skipped-step counter). The update
+reads the step counts before they advance, so no program reads a count another one writes.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .memory_layer import check_mgg_shape, memory_layer_block, rounded_to
+from .memory_layer import check_mgg_shape, memory_layer_block, rounded_to, weights_finite
 
 PARAM_DTYPES = {
     torch.float32: tl.float32,
@@ -68,6 +70,7 @@ def _mgg_step_kernel(
     offs = tl.load(row + 1) + lane
     coords = tl.load(row + 2) + lane
     stepped = (tl.load(ptrs + 2 * n_params + slot) != 0) & (tl.load(found_inf) == 0)
+    stepped = stepped & weights_finite(q_w, k_w, v_w, o_w, pn_w, pn_b, ln_w, ln_b, lr_w, lr_b, token, NH, F)
     mask = lane < tl.where(stepped, tl.load(row + 3), 0)  # else nothing is read or written
     p_ptr = tl.load(ptrs + slot).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(ptrs + n_params + slot).to(tl.pointer_type(P_DTYPE))
@@ -97,10 +100,17 @@ def _mgg_step_kernel(
 
 
 @triton.jit(do_not_specialize=["n_rows"])
-def _advance_steps_kernel(ptrs, steps, found_inf, skipped, n_rows, COUNT: tl.constexpr, SLOTS: tl.constexpr):
-    """One program: ``steps[i] += 1 - found_inf`` where parameter ``i`` is stepped (``ptrs[2, i]``);
+def _advance_steps_kernel(
+    ptrs, steps, found_inf, skipped, n_rows,
+    q_w, k_w, v_w, o_w, pn_w, pn_b, ln_w, ln_b, lr_w, lr_b, token,
+    NH: tl.constexpr, F: tl.constexpr, COUNT: tl.constexpr, SLOTS: tl.constexpr,
+):  # fmt: skip
+    """One program: ``found_inf`` becomes 1 where an MGG weight is not finite (as the update saw
+    it), then ``steps[i] += 1 - found_inf`` where parameter ``i`` is stepped (``ptrs[2, i]``);
     with ``COUNT``, ``skipped += found_inf``."""
-    found = tl.load(found_inf)
+    finite = weights_finite(q_w, k_w, v_w, o_w, pn_w, pn_b, ln_w, ln_b, lr_w, lr_b, token, NH, F)
+    found = tl.where(finite, tl.load(found_inf), 1.0)
+    tl.store(found_inf, found)
     offs = tl.arange(0, SLOTS)
     start = n_rows * 0
     while start < n_rows:  # not range(): it keeps n_rows unspecialised under the interpreter too
@@ -178,8 +188,9 @@ def mgg_step_(
     ``[N]`` and ``memory_b`` ``[N, nh, f]`` are float32, ``memory_W`` ``[N, nh, f, f]`` float32 or
     bfloat16, ``steps`` ``[P]`` float32; ``layout`` is :func:`chunk_layout` of the parameters'
     sizes for ``block``; ``weights`` the MGG's float32 tensors in ``MGGWeights`` order.
-    ``found_inf`` (float32 ``[1]``) set to nonzero by the caller's non-finite check: nothing is
-    written and no step count advances. ``skipped`` (float32, optional) gains ``found_inf``.
+    ``found_inf`` (float32 ``[1]``) set to nonzero by the caller's non-finite check, or a
+    non-finite value in ``weights``: nothing is written and no step count advances (``found_inf``
+    is 1 afterwards). ``skipped`` (float32, optional) gains ``found_inf``.
     The caller validates (dtypes, shapes, devices); launches on the current CUDA device. Tensors
     of a CUDA-graph capture go to ``keep_alive``, which must outlive the graph.
     """
@@ -207,9 +218,7 @@ def mgg_step_(
             stepped.append(int(g is not None))
         if not any(stepped):
             return
-    columns = array.array("q", map(_data_ptr, work_params))
-    columns.extend(map(_data_ptr, work_grads))
-    columns.extend(stepped)
+    columns = array.array("q", [*map(_data_ptr, work_params), *map(_data_ptr, work_grads), *stepped])
     table = _device_table(columns, device, keep_alive)
     scalars = (lr, beta1, 1.0 - beta1, _ln(beta1), beta2, 1.0 - beta2, _ln(beta2), eps)
     state = (len(params), steps, found_inf, exp_avg, exp_avg_sq, memory_W, memory_b)
@@ -230,13 +239,24 @@ def mgg_step_(
         )  # fmt: skip
     for p, w in copies:
         p.copy_(w)
-    advance_steps(table, steps, found_inf, skipped)
+    advance_steps(table, steps, found_inf, skipped, weights, num_heads=num_heads, head_dim=head_dim)
 
 
-def advance_steps(table: Tensor, steps: Tensor, found_inf: Tensor, skipped: Tensor | None) -> None:
-    """``steps[i] += 1 - found_inf`` for the stepped rows of the address table;
-    ``skipped += found_inf`` when given. One launch, one program."""
+def advance_steps(
+    table: Tensor,
+    steps: Tensor,
+    found_inf: Tensor,
+    skipped: Tensor | None,
+    weights: Sequence[Tensor],
+    *,
+    num_heads: int,
+    head_dim: int,
+) -> None:
+    """``found_inf`` set to 1 if an MGG weight is not finite, then ``steps[i] += 1 - found_inf``
+    for the stepped rows of the address table; ``skipped += found_inf`` when given. One launch,
+    one program."""
     count = skipped is not None
     _advance_steps_kernel[(1,)](
-        table, steps, found_inf, skipped if count else found_inf, table.shape[1], COUNT=count, SLOTS=SLOTS
-    )
+        table, steps, found_inf, skipped if count else found_inf, table.shape[1], *weights,
+        NH=num_heads, F=head_dim, COUNT=count, SLOTS=SLOTS,
+    )  # fmt: skip

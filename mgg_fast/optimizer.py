@@ -24,7 +24,14 @@ import torch
 from torch import Tensor
 
 from mgg_fast.mgg import MGG
-from mgg_fast.packed_state import STATE_KEYS, PackedState, check_entry, is_dtensor, local_tensor
+from mgg_fast.packed_state import (
+    STATE_KEYS,
+    PackedState,
+    StateRecord,
+    check_entry,
+    is_dtensor,
+    local_tensor,
+)
 from mgg_fast.reference import apply_update, optimizer_step
 
 BACKENDS = ("auto", "triton", "reference")
@@ -72,10 +79,7 @@ class _GroupWork:
     entries: list[Mapping | None]  # their state[p] before the step (None: none yet)
     repack: bool
     fused: bool
-
-    @property
-    def creates_state(self) -> bool:
-        return any(not e for e in self.entries)
+    creates_state: bool  # some member has no state yet
 
 
 class MGGOptimizer(torch.optim.Optimizer):
@@ -156,6 +160,7 @@ class MGGOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.capturable = capturable
         self._packs: list[PackedState | None] = []
+        self._state_record: StateRecord | None = None  # what state held after the last checked step
         self._init_counters(torch.zeros((), dtype=torch.float32, device=mgg.W1.device))
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
         self.register_state_dict_post_hook(MGGOptimizer._add_mgg_fast_entry, prepend=True)
@@ -224,8 +229,13 @@ class MGGOptimizer(torch.optim.Optimizer):
         device = mgg.W1.device
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         meshes = _meshes(self.param_groups)  # DTensor parameters: the ranks decide together
+        state_unchanged = self._state_unchanged()
         try:
-            work = [w for gi in range(len(self.param_groups)) if (w := self._prepare_group(gi, device))]
+            work = [
+                w
+                for gi in range(len(self.param_groups))
+                if (w := self._prepare_group(gi, device, state_unchanged))
+            ]
         except Exception:
             if meshes and not capturing:  # the other ranks wait for this rank's verdict
                 _max_over_ranks(torch.full((1,), _REJECTED, device=device), meshes)
@@ -234,18 +244,23 @@ class MGGOptimizer(torch.optim.Optimizer):
             return loss
         if self._skipped.device != device:
             self._init_counters(self._skipped.to(device))
-        host = self.nonfinite == "raise" or any(not w.fused or w.creates_state for w in work)
+        creates_state = any(w.creates_state for w in work)
+        # the host decides before anything changes where it must (or may: no capture)
+        host = not capturing and (
+            self.nonfinite == "raise" or creates_state or bool(meshes) or not all(w.fused for w in work)
+        )
         if capturing and any(w.repack for w in work):
             raise RuntimeError(
                 "the MGG step would create or re-pack optimizer state during CUDA-graph capture: "
                 "take one step with the same parameters before capturing"
             )
-        found_inf = self._nonfinite_flag([g for w in work for g in w.grads if g is not None])
+        grads = [g for w in work for g in w.grads if g is not None]
+        # without the host, the fused update checks the MGG weights it reads itself
+        found_inf = self._nonfinite_flag(grads, with_mgg=host, with_memory_init=creates_state)
         if meshes:
             # a shard's NaN skips the step on every rank; a rank's failed validation stops all
             _max_over_ranks(found_inf, meshes)
-            host = not capturing
-        verdict = float(found_inf.item()) if host and not capturing else 0.0
+        verdict = float(found_inf.item()) if host else 0.0
         if verdict >= _REJECTED:
             raise RuntimeError("another rank rejected this optimizer step (see its error); nothing changed")
         if not work:
@@ -265,21 +280,26 @@ class MGGOptimizer(torch.optim.Optimizer):
                     self._fused_step(w, pack, found_inf, self._skipped if counts_skip else None)
                 else:
                     _reference_step(w, pack, mgg)
+        if not state_unchanged and _covers_every_pack(work, self._packs):
+            self._state_record = StateRecord.of(self.state)
         return loss
 
-    def _prepare_group(self, gi: int, device: torch.device) -> _GroupWork | None:
+    def _state_unchanged(self) -> bool:
+        """Whether ``self.state`` is, entry for entry, what the last finished step left: every
+        pack's views are then still in ``state[p]`` (checked by object identity of what the
+        record keeps alive, never by address)."""
+        record = self._state_record
+        return record is not None and record.matches(self.state)
+
+    def _prepare_group(self, gi: int, device: torch.device, state_unchanged: bool) -> _GroupWork | None:
         """Validate group ``gi`` for a step (hyper-parameters, gradients, state, backend) and
-        return what the step needs; ``None`` if no parameter has a gradient. Changes nothing."""
+        return what the step needs; ``None`` if no parameter has a gradient. Changes nothing.
+
+        The common step (``state`` as the last step left it, the same packed parameters, each
+        with a dense gradient like it) is checked in a few C-level passes; anything else is
+        validated parameter by parameter, and packed again from ``state[p]`` where needed."""
         group = self.param_groups[gi]
         params = group["params"]
-        grads = list(map(_grad, params))
-        missing = list(map(operator.is_, grads, repeat(None)))
-        if all(missing):
-            return None
-        locals_ = params
-        if any(map(is_dtensor, params)) or any(map(is_dtensor, grads)):
-            grads = list(map(_local_grad, params, grads))
-            locals_ = list(map(local_tensor, params))
         lr, beta1, beta2, eps = _hyperparams(group)
         fused = self._use_triton(device)
         if self.capturable and not fused:
@@ -294,17 +314,22 @@ class MGGOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"optimizer state was made for an MGG of {nh} head(s) of {f}, this one is {mgg.config}"
                 )
-        states = list(map(self.state.get, params))
+        grads = list(map(_grad, params))
         if (
-            not any(missing)
+            state_unchanged
             and pack is not None
             and pack.exp_avg.device == device
-            and pack.holds_all(params, states)
-            and _grads_fit(
-                locals_, grads, pack.shapes if locals_ is params else list(map(_shape, locals_)), device
-            )
+            and pack.steps_all(params, grads, device)
         ):
-            return _GroupWork(gi, lr, beta1, beta2, eps, params, locals_, grads, pack.views, False, fused)
+            views = pack.views
+            return _GroupWork(gi, lr, beta1, beta2, eps, params, params, grads, views, False, fused, False)
+        if all(map(operator.is_, grads, repeat(None))):
+            return None
+        locals_ = params
+        if any(map(is_dtensor, params)) or any(map(is_dtensor, grads)):
+            grads = list(map(_local_grad, params, grads))
+            locals_ = list(map(local_tensor, params))
+        states = list(map(self.state.get, params))
         members, member_locals, member_grads, entries = [], [], [], []
         for p, loc, g, st in zip(params, locals_, grads, states, strict=True):
             if g is not None:
@@ -322,8 +347,9 @@ class MGGOptimizer(torch.optim.Optimizer):
                 if entry is not None:
                     where = f"state of parameter {i} of group {gi}"
                     check_entry(where, p, entry, mgg.num_heads, mgg.head_dim, self._memory_dtype())
+        creates = None in entries
         return _GroupWork(
-            gi, lr, beta1, beta2, eps, members, member_locals, member_grads, entries, repack, fused
+            gi, lr, beta1, beta2, eps, members, member_locals, member_grads, entries, repack, fused, creates
         )
 
     def _memory_dtype(self) -> torch.dtype:
@@ -365,14 +391,18 @@ class MGGOptimizer(torch.optim.Optimizer):
             keep_alive=self._graph_tensors,
         )  # fmt: skip
 
-    def _nonfinite_flag(self, grads: list[Tensor]) -> Tensor:
-        """The kept 1-element float flag, set to 1.0 if any gradient or MGG weight holds NaN/Inf
-        (one fused pass, no host synchronisation)."""
+    def _nonfinite_flag(self, grads: list[Tensor], *, with_mgg: bool, with_memory_init: bool) -> Tensor:
+        """The kept 1-element float flag, set to 1.0 if any gradient holds NaN/Inf, or with
+        ``with_mgg`` an MGG weight the step reads (``with_memory_init``: also ``W1``/``b1``, which
+        a step reads only to create state). One fused pass, no host synchronisation."""
         flag = self._found_inf
         flag.zero_()
-        mgg = self.mgg
-        # the MGG's tensors as one copy: the check rewrites its inputs (times 1.0) in place
-        tensors = [*grads, torch.cat(list(map(torch.flatten, (*mgg.weights(), mgg.W1, mgg.b1))))]
+        tensors = grads
+        if with_mgg:
+            mgg = self.mgg
+            # the MGG's tensors as one copy: the check rewrites its inputs (times 1.0) in place
+            mine = (*mgg.weights(), mgg.W1, mgg.b1) if with_memory_init else mgg.weights()
+            tensors = [*grads, torch.cat(list(map(torch.flatten, mine)))]
         if torch.bfloat16 in set(map(_dtype, grads)):
             # CUDA's check has no bfloat16 kernel: those gradients go in as one float32 copy.
             tensors = [g for g in tensors if g.dtype != torch.bfloat16]
@@ -472,6 +502,7 @@ class MGGOptimizer(torch.optim.Optimizer):
                     group[key] = value
         self.state = new_state
         self._packs = packs
+        self._state_record = None
         self._skipped.fill_(int(extra.get("skipped_steps", 0)))
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
@@ -495,6 +526,7 @@ class MGGOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         if skipped is not None:  # a copy or an unpickled optimizer (torch keeps no hooks)
             self._packs = [None] * len(self.param_groups)
+            self._state_record = None
             self._init_counters(skipped)
             self.register_state_dict_post_hook(MGGOptimizer._add_mgg_fast_entry, prepend=True)
 
@@ -520,6 +552,13 @@ def _max_over_ranks(flag: Tensor, meshes: list[Any]) -> None:
     for mesh in meshes:
         for dim in range(mesh.ndim):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+
+
+def _covers_every_pack(work: list[_GroupWork], packs: list[PackedState | None]) -> bool:
+    """Whether this step checked every group that has a pack (so each pack's views are in
+    ``state``): only then may the state be recorded as checked."""
+    checked = {w.index for w in work}
+    return all(i in checked for i, pack in enumerate(packs) if pack is not None)
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -571,24 +610,6 @@ def _hyperparams(group: Mapping[str, Any]) -> tuple[float, float, float, float]:
 _grad = operator.attrgetter("grad")
 _shape = operator.attrgetter("shape")
 _dtype = operator.attrgetter("dtype")
-_layout = operator.attrgetter("layout")
-_device_index = Tensor.get_device
-
-
-def _grads_fit(
-    params: list[Tensor], grads: list[Tensor], shapes: list[torch.Size], device: torch.device
-) -> bool:
-    """Whether every gradient matches its parameter (``shapes``: the parameters', checked by the
-    caller; dtype, dense) and all are on ``device``: the check of a common step in C-level passes
-    (``_check_grad`` says what is wrong)."""
-    index = -1 if device.type == "cpu" else device.index
-    return (
-        list(map(_shape, grads)) == shapes
-        and list(map(_dtype, grads)) == list(map(_dtype, params))
-        and set(map(_layout, grads)) == {torch.strided}
-        and set(map(_device_index, grads)) == {index}
-        and set(map(_device_index, params)) == {index}
-    )
 
 
 def _local_grad(p: Tensor, g: Tensor | None) -> Tensor | None:
@@ -608,8 +629,8 @@ def _local_grad(p: Tensor, g: Tensor | None) -> Tensor | None:
 
 
 def _check_grad(p: Tensor, g: Tensor, device: torch.device) -> None:
-    if g.is_sparse:
-        raise RuntimeError("MGGOptimizer does not support sparse gradients")
+    if g.layout != torch.strided:
+        raise RuntimeError(f"MGGOptimizer supports dense (strided) gradients only, got {g.layout}")
     if g.shape != p.shape:
         raise ValueError(f"gradient shape {list(g.shape)} does not match parameter shape {list(p.shape)}")
     if g.dtype != p.dtype:

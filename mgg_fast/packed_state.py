@@ -23,6 +23,7 @@ import math
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
 import torch
 from torch import Tensor
@@ -30,6 +31,8 @@ from torch import Tensor
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "memory_W", "memory_b")
 SHARDED_KEYS = STATE_KEYS[1:]  # DTensors like the parameter, for a DTensor parameter
 _shape = operator.attrgetter("shape")
+_dtype = operator.attrgetter("dtype")
+_PLAIN_TENSOR = {Tensor}
 
 if torch.distributed.is_available():
     from torch.distributed.tensor import DTensor
@@ -217,20 +220,23 @@ class PackedState:
             views.append(view)
         return cls(list(params), numels, offsets, m, v, W, b, steps, views)
 
-    def holds_all(self, params: list[Tensor], states: list[Mapping | None]) -> bool:
-        """Whether ``params`` are exactly the packed parameters (all of them), unchanged in shape,
-        each ``states[i]`` holding this pack's views: the check of a common step, in C-level passes."""
-        if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
-            return False
-        if list(map(_shape, params)) != self.shapes:
-            return False
-        try:
-            return all(
-                all(map(operator.is_, map(operator.itemgetter(key), states), views))
-                for key, views in self.by_key.items()
-            )
-        except (KeyError, TypeError):  # a state without that key, or no state at all
-            return False
+    def steps_all(self, params: list[Tensor], grads: list[Tensor | None], device: torch.device) -> bool:
+        """Whether stepping ``params`` with ``grads`` is the common step of this pack: they are
+        exactly the packed parameters, unchanged in shape, on ``device``, each with a plain, dense,
+        contiguous gradient of its shape and dtype. C-level passes (the slow path says what is
+        wrong, if anything)."""
+        index = -1 if device.type == "cpu" else device.index
+        return (
+            len(params) == len(self.params)
+            and all(map(operator.is_, params, self.params))
+            and set(map(type, grads)) == _PLAIN_TENSOR  # no None, DTensor or other subclass
+            and list(map(_shape, params)) == self.shapes
+            and list(map(_shape, grads)) == self.shapes
+            and list(map(_dtype, grads)) == list(map(_dtype, params))
+            and all(map(Tensor.is_contiguous, grads))  # dense too: a sparse one is not contiguous
+            and set(map(Tensor.get_device, grads)) == {index}
+            and set(map(Tensor.get_device, params)) == {index}
+        )
 
     def holds(self, members: Sequence[Tensor], states: Sequence[Mapping | None], dtype: torch.dtype) -> bool:
         """Whether ``members`` are exactly the packed parameters, in order, each ``state[p]``
@@ -262,3 +268,40 @@ def _like(p: Tensor, local: Tensor) -> Tensor:
     shape = torch.Size((*p.shape, *local.shape[p.dim() :]))
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local, p.device_mesh, p.placements, shape=shape, stride=stride)
+
+
+@dataclass(frozen=True, eq=False)
+class StateRecord:
+    """What an optimizer's ``state`` held after a step: its parameters, their entries' keys and
+    the tensor objects under them, in order. A later ``state`` that :meth:`matches` it holds
+    exactly those objects (kept alive here, so identity is sound; no address is compared), so
+    the packs' views checked then are still in place."""
+
+    state: Mapping
+    params: list[Tensor]
+    keys: list[str]
+    values: list[object]
+
+    @classmethod
+    def of(cls, state: Mapping) -> StateRecord | None:
+        """The record of ``state`` (``None`` if an entry is not a dict: never matched)."""
+        entries = list(state.values())
+        try:
+            values = list(chain.from_iterable(map(dict.values, entries)))
+        except TypeError:
+            return None
+        return cls(state, list(state), list(chain.from_iterable(entries)), values)
+
+    def matches(self, state: Mapping) -> bool:
+        """Whether ``state`` is the recorded mapping with the same parameters, keys and objects."""
+        if state is not self.state or len(state) != len(self.params):
+            return False
+        entries = list(state.values())
+        try:
+            return (
+                all(map(operator.is_, state, self.params))
+                and list(chain.from_iterable(entries)) == self.keys
+                and all(map(operator.is_, chain.from_iterable(map(dict.values, entries)), self.values))
+            )
+        except TypeError:  # an entry that is no longer a dict
+            return False

@@ -297,10 +297,18 @@ def test_constructor_rejects_a_non_finite_mgg(weight):
         MGGOptimizer([torch.zeros(3, requires_grad=True)], mgg)
 
 
-@pytest.mark.parametrize("first", [True, False], ids=["first-step", "later-step"])
-@pytest.mark.parametrize("weight", ["learnable_token_idx", "learnable_ttt_lr_bias", "W1", "b1"])
+# every MGG parameter but W1/b1, which a step reads only to create state
+READ_EVERY_STEP = [name for name, _ in MGG().named_parameters() if name not in ("W1", "b1")]
+
+
+@pytest.mark.parametrize(
+    ("weight", "first"),
+    [*((w, f) for w in READ_EVERY_STEP for f in (True, False)), ("W1", True), ("b1", True)],
+    ids=lambda v: {True: "first-step", False: "later-step"}.get(v, v) if isinstance(v, bool) else v,
+)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_mgg_weight_skips_or_raises(backend, weight, first):
+    """A non-finite weight that the step reads (W1/b1 are read only to create state) skips it."""
     params = [torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)]
     mgg = random_mgg(seed=8)
     opt = MGGOptimizer(params, mgg, lr=0.1, backend=backend)
@@ -318,6 +326,34 @@ def test_nan_mgg_weight_skips_or_raises(backend, weight, first):
     with pytest.raises(FloatingPointError, match="not taken"):
         opt.step()
     assert_unchanged(params, opt, (old_params, old_sd, 1))
+
+
+@pytest.mark.parametrize("weight", ["W1", "b1"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_initial_memory_matters_only_where_state_is_created(backend, weight):
+    """Once state exists a step reads the carried memory, not W1/b1: a NaN there changes nothing
+    of it, but a parameter group added later starts from W1/b1, and its first step is skipped."""
+    params = [torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_(True) for p in params]
+    opt, twin_opt = (MGGOptimizer(ps, random_mgg(seed=8), lr=0.1, backend=backend) for ps in (params, twins))
+    for s in range(2):
+        set_grads(params, s)
+        set_grads(twins, s)
+        if s == 1:
+            opt.mgg.get_parameter(weight).data.view(-1)[0] = NAN
+        opt.step()
+        twin_opt.step()
+    assert opt.num_skipped_steps == 0
+    for p, q in zip(params, twins, strict=True):
+        assert torch.equal(p.detach(), q.detach())
+    late = torch.randn(4, requires_grad=True)
+    opt.add_param_group({"params": [late]})
+    set_grads([*params, late], 2)
+    before = late.detach().clone()
+    opt.step()
+    assert opt.num_skipped_steps == 1
+    assert torch.equal(late.detach(), before)
+    assert late not in opt.state
 
 
 # ---- 8. float64 parameters keep float64 precision ----------------------------------------------

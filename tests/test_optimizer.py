@@ -5,7 +5,7 @@ import io
 
 import pytest
 import torch
-from helpers import F64
+from helpers import F64, TRITON_ON_CPU
 from torch.testing import assert_close
 
 from mgg_fast import MGG, MGGOptimizer
@@ -362,3 +362,22 @@ def test_bf16_memory_state_dict_round_trip_and_validation():
     for bad in (torch.float16, torch.float64, "bfloat16"):
         with pytest.raises(ValueError, match="memory_W_dtype"):
             MGGOptimizer(p, MGG(), memory_W_dtype=bad)
+
+
+@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU])
+@pytest.mark.parametrize("first", [True, False], ids=["first-step", "later-step"])
+def test_sparse_gradient_raises_and_changes_nothing(first, backend):
+    """(torch refuses other sparse layouts as ``.grad`` already.)"""
+    params = [torch.randn(3, 4, requires_grad=True), torch.randn(5, requires_grad=True)]
+    opt = MGGOptimizer(params, MGG(), lr=0.01, backend=backend)
+    if not first:
+        set_grads(params, 0)
+        opt.step()
+    set_grads(params, 1)
+    params[0].grad = params[0].grad.to_sparse()
+    before = snapshot(params, opt)
+    with pytest.raises(RuntimeError, match="dense"):
+        opt.step()
+    for p, q in zip(params, before[0], strict=True):
+        assert torch.equal(p.detach(), q)
+    assert len(opt.state_dict()["state"]) == len(before[1]["state"])

@@ -152,6 +152,51 @@ def test_state_entry_replaced_by_copies_continues_identically(backend):
     assert_same_state_dicts(opt.state_dict(), twin_opt.state_dict())
 
 
+@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU])
+def test_entry_replaced_while_its_group_has_no_gradient_is_seen_later(backend):
+    """A step that leaves a group out (no gradients) must not take a replaced entry of that group
+    as checked: the group's next step steps the replacement."""
+    params, twin = make_params(), make_params()
+    opts = [
+        MGGOptimizer([{"params": ps[:1]}, {"params": ps[1:]}], random_mgg(seed=3), lr=LR, backend=backend)
+        for ps in (params, twin)
+    ]
+    for opt, ps in zip(opts, (params, twin), strict=True):
+        run(opt, ps, range(2))
+    opts[0].state[params[1]]["exp_avg"] = torch.full((2, 3), 0.5)
+    set_grads(params[:1], 2)
+    for p in params[1:]:
+        p.grad = None
+    opts[0].step()  # group 1 has no gradient: untouched
+    set_grads(twin[:1], 2)
+    for p in twin[1:]:
+        p.grad = None
+    opts[1].step()
+    opts[1].state[twin[1]]["exp_avg"] = torch.full((2, 3), 0.5)
+    for opt, ps in zip(opts, (params, twin), strict=True):
+        set_grads(ps, 3)
+        opt.step()
+    assert_same_params(params, twin)
+    assert_same_state_dicts(opts[0].state_dict(), opts[1].state_dict())
+
+
+@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU])
+def test_renamed_state_key_is_seen(backend):
+    """Moving the last entry of ``state[p]`` under another key keeps every tensor in place, but
+    ``state[p]`` now lacks ``memory_b``: the step says so, as it would on a fresh load."""
+    params, opt = make_params(), None
+    opt = mgg_opt(params, backend)
+    run(opt, params, range(2))
+    entry = opt.state[params[0]]
+    last = list(entry)[-1]
+    entry["renamed"] = entry.pop(last)
+    set_grads(params, 2)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=f"lacks {last!r}"):
+        opt.step()
+    assert_same_params(params, before)
+
+
 @pytest.mark.parametrize("how", ["clear", "reassign"])
 @pytest.mark.parametrize("kind", ["adam", "mgg"])
 def test_cleared_state_is_a_fresh_start(kind, how):
