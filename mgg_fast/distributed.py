@@ -60,14 +60,18 @@ def init_from_torchrun(device: torch.device) -> bool:
 @contextlib.contextmanager
 def rank_zero_first(active: bool = True) -> Iterator[None]:
     """Rank 0 runs the block first, the other ranks after it (e.g. rank 0 trains and caches a
-    model, the others then load it from the cache instead of racing to write it)."""
+    model, the others then load it from the cache instead of racing to write it). Rank 0 lets
+    the others go also when its block raises: they then meet the same error (bad input), rather
+    than waiting for rank 0 forever."""
     import torch.distributed as dist
 
     if active and not is_rank_zero():
         dist.barrier()
-    yield
-    if active and is_rank_zero():
-        dist.barrier()
+    try:
+        yield
+    finally:
+        if active and is_rank_zero():
+            dist.barrier()
 
 
 def close_process_group() -> None:
