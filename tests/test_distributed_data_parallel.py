@@ -212,3 +212,69 @@ def test_data_parallel_meta_training_matches_one_process_on_the_union(results):
                     assert_close(dp[k], g, **F32_METAGRAD, msg=f"{step} {k}")
     for k, v in results[0]["meta"]["dp"].items():
         assert torch.equal(v, results[1]["meta"]["dp"][k]), k
+
+
+def _benchmark_worker(rank, _world_size, out):
+    """The bundled benchmark (``adapt --data bundled``) data-parallel, then in one process; the
+    logits of every batch any runner predicted (tuning and evaluation) are recorded."""
+    from mgg_fast import shift_benchmark
+
+    cfg = shift_benchmark.BenchmarkConfig(
+        archs=("vit",),  # LayerNorm: a rank's part is normalised as in the whole batch
+        corruptions=("gaussian_noise",),
+        val_corruptions=("saturate",),
+        n_test=11,  # batches of 4, 4, 3: the last one splits 2 + 1
+        n_tune=4,
+        batch_size=4,
+        n_stats=16,
+        lr_grid={
+            "tent": (1e-3, 1.0),
+            "adam": (1e-3, 2.5e-2),
+            "mgg": (2.5e-2,),
+            "sar": (1e-3,),
+            "eata": (1e-3,),
+        },
+        source_epochs=1,
+        n_train=32,
+        backend="reference",
+    )
+    predict = shift_benchmark.Runner.__call__
+    runs = {}
+    for data_parallel in (True, False):  # the second run reads the cache that rank 0 wrote
+        logits = []
+
+        def recording(runner, x, logits=logits):
+            out = predict(runner, x)
+            logits.append(out)
+            return out
+
+        shift_benchmark.Runner.__call__ = recording
+        try:
+            result = shift_benchmark.run_benchmark(
+                cfg,
+                cache_dir=out / "cache",
+                mgg=random_mgg(seed=3),
+                progress=False,
+                data_parallel=data_parallel,
+            )
+        finally:
+            shift_benchmark.Runner.__call__ = predict
+        methods = result["archs"]["vit"]["seeds"][0]["methods"]
+        runs[data_parallel] = {
+            "logits": logits,
+            "methods": {
+                m: {s: (r["lr"][s], r[s]["per_corruption"]) for s in ("episodic", "continual")}
+                for m, r in methods.items()
+            },
+        }
+    return runs
+
+
+def test_bundled_benchmark_data_parallel_matches_one_process(tmp_path):
+    for runs in run_local_processes(_benchmark_worker, tmp_path, nprocs=WORLD):
+        assert runs[True]["methods"] == runs[False]["methods"]
+        assert list(runs[True]["methods"]) == ["noadapt", "tent", "adam", "sar", "eata", "mgg"]
+        assert len(runs[True]["logits"]) == len(runs[False]["logits"]) > 30
+        for dp, single in zip(runs[True]["logits"], runs[False]["logits"], strict=True):
+            assert_close(dp, single, **F32)
+    assert list((tmp_path / "cache").rglob("*.tmp")) == []
