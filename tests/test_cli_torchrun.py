@@ -162,3 +162,27 @@ def test_torchrun_adapt_bundled_models_on_a_folder_matches_one_process(tmp_path,
     dp, single = ACCURACY.findall(done.stdout), ACCURACY.findall(stdout)
     assert [m for m, *_ in single] == ["NoAdapt", "Tent (SGD)", "Adam", "SAR", "EATA", "MGG"], stdout
     assert dp == single
+
+
+def bundled_benchmark_args(root, out):
+    return [
+        "adapt", "--mgg", root / "mgg.pt", "--data", "bundled", "--archs", "vit", "--corruptions",
+        "gaussian_noise", "--n-test", "11", "--cache-dir", root / "cache", "--source-epochs", "1",
+        "--source-images", "32", "--out", out, *FAST, "--batch-size", "16",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow  # the lr tuning runs on 4 x 128 validation images: minutes on 2 cores
+def test_torchrun_adapt_bundled_benchmark_matches_one_process(tmp_path, capsys):
+    MGG().save(tmp_path / "mgg.pt")
+    done = torchrun(*bundled_benchmark_args(tmp_path, tmp_path / "dp"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    code, _, err = one_process(capsys, *bundled_benchmark_args(tmp_path, tmp_path / "single"))
+    assert code == 0, err
+    assert done.stdout.count("Results: ") == 1 and done.stdout.count("evaluated in") == 1, done.stdout
+    names = ["accuracy_vs_updates.png", "results.json", "results.md"]
+    assert sorted(p.name for p in (tmp_path / "dp").iterdir()) == names
+    dp, single = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("dp", "single"))
+    for method, r in single["archs"]["vit"]["summary"]["methods"].items():
+        got = dp["archs"]["vit"]["summary"]["methods"][method]
+        assert (got["lr"], got["per_corruption"]) == (r["lr"], r["per_corruption"]), method
