@@ -56,6 +56,13 @@ class MGTTA(nn.Module):
             FOA feature statistics are those of the whole batch (gathered), so every rank holds
             the same adapted parameters, as one process on the whole batch would (BatchNorm
             layers still normalise with their rank's part: ``nn.SyncBatchNorm`` on GPUs).
+        whole_batches: with ``data_parallel``, every rank passes the *whole* batch (the same on
+            every rank) and gets the whole batch's logits back: each rank adapts on its
+            contiguous part (:func:`mgg_fast.distributed.part_slice`; sizes may differ by one)
+            and weighs its loss by its share of the batch, so the averaged gradients are the
+            whole batch's for any batch size. A batch with fewer samples than ranks is not split:
+            every rank adapts on all of it. ``forward`` checks the whole batch, so the ranks agree
+            on bad input instead of some waiting in a collective.
 
     Attributes:
         num_updates: optimizer steps since construction or the last :meth:`reset`.
@@ -83,18 +90,23 @@ class MGTTA(nn.Module):
         betas: tuple[float, float] = (0.9, 0.99),
         memory_W_dtype: torch.dtype | None = None,
         data_parallel: bool = False,
+        whole_batches: bool = False,
     ):
         super().__init__()
         if data_parallel:
             distributed.require_process_group("MGTTA(data_parallel=True)")
+        elif whole_batches:
+            raise ValueError("whole_batches=True is a setting of data_parallel=True")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         named = select_norm_params(model)  # raises for models without norm params
         self.device = named[0][1].device
-        gather = distributed.gather_batch if data_parallel else None
         mask = _class_index(class_mask, self.device)
+        gather = self._gather_features if data_parallel else None
         self.loss_fn = AdaptationLoss(model, loss, source_stats, mask, gather)
         self.data_parallel = data_parallel
+        self.whole_batches = whole_batches
+        self._divided = data_parallel  # whether the current batch is split over the ranks
         self.model = model
         self.optimizer_name = optimizer
         self.episodic = episodic
@@ -151,14 +163,37 @@ class MGTTA(nn.Module):
         """The model part of :meth:`forward` (no input checks): loss and gradients; returns logits.
 
         Gradients are enabled inside, so the adapter also works in a ``torch.no_grad()`` loop."""
+        part, weight = self._own_part(x)
         with torch.enable_grad():
-            logits, loss = self.loss_fn(lambda: self.model(x))
+            logits, loss = self.loss_fn(lambda: self.model(part))
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight).backward()
         if self.data_parallel:
             distributed.average_gradients(self._tracked)
         self.last_loss = loss.detach()
+        if self.whole_batches and self._divided:
+            return distributed.gather_batch(logits.detach(), uneven=True)
         return logits.detach()
+
+    def _own_part(self, x: Tensor) -> tuple[Tensor, float]:
+        """The samples of ``x`` this rank adapts on, and the weight of their loss: with
+        ``whole_batches``, the rank's part and ``W · n_r / N`` (the mean over ranks of
+        weighted part means is the whole batch's mean; a gathered FOA term gets weights that
+        sum to ``W``, as unweighted equal parts do); otherwise ``x`` itself and 1."""
+        if not self.whole_batches:
+            return x, 1.0
+        world = torch.distributed.get_world_size()
+        self._divided = len(x) >= world
+        if not self._divided:
+            return x, 1.0
+        part = x[distributed.part_slice(len(x))]
+        return part, world * len(part) / len(x)
+
+    def _gather_features(self, features: Tensor) -> Tensor:
+        """The FOA features of the whole batch when it is split over the ranks (else as given)."""
+        if not self._divided:
+            return features
+        return distributed.gather_batch(features, uneven=self.whole_batches)
 
     def step(self) -> None:
         """The optimizer part of :meth:`forward`: one step on the gradients left by ``forward_backward``."""

@@ -468,6 +468,11 @@ def say(message: str) -> None:
         print(message, flush=True)
 
 
+def show_progress(args: argparse.Namespace) -> bool:
+    """Whether to draw progress bars: unless ``--no-progress``, and under torchrun on rank 0 only."""
+    return not args.no_progress and is_rank_zero()
+
+
 def _benchmark_config(args: argparse.Namespace, device: torch.device) -> Any:
     from mgg_fast.shift_benchmark import BenchmarkConfig
 
@@ -488,6 +493,8 @@ def _report(results: dict[str, Any], out: Path) -> None:
     from mgg_fast.shift_benchmark import format_text, write_reports
 
     say(format_text(results))
+    if not is_rank_zero():  # under torchrun rank 0 writes the reports
+        return
     paths = write_reports(results, out)
     say("")
     say(f"Results: {paths['json']}, {paths['markdown']}, plot {paths['plot']}")
@@ -521,7 +528,7 @@ def _source(arch: str, args: argparse.Namespace, device: torch.device) -> Any:
         seed=args.seed,
         cache_dir=args.cache_dir,
         device=device,
-        progress=not args.no_progress,
+        progress=show_progress(args),
     )
 
 
@@ -624,6 +631,7 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     if args.lr is not None and len(args.lr) != 3:
         raise CLIError(f"--lr for the bundled models takes 3 values (TENT ADAM MGG), got {len(args.lr)}")
     device = resolve_device(args.device)
+    data_parallel = init_from_torchrun(device)  # each process adapts on its part of every batch
     mgg = load_mgg(args.mgg, device)
     if args.data == BUNDLED:
         from mgg_fast.shift_benchmark import run_benchmark
@@ -631,14 +639,19 @@ def cmd_adapt(args: argparse.Namespace) -> None:
         check_output_folder(args.out)
         cfg = _benchmark_config(args, device)
         results = run_benchmark(
-            cfg, cache_dir=args.cache_dir, mgg=mgg, progress=not args.no_progress, log=say
+            cfg,
+            cache_dir=args.cache_dir,
+            mgg=mgg,
+            progress=show_progress(args),
+            log=say,
+            data_parallel=data_parallel,
         )
         _report(results, args.out)
         return
-    _adapt_folder(args, device, mgg)
+    _adapt_folder(args, device, mgg, data_parallel)
 
 
-def _adapt_folder(args: argparse.Namespace, device: torch.device, mgg: Any) -> None:
+def _adapt_folder(args: argparse.Namespace, device: torch.device, mgg: Any, data_parallel: bool) -> None:
     from mgg_fast.shift_benchmark import (
         DEFAULT_GRID,
         LABELS,
@@ -659,12 +672,19 @@ def _adapt_folder(args: argparse.Namespace, device: torch.device, mgg: Any) -> N
         )
     for arch in args.archs:
         torch.manual_seed(args.seed)
-        src = _source(arch, args, device)
+        with rank_zero_first(data_parallel):  # rank 0 trains and caches the source model
+            src = _source(arch, args, device)
         stats = clean_source_stats(src.model)
         say(f"{arch} on {len(data)} images from {args.data} ({'labeled' if data.labeled else 'unlabeled'})")
         for method in METHODS:
             runner = Runner(
-                src.model, method, lr=lrs.get(method), mgg=mgg, stats=stats, mgg_memory=args.mgg_memory
+                src.model,
+                method,
+                lr=lrs.get(method),
+                mgg=mgg,
+                stats=stats,
+                mgg_memory=args.mgg_memory,
+                data_parallel=data_parallel,
             )
             correct, confidence = 0, 0.0
             for x, y in batches:

@@ -60,14 +60,18 @@ def init_from_torchrun(device: torch.device) -> bool:
 @contextlib.contextmanager
 def rank_zero_first(active: bool = True) -> Iterator[None]:
     """Rank 0 runs the block first, the other ranks after it (e.g. rank 0 trains and caches a
-    model, the others then load it from the cache instead of racing to write it)."""
+    model, the others then load it from the cache instead of racing to write it). Rank 0 lets
+    the others go also when its block raises: they then meet the same error (bad input), rather
+    than waiting for rank 0 forever."""
     import torch.distributed as dist
 
     if active and not is_rank_zero():
         dist.barrier()
-    yield
-    if active and is_rank_zero():
-        dist.barrier()
+    try:
+        yield
+    finally:
+        if active and is_rank_zero():
+            dist.barrier()
 
 
 def close_process_group() -> None:
@@ -88,6 +92,18 @@ def rank_part(batch: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"a batch of {batch.shape[0]} does not split evenly over {world} processes")
     size = batch.shape[0] // world
     return batch[rank * size : (rank + 1) * size]
+
+
+def part_slice(n: int) -> slice:
+    """This rank's contiguous part of ``n`` items when the parts may differ in size: rank ``r``
+    of ``W`` takes the ``r``-th of ``W`` consecutive parts, the first ``n % W`` of them one item
+    longer (``n = 5`` on 2 ranks: items 0-2 and 3-4)."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
 
 
 def require_process_group(what: str) -> None:
@@ -134,44 +150,49 @@ def average_tensors(tensors: list[torch.Tensor]) -> None:
 
 
 class _GatherBatch(torch.autograd.Function):
-    """All ranks' ``[B, ...]`` parts concatenated in rank order; the backward pass sums the
-    gradients every rank computed for this rank's part (an all-reduce: works on gloo too)."""
+    """All ranks' ``[B_r, ...]`` parts (sizes ``sizes``, in rank order) concatenated; the
+    backward pass sums the gradients every rank computed for this rank's part (an all-reduce:
+    works on gloo too). Parts are padded to the largest for the all-gather, which needs one size."""
 
     @staticmethod
-    def forward(ctx: Any, part: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, part: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         import torch.distributed as dist
 
-        ctx.rank, ctx.size = dist.get_rank(), part.shape[0]
-        parts = [torch.empty_like(part) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, part.contiguous())
-        return torch.cat(parts)
+        rank = dist.get_rank()
+        ctx.start, ctx.size = sum(sizes[:rank]), part.shape[0]
+        padded = part.new_zeros((max(sizes), *part.shape[1:]))
+        padded[: part.shape[0]] = part
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         import torch.distributed as dist
 
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size]
+        return grad[ctx.start : ctx.start + ctx.size], None
 
 
-def gather_batch(part: torch.Tensor) -> torch.Tensor:
-    """The whole batch's ``[B_total, ...]`` from every rank's ``[B, ...]`` part, differentiable.
+def gather_batch(part: torch.Tensor, uneven: bool = False) -> torch.Tensor:
+    """The whole batch's ``[B_total, ...]`` from every rank's ``[B_r, ...]`` part, differentiable.
 
     Used for the FOA loss's feature statistics: its std/mean term is not a mean over samples, so
     averaging the ranks' gradients of per-part statistics would not give the whole batch's
     gradient; with the gathered features (and gradients averaged over the ranks) it is exact.
-    The parts must have the same size on every rank (checked: a clear error on every rank)."""
+    Also gathers predictions. The parts must have the same size on every rank (checked: a clear
+    error on every rank) unless ``uneven``: for callers that weigh each rank's loss by its part
+    (as ``MGTTA(whole_batches=True)`` does), so that the averaged gradients stay exact."""
     import torch.distributed as dist
 
     sizes = torch.tensor([part.shape[0]], device=part.device)
     all_sizes = [torch.empty_like(sizes) for _ in range(dist.get_world_size())]
     dist.all_gather(all_sizes, sizes)
-    if len({int(n) for n in all_sizes}) != 1:
-        raise ValueError(
-            f"data-parallel batches must have the same size on every rank, got {[int(n) for n in all_sizes]}"
-        )
-    return _GatherBatch.apply(part)
+    counts = [int(n) for n in all_sizes]
+    if not uneven and len(set(counts)) != 1:
+        raise ValueError(f"data-parallel batches must have the same size on every rank, got {counts}")
+    return _GatherBatch.apply(part, counts)
 
 
 def free_port() -> int:

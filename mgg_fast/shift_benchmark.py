@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from mgg_fast.adaptation import MGTTA
 from mgg_fast.baselines import EATA, SAR, eata_fisher
+from mgg_fast.distributed import rank_zero_first
 from mgg_fast.losses import SourceStats, fit_source_stats
 from mgg_fast.meta_training import train_mgg
 from mgg_fast.mgg import MGG
@@ -252,6 +253,11 @@ class Runner:
 
     ``fisher`` (EATA's, from :func:`eata_fisher`) is used by ``"eata"`` only; ``None`` there
     runs EATA without its regulariser. SAR and EATA keep their own entropy objectives.
+
+    ``data_parallel`` (every rank of the process group calls the runner on the same whole
+    batches): Tent, Adam and MGG adapt data-parallel (``MGTTA(whole_batches=True)``: each rank
+    its part, the whole batch's logits returned); NoAdapt, SAR and EATA run the whole batch on
+    every rank (the same computation, so the same result).
     """
 
     def __init__(
@@ -266,6 +272,7 @@ class Runner:
         backend: str = "auto",
         mgg_memory: str = "float32",
         fisher: list[Tensor] | None = None,
+        data_parallel: bool = False,
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -289,6 +296,8 @@ class Runner:
                 source_stats=stats,
                 backend=backend,
                 memory_W_dtype=memory_W_dtype if method == "mgg" else None,
+                data_parallel=data_parallel,
+                whole_batches=data_parallel,
             )
         self.seconds = 0.0
         self.step_seconds = 0.0
@@ -495,6 +504,7 @@ class _Context:
     stats: SourceStats | None
     fisher: list[Tensor]
     tune: dict[str, list[Batch]]
+    data_parallel: bool = False
 
     def runner(self, method: str, lr: float | None, mgg: MGG | None = None) -> Runner:
         cfg = self.cfg
@@ -508,6 +518,7 @@ class _Context:
             backend=cfg.backend,
             mgg_memory=cfg.mgg_memory,
             fisher=self.fisher,
+            data_parallel=self.data_parallel,
         )
 
     def validation_scores(self, method: str, lr: float, mgg: MGG | None = None) -> dict[str, float]:
@@ -591,39 +602,44 @@ def run_seed(
     mgg: MGG | None = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda _message: None,
+    data_parallel: bool = False,
 ) -> dict[str, Any]:
     """The whole protocol for one source architecture and one seed; JSON-ready results.
 
-    ``log`` receives one line per finished stage (source model, data, tuning, evaluation)."""
+    ``log`` receives one line per finished stage (source model, data, tuning, evaluation).
+    ``data_parallel``: every rank of the process group runs this with the same arguments; rank 0
+    trains and caches the source model and data first, Tent, Adam and the given MGG adapt
+    data-parallel (see :class:`Runner`)."""
     device = torch.device(cfg.device)
     cache = resolve_cache_dir(cache_dir)
     torch.manual_seed(seed)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    src = source_model(
-        arch,
-        epochs=cfg.source_epochs,
-        n_train=cfg.n_train,
-        seed=seed,
-        cache_dir=cache,
-        device=device,
-        progress=progress,
-    )
-    timings["source_model"] = time.perf_counter() - start
+    with rank_zero_first(data_parallel):  # the others then read rank 0's cache
+        src = source_model(
+            arch,
+            epochs=cfg.source_epochs,
+            n_train=cfg.n_train,
+            seed=seed,
+            cache_dir=cache,
+            device=device,
+            progress=progress,
+        )
+        timings["source_model"] = time.perf_counter() - start
+        start = time.perf_counter()
+        test = _streams("test", cfg.test_corruptions(), cfg.n_test, cfg, seed, cache, device)
+        tune = _streams("val", cfg.validation_corruptions(), cfg.n_tune, cfg, seed, cache, device)
+        recipes = [] if mgg is not None else [recipe_of(r) for r in cfg.recipes]
+        metas = {r.method: meta_batches(cfg, cache, device, recipe=r, seed=seed) for r in recipes}
+        timings["data"] = time.perf_counter() - start
     how = "loaded from cache" if src.from_cache else f"trained in {src.train_seconds:.0f} s"
     tag = f"{arch} seed {seed}"
     log(f"{tag}: source model {how}, clean test accuracy {_pct(src.clean_accuracy)}%")
     model = src.model
-    start = time.perf_counter()
-    test = _streams("test", cfg.test_corruptions(), cfg.n_test, cfg, seed, cache, device)
-    tune = _streams("val", cfg.validation_corruptions(), cfg.n_tune, cfg, seed, cache, device)
-    recipes = [] if mgg is not None else [recipe_of(r) for r in cfg.recipes]
-    metas = {r.method: meta_batches(cfg, cache, device, recipe=r, seed=seed) for r in recipes}
-    timings["data"] = time.perf_counter() - start
     log(f"{tag}: corrupted data ready in {timings['data']:.0f} s")
     stats = clean_source_stats(model, cfg.n_stats) if cfg.loss == "foa" else None
     fisher = eata_fisher(model, clean_batches(cfg.n_stats, cfg.batch_size, device))
-    ctx = _Context(cfg, model, stats, fisher, tune)
+    ctx = _Context(cfg, model, stats, fisher, tune, data_parallel)
 
     start = time.perf_counter()
     chosen: dict[str, dict[str, tuple[float | None, MGG | None]]] = {
@@ -707,9 +723,11 @@ def run_benchmark(
     mgg: MGG | None = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda _message: None,
+    data_parallel: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark for every architecture and seed of ``cfg``; JSON-ready results: every
-    per-seed number under ``archs[arch]["seeds"]``, the statistics over seeds under ``summary``."""
+    per-seed number under ``archs[arch]["seeds"]``, the statistics over seeds under ``summary``.
+    ``data_parallel``: see :func:`run_seed`."""
     cfg.validate()
     start = time.perf_counter()
     archs = {}
@@ -717,7 +735,16 @@ def run_benchmark(
         machine = machine_info(cfg.device)
         for arch in cfg.archs:
             seeds = [
-                run_seed(arch, s, cfg, cache_dir=cache_dir, mgg=mgg, progress=progress, log=log)
+                run_seed(
+                    arch,
+                    s,
+                    cfg,
+                    cache_dir=cache_dir,
+                    mgg=mgg,
+                    progress=progress,
+                    log=log,
+                    data_parallel=data_parallel,
+                )
                 for s in cfg.seed_list()
             ]
             archs[arch] = {"seeds": seeds, "summary": aggregate(seeds)}

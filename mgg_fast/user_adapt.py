@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mgg_fast.adaptation import MGTTA
+from mgg_fast.distributed import is_rank_zero
 from mgg_fast.files import atomic_write
 from mgg_fast.losses import SourceStats
 from mgg_fast.mgg import MGG
@@ -73,6 +74,7 @@ class RunSetup:
     device: torch.device
     memory_W_dtype: torch.dtype | None
     config: dict[str, Any]
+    data_parallel: bool = False  # under torchrun: every rank runs the same pairs, see run_all
 
 
 def _pair_path(out: Path, method: str, stream: str) -> Path:
@@ -131,6 +133,8 @@ class _Predictor:
                 episodic=setup.episodic,
                 class_mask=setup.class_mask,
                 memory_W_dtype=setup.memory_W_dtype if method == "mgg" else None,
+                data_parallel=setup.data_parallel,
+                whole_batches=setup.data_parallel,
             )
             self.min_batch = MIN_FOA_BATCH if setup.loss == "foa" else 1
 
@@ -216,23 +220,39 @@ def run_all(
     log: Callable[[str], None],
     warn: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Run every missing (method, stream) pair, each written as it finishes; returns the results."""
+    """Run every missing (method, stream) pair, each written as it finishes; returns the results.
+
+    Under torchrun (``setup.data_parallel``) every rank runs the same pairs (each adapting on its
+    part of every batch) and only rank 0 writes; the finished pairs are read before anything is
+    written, so every rank resumes the same ones."""
     check_resume(out, setup.config, resume)
-    atomic_write(
-        out / "run.json", lambda fh: fh.write(_json_bytes({"format": RUN_FORMAT, "config": setup.config}))
-    )
+    kept = {
+        (method, stream.name): json.loads(path.read_text())
+        for method in setup.methods
+        for stream in setup.streams
+        if resume and (path := _pair_path(out, method, stream.name)).is_file()
+    }
+    if setup.data_parallel:
+        torch.distributed.barrier()  # every rank has checked and read the folder before rank 0 writes
+    writes = is_rank_zero()
+    if writes:
+        atomic_write(
+            out / "run.json", lambda fh: fh.write(_json_bytes({"format": RUN_FORMAT, "config": setup.config}))
+        )
     pairs: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in setup.methods}
     for method in setup.methods:
         for stream in setup.streams:
-            path = _pair_path(out, method, stream.name)
-            if resume and path.is_file():
-                pairs[method][stream.name] = json.loads(path.read_text())
+            if (method, stream.name) in kept:
+                pairs[method][stream.name] = kept[method, stream.name]
                 log(f"  {LABELS[method]:<11} {stream.name}: done before, kept")
                 continue
             result, csv = run_pair(setup, method, stream, progress=progress, warn=warn)
-            csv_path = out / "predictions" / method / f"{stream.name}.csv"
-            atomic_write(csv_path, lambda fh, data=csv: fh.write(data))
-            atomic_write(path, lambda fh, r=result: fh.write(_json_bytes(r)))
+            if writes:
+                csv_path = out / "predictions" / method / f"{stream.name}.csv"
+                atomic_write(csv_path, lambda fh, data=csv: fh.write(data))
+                atomic_write(
+                    _pair_path(out, method, stream.name), lambda fh, r=result: fh.write(_json_bytes(r))
+                )
             pairs[method][stream.name] = result
             log("  " + pair_line(result))
     return collect(setup.config, pairs, setup.batch_size, setup.device)

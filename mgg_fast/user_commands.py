@@ -25,11 +25,15 @@ from mgg_fast.cli import (
     meta_train_and_save,
     resolve_device,
     say,
+    show_progress,
 )
+from mgg_fast.distributed import broadcast_from_rank_zero, init_from_torchrun, is_rank_zero, rank_zero_first
 
 
 def _warn(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A warning on stderr (under torchrun from rank 0 only: every rank sees the same data)."""
+    if is_rank_zero():
+        print(message, file=sys.stderr, flush=True)
 
 
 def _user_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, dict[str, Any]]:
@@ -153,8 +157,12 @@ def cmd_adapt_model(args: argparse.Namespace) -> None:
             "--method mgg needs --mgg FILE (from 'mgg-fast train --model ...', or the published one)"
         )
     device = resolve_device(args.device)
+    data_parallel = init_from_torchrun(device)  # each process adapts on its part of every batch
     mgg = load_mgg(args.mgg, device) if "mgg" in args.method else None
-    model, transform, data_config = _user_model(args, device)
+    with rank_zero_first(data_parallel):  # rank 0 downloads --pretrained weights first
+        model, transform, data_config = _user_model(args, device)
+    if data_parallel:  # the same weights on every rank, also timm's random ones
+        broadcast_from_rank_zero([*model.parameters(), *model.buffers()])
     mask = read_class_mask(args.class_mask, num_outputs(model)) if args.class_mask is not None else None
     root, layout, streams = _user_streams(args, args.data, len(mask) if mask else num_outputs(model))
     streams = [subsample(s, args.images, args.seed) for s in streams]
@@ -205,16 +213,18 @@ def cmd_adapt_model(args: argparse.Namespace) -> None:
         device=device,
         memory_W_dtype=memory_dtype(args.mgg_memory),
         config=config,
+        data_parallel=data_parallel,
     )
     labeled = "labeled" if all(s.labeled for s in streams) else "unlabeled"
     say(
         f"adapting {args.model} on {device}: {len(streams)} stream(s) of {root} ({layout}, {labeled}), "
         f"methods {', '.join(args.method)}, loss {loss}"
     )
-    results = run_all(setup, args.out, resume=args.resume, progress=not args.no_progress, log=say, warn=_warn)
+    results = run_all(setup, args.out, resume=args.resume, progress=show_progress(args), log=say, warn=_warn)
     say(format_text(results))
-    paths = write_reports(results, args.out)
-    say(f"Results: {', '.join(str(p) for p in paths)}")
+    if is_rank_zero():  # under torchrun rank 0 writes the reports
+        paths = write_reports(results, args.out)
+        say(f"Results: {', '.join(str(p) for p in paths)}")
 
 
 def cmd_train_model(args: argparse.Namespace) -> None:

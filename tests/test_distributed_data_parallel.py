@@ -46,15 +46,17 @@ def source_stats():
     return fit_source_stats(tiny_cnn(), [source])  # far from the test batches: the FOA term matters
 
 
-def adapter(data_parallel: bool) -> MGTTA:
+def adapter(data_parallel: bool, optimizer: str = "mgg", loss: str = "foa", whole: bool = False) -> MGTTA:
     return MGTTA(
         tiny_cnn(),
-        mgg=random_mgg(seed=3),
+        optimizer,
+        mgg=random_mgg(seed=3) if optimizer == "mgg" else None,
         lr=0.05,
-        loss="foa",
-        source_stats=source_stats(),
+        loss=loss,
+        source_stats=source_stats() if loss == "foa" else None,
         backend="reference",
         data_parallel=data_parallel,
+        whole_batches=whole,
     )
 
 
@@ -81,6 +83,31 @@ def _mgtta_scenario(rank) -> dict:
     except ValueError as err:
         out["uneven"] = str(err)
     out["uneven/unchanged"] = all(map(torch.equal, out["dp_after_reset"], adapted(dp)))
+    return out
+
+
+# whole batches of every size: even, uneven over the 2 ranks (5 = 3 + 2), fewer than the ranks
+WHOLE_SIZES = {"foa": (8, 5, 3), "entropy": (8, 5, 1)}
+
+
+def _whole_batch_scenario() -> dict:
+    """Tent, Adam and MGG with ``whole_batches``: every rank passes the whole batch."""
+    out = {}
+    for optimizer in ("sgd", "adam", "mgg"):
+        for loss, sizes in WHOLE_SIZES.items():
+            single, dp = adapter(False, optimizer, loss), adapter(True, optimizer, loss, whole=True)
+            batches = [whole_batch(s)[:n] for s, n in enumerate(sizes)]
+            out[optimizer, loss] = {
+                "single_logits": [single(x) for x in batches],
+                "dp_logits": [dp(x) for x in batches],
+                "single": adapted(single),
+                "dp": adapted(dp),
+            }
+    try:  # one image for the FOA batch std: the same error on every rank, no rank left waiting
+        adapter(True, "sgd", "foa", whole=True)(whole_batch(0)[:1])
+        out["foa/one image"] = None
+    except ValueError as err:
+        out["foa/one image"] = str(err)
     return out
 
 
@@ -120,7 +147,7 @@ def _meta_scenario(rank) -> dict:
 
 
 def _worker(rank, _world_size, _out):
-    return {"mgtta": _mgtta_scenario(rank), "meta": _meta_scenario(rank)}
+    return {"mgtta": _mgtta_scenario(rank), "whole": _whole_batch_scenario(), "meta": _meta_scenario(rank)}
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +177,26 @@ def test_data_parallel_mgtta_reset_and_uneven_batches(results):
         assert m["uneven/unchanged"]
 
 
+def test_whole_batches_tent_adam_mgg_match_one_process_for_any_batch_size(results):
+    for r in results:
+        for key in [(o, loss) for o in ("sgd", "adam", "mgg") for loss in WHOLE_SIZES]:
+            w = r["whole"][key]
+            for dp, single in zip(w["dp_logits"], w["single_logits"], strict=True):
+                assert dp.shape == single.shape  # the whole batch's logits, gathered
+                assert_close(dp, single, **F32, msg=str(key))
+            for a, b in zip(w["dp"], w["single"], strict=True):
+                assert_close(a, b, **F32, msg=str(key))
+        assert r["whole"]["foa/one image"].startswith("loss='foa' needs batches of at least 2 samples")
+    for key, w in results[0]["whole"].items():
+        if isinstance(w, dict):
+            assert all(map(torch.equal, w["dp"], results[1]["whole"][key]["dp"])), key  # same on every rank
+
+
+def test_whole_batches_needs_data_parallel():
+    with pytest.raises(ValueError, match="whole_batches=True is a setting of data_parallel=True"):
+        adapter(False, whole=True)
+
+
 def test_data_parallel_meta_training_matches_one_process_on_the_union(results):
     for r in results:
         m = r["meta"]
@@ -165,3 +212,69 @@ def test_data_parallel_meta_training_matches_one_process_on_the_union(results):
                     assert_close(dp[k], g, **F32_METAGRAD, msg=f"{step} {k}")
     for k, v in results[0]["meta"]["dp"].items():
         assert torch.equal(v, results[1]["meta"]["dp"][k]), k
+
+
+def _benchmark_worker(rank, _world_size, out):
+    """The bundled benchmark (``adapt --data bundled``) data-parallel, then in one process; the
+    logits of every batch any runner predicted (tuning and evaluation) are recorded."""
+    from mgg_fast import shift_benchmark
+
+    cfg = shift_benchmark.BenchmarkConfig(
+        archs=("vit",),  # LayerNorm: a rank's part is normalised as in the whole batch
+        corruptions=("gaussian_noise",),
+        val_corruptions=("saturate",),
+        n_test=11,  # batches of 4, 4, 3: the last one splits 2 + 1
+        n_tune=4,
+        batch_size=4,
+        n_stats=16,
+        lr_grid={
+            "tent": (1e-3, 1.0),
+            "adam": (1e-3, 2.5e-2),
+            "mgg": (2.5e-2,),
+            "sar": (1e-3,),
+            "eata": (1e-3,),
+        },
+        source_epochs=1,
+        n_train=32,
+        backend="reference",
+    )
+    predict = shift_benchmark.Runner.__call__
+    runs = {}
+    for data_parallel in (True, False):  # the second run reads the cache that rank 0 wrote
+        logits = []
+
+        def recording(runner, x, logits=logits):
+            out = predict(runner, x)
+            logits.append(out)
+            return out
+
+        shift_benchmark.Runner.__call__ = recording
+        try:
+            result = shift_benchmark.run_benchmark(
+                cfg,
+                cache_dir=out / "cache",
+                mgg=random_mgg(seed=3),
+                progress=False,
+                data_parallel=data_parallel,
+            )
+        finally:
+            shift_benchmark.Runner.__call__ = predict
+        methods = result["archs"]["vit"]["seeds"][0]["methods"]
+        runs[data_parallel] = {
+            "logits": logits,
+            "methods": {
+                m: {s: (r["lr"][s], r[s]["per_corruption"]) for s in ("episodic", "continual")}
+                for m, r in methods.items()
+            },
+        }
+    return runs
+
+
+def test_bundled_benchmark_data_parallel_matches_one_process(tmp_path):
+    for runs in run_local_processes(_benchmark_worker, tmp_path, nprocs=WORLD):
+        assert runs[True]["methods"] == runs[False]["methods"]
+        assert list(runs[True]["methods"]) == ["noadapt", "tent", "adam", "sar", "eata", "mgg"]
+        assert len(runs[True]["logits"]) == len(runs[False]["logits"]) > 30
+        for dp, single in zip(runs[True]["logits"], runs[False]["logits"], strict=True):
+            assert_close(dp, single, **F32)
+    assert list((tmp_path / "cache").rglob("*.tmp")) == []
