@@ -568,6 +568,17 @@ def meta_train_and_save(
     say(f"saved the MGG to {args.output}")
 
 
+def rank_parts(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This process's part of every meta-training batch under torchrun (equal parts)."""
+    try:
+        return [rank_part(b) for b in batches]
+    except ValueError as exc:
+        raise CLIError(
+            f"{exc}: under torchrun, meta-training needs batches (--batch-size, and --n-images for the "
+            "last one) that divide evenly over the processes"
+        ) from None
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """Meta-train an MGG and save it."""
     from mgg_fast.shift_benchmark import BenchmarkConfig, clean_source_stats, meta_batches
@@ -596,7 +607,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         batches = list(x.split(args.batch_size))
         what = f"{len(images)} images from {args.data}"
     if data_parallel:  # each process meta-trains on its part of every batch
-        batches = [rank_part(b) for b in batches]
+        batches = rank_parts(batches)
     check_foa_batches(loss, batches)
     torch.manual_seed(args.seed)
     with rank_zero_first(data_parallel):  # rank 0 trains and caches the source model

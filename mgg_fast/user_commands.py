@@ -23,6 +23,7 @@ from mgg_fast.cli import (
     check_output_folder,
     load_mgg,
     meta_train_and_save,
+    rank_parts,
     resolve_device,
     say,
     show_progress,
@@ -36,17 +37,25 @@ def _warn(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _user_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, dict[str, Any]]:
-    """``(model on device, its transform, its data config)`` from the --model options."""
+def _user_model(
+    args: argparse.Namespace, device: torch.device, data_parallel: bool
+) -> tuple[Any, Any, dict[str, Any]]:
+    """``(model on device, its transform, its data config)`` from the --model options; under
+    torchrun rank 0 builds it first (downloads --pretrained weights once) and every rank gets
+    rank 0's weights (timm's random ones too)."""
     from mgg_fast.user_models import build_model, preprocessing
 
     if args.checkpoint is None and not args.pretrained:
         _warn(f"warning: neither --checkpoint nor --pretrained: {args.model} keeps timm's random weights")
-    model = build_model(
-        args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, model_args=args.model_args
-    )
+    with rank_zero_first(data_parallel):
+        model = build_model(
+            args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, model_args=args.model_args
+        )
+    model = model.to(device)
+    if data_parallel:
+        broadcast_from_rank_zero([*model.parameters(), *model.buffers()])
     transform, config = preprocessing(model, args.input_size)
-    return model.to(device), transform, config
+    return model, transform, config
 
 
 def _probe(model: Any, stream: Any, transform: Any, device: torch.device) -> None:
@@ -159,10 +168,7 @@ def cmd_adapt_model(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     data_parallel = init_from_torchrun(device)  # each process adapts on its part of every batch
     mgg = load_mgg(args.mgg, device) if "mgg" in args.method else None
-    with rank_zero_first(data_parallel):  # rank 0 downloads --pretrained weights first
-        model, transform, data_config = _user_model(args, device)
-    if data_parallel:  # the same weights on every rank, also timm's random ones
-        broadcast_from_rank_zero([*model.parameters(), *model.buffers()])
+    model, transform, data_config = _user_model(args, device, data_parallel)
     mask = read_class_mask(args.class_mask, num_outputs(model)) if args.class_mask is not None else None
     root, layout, streams = _user_streams(args, args.data, len(mask) if mask else num_outputs(model))
     streams = [subsample(s, args.images, args.seed) for s in streams]
@@ -232,25 +238,28 @@ def cmd_train_model(args: argparse.Namespace) -> None:
     from mgg_fast.user_data import interleave
 
     device = resolve_device(args.device)
-    model, transform, _ = _user_model(args, device)
+    data_parallel = init_from_torchrun(device)  # each process meta-trains on its part of every batch
+    model, transform, _ = _user_model(args, device, data_parallel)
     root, layout, streams = _user_streams(args, args.data, None)
     _probe(model, streams[0], transform, device)
     loss, stats = _user_loss(args, model, transform, device)
     batches = _images_of(interleave(streams, args.n_images, args.seed), transform, args, device)
+    if data_parallel:
+        batches = rank_parts(batches)
     check_foa_batches(loss, batches)
     say(
         f"meta-training an MGG for {args.model} on {sum(len(b) for b in batches)} images of {root} "
         f"({layout}: {', '.join(s.name for s in streams)}), {args.epochs} epochs, adapt lr {args.adapt_lr}, "
         f"loss {loss}"
     )
-    meta_train_and_save(model, batches, loss, stats, args)
+    meta_train_and_save(model, batches, loss, stats, args, data_parallel=data_parallel)
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
     """FOA source statistics of a timm model over clean images, saved with ``SourceStats.save``."""
     check_output_file(args.output)
     device = resolve_device(args.device)
-    model, transform, _ = _user_model(args, device)
+    model, transform, _ = _user_model(args, device, data_parallel=False)
     streams = _user_streams(args, args.data, None)[2]
     _probe(model, streams[0], transform, device)
     stats, used = _stats_from(args, streams, args.images, model, transform, device)

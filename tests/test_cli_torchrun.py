@@ -125,6 +125,42 @@ def test_torchrun_adapt_own_model_matches_one_process_and_writes_once(own_model,
         assert [r.split(",")[:3] for r in dp_rows] == [r.split(",")[:3] for r in single_rows]
 
 
+def own_train_args(root, output, images):
+    return [
+        "train", "--model", "vit_tiny_patch16_224", "--model-args", "img_size=16,num_classes=2,depth=2",
+        "--checkpoint", root / "vit.pth", "--data", root / "data", "--images", str(images), "--epochs", "2",
+        "--loss", "entropy", "--workers", "0", "--output", output, *FAST,
+    ]  # fmt: skip
+
+
+def test_torchrun_train_own_model_matches_one_process_and_saves_once(own_model, tmp_path, capsys):
+    """Each process meta-trains on half of every batch of 4; the MGG's gradients are averaged, so
+    the saved MGG is one process's on the whole batches (float32 rounding apart)."""
+    dp, single = tmp_path / "dp" / "mgg.pt", tmp_path / "single" / "mgg.pt"
+    for path in (dp, single):
+        path.parent.mkdir()
+    done = torchrun(*own_train_args(own_model, dp, 8))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(f"saved the MGG to {dp}") == 1, done.stdout  # rank 0 only
+    assert sorted(p.name for p in dp.parent.iterdir()) == ["mgg.pt"]
+    code, _, err = one_process(capsys, *own_train_args(own_model, single, 8))
+    assert code == 0, err
+    trained, reference = MGG.load(dp).state_dict(), MGG.load(single).state_dict()
+    assert any(not torch.equal(v, MGG().state_dict()[k]) for k, v in reference.items())  # it trained
+    for key, value in reference.items():
+        torch.testing.assert_close(trained[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_torchrun_train_own_model_uneven_batches_is_one_line(own_model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    done = torchrun(*own_train_args(own_model, out / "mgg.pt", 7))  # batches of 4 and 3
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("mgg-fast train: error:")]
+    assert errors and "divide evenly" in errors[0], done.stderr[-3000:]
+    assert not list(out.iterdir())
+
+
 def test_torchrun_adapt_own_model_bad_input_is_one_line(own_model, tmp_path):
     out = tmp_path / "out"
     argv = own_model_args(own_model, out)
