@@ -26,6 +26,3 @@ def step_vectors() -> dict:
 def metagrad_vectors() -> dict:
     return load_parity("mgg_metagrad_H8_nh1_s2.pt")
 
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a test that takes a minute or more on 2 CPU cores")
