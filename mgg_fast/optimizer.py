@@ -280,7 +280,7 @@ class MGGOptimizer(torch.optim.Optimizer):
                     self._fused_step(w, pack, found_inf, self._skipped if counts_skip else None)
                 else:
                     _reference_step(w, pack, mgg)
-        if not state_unchanged and _covers_every_pack(work, self._packs):
+        if (not state_unchanged or any(w.repack for w in work)) and _covers_every_pack(work, self._packs):
             self._state_record = StateRecord.of(self.state)
         return loss
 
