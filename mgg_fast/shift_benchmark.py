@@ -83,7 +83,7 @@ LABELS = {
 }
 ACC_AT = (1, 5, 10)
 FINAL_POINTS = 3  # Tent's final accuracy: the mean of its last 3 acc@k
-EATA_D_MARGIN = 0.4  # EATA's 10-class (CIFAR-10) redundancy margin; 0.05 is its ImageNet value
+EATA_D_MARGIN = 0.4  # EATA's redundancy margin on the 10-class scale (ImageNet: 0.05); SHIFT_RESULTS.md
 MEMORY_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # --mgg-memory: MGG memory_W storage
 # SGD's step scales with the gradient (tiny on small models' norm params): a wider, ×10 grid. Adam
 # and MGG take normalised steps (the MGG's output is in (-1, 1)): the same ×5 grid for both.
