@@ -35,6 +35,7 @@ from mgg_fast.norm_params import configure_for_adaptation, select_norm_params
 
 PUBLISHED_LR = 2.5e-4
 MARGIN_COEFF = 0.4  # entropy margin = 0.4 ln C (SAR's e0, EATA's e_margin)
+IMAGENET_D_MARGIN = 0.05  # EATA's redundancy margin for 1,000 classes (its main.py default)
 
 
 def entropy_margin(num_classes: int, coeff: float = MARGIN_COEFF) -> float:
@@ -178,7 +179,7 @@ class EATA(MGTTA):
         fisher: Sequence[Tensor] | None = None,
         fisher_alpha: float = 2000.0,
         margin_coeff: float = MARGIN_COEFF,
-        d_margin: float = 0.05,
+        d_margin: float = IMAGENET_D_MARGIN,
         probs_momentum: float = 0.9,
         episodic: bool = False,
     ):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import importlib.metadata
 import json
 import math
 import os
@@ -83,7 +84,7 @@ LABELS = {
 }
 ACC_AT = (1, 5, 10)
 FINAL_POINTS = 3  # Tent's final accuracy: the mean of its last 3 acc@k
-EATA_D_MARGIN = 0.4  # EATA's 10-class (CIFAR-10) redundancy margin; 0.05 is its ImageNet value
+EATA_D_MARGIN = 0.4  # EATA's redundancy margin on the 10-class scale (ImageNet: 0.05); SHIFT_RESULTS.md
 MEMORY_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # --mgg-memory: MGG memory_W storage
 # SGD's step scales with the gradient (tiny on small models' norm params): a wider, ×10 grid. Adam
 # and MGG take normalised steps (the MGG's output is in (-1, 1)): the same ×5 grid for both.
@@ -235,9 +236,15 @@ class BenchmarkConfig:
 # ---- running one method over streams of batches -------------------------------------------------
 
 
-def make_batches(data: ImageSet, batch_size: int, device: torch.device | str) -> list[Batch]:
-    """Consecutive batches ``(x, y)`` of a set, on ``device``."""
-    x, y = to_tensor(data.images), torch.from_numpy(data.labels)
+def make_batches(
+    data: ImageSet,
+    batch_size: int,
+    device: torch.device | str,
+    to_input: Callable[[np.ndarray], Tensor] = to_tensor,
+) -> list[Batch]:
+    """Consecutive batches ``(x, y)`` of a set, on ``device``; ``to_input`` turns the uint8 images
+    into the model's input (default: the bundled models' [-1, 1] scaling)."""
+    x, y = to_input(data.images), torch.from_numpy(data.labels)
     return [
         (x[i : i + batch_size].to(device), y[i : i + batch_size]) for i in range(0, len(data), batch_size)
     ]
@@ -251,8 +258,9 @@ def _sync(device: torch.device) -> None:
 class Runner:
     """One method on a private copy of the model: predict a batch, then adapt on it (timed).
 
-    ``fisher`` (EATA's, from :func:`eata_fisher`) is used by ``"eata"`` only; ``None`` there
-    runs EATA without its regulariser. SAR and EATA keep their own entropy objectives.
+    ``fisher`` (EATA's, from :func:`eata_fisher`) and ``eata_d_margin`` (its redundancy margin:
+    the 10-class value by default, 0.05 for 1,000 classes) are used by ``"eata"`` only; a ``None``
+    Fisher runs EATA without its regulariser. SAR and EATA keep their own entropy objectives.
 
     ``data_parallel`` (every rank of the process group calls the runner on the same whole
     batches): Tent, Adam and MGG adapt data-parallel (``MGTTA(whole_batches=True)``: each rank
@@ -273,6 +281,7 @@ class Runner:
         mgg_memory: str = "float32",
         fisher: list[Tensor] | None = None,
         data_parallel: bool = False,
+        eata_d_margin: float = EATA_D_MARGIN,
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -285,7 +294,7 @@ class Runner:
         elif method == "sar":
             self.adapter = SAR(self.model, lr=lr)
         elif method == "eata":
-            self.adapter = EATA(self.model, lr=lr, fisher=fisher, d_margin=EATA_D_MARGIN)
+            self.adapter = EATA(self.model, lr=lr, fisher=fisher, d_margin=eata_d_margin)
         else:
             self.adapter = MGTTA(
                 self.model,
@@ -387,6 +396,13 @@ def final_accuracy(curve: list[float]) -> float:
     return float(np.mean(curve[-FINAL_POINTS:])) if curve else float("nan")
 
 
+def mark_updates_to_tent(methods: dict[str, dict[str, Any]]) -> None:
+    """Set every method's ``updates_to_tent`` (see the module doc) in place; ``None`` without Tent."""
+    target = final_accuracy(methods["tent"]["episodic"]["curve"]) if "tent" in methods else None
+    for r in methods.values():
+        r["updates_to_tent"] = None if target is None else updates_to_reach(r["episodic"]["curve"], target)
+
+
 # ---- statistics over seeds ------------------------------------------------------------------------
 
 
@@ -404,8 +420,21 @@ def mean_ci(values: list[float], confidence: float = 0.95) -> dict[str, Any]:
 
 
 def aggregate(seed_runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Over the seeds of one architecture: every method's means with CIs, its ``acc@k`` band, the
-    per-corruption means, updates-to-Tent, and the paired MGG − Tent / MGG − Adam differences."""
+    """Over the seeds of one architecture: :func:`aggregate_methods` with the paired MGG − Tent /
+    MGG − Adam differences, and the source model's clean accuracy."""
+    methods = list(seed_runs[0]["methods"])
+    pairs = [
+        (m, base) for m in methods if m.startswith("mgg") for base in ("tent", "adam") if base in methods
+    ]
+    out = aggregate_methods(seed_runs, pairs)
+    out["clean_accuracy"] = mean_ci([r["source"]["clean_accuracy"] for r in seed_runs])
+    return out
+
+
+def aggregate_methods(seed_runs: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """Over seeds: every method's means with CIs, its ``acc@k`` band, the per-corruption means,
+    updates-to-Tent, and for each ``(method, base)`` of ``pairs`` the paired per-seed difference
+    ``method − base`` (key ``"method-base"``) of both settings."""
     methods = list(seed_runs[0]["methods"])
     out: dict[str, Any] = {"methods": {}, "paired": {}}
     for method in methods:
@@ -427,16 +456,11 @@ def aggregate(seed_runs: list[dict[str, Any]]) -> dict[str, Any]:
         entry["step_ms_per_batch"] = float(np.mean([r["step_ms_per_batch"] for r in runs]))
         entry["lr"] = {s: [r["lr"][s] for r in runs] for s in SETTINGS}
         out["methods"][method] = entry
-    for mgg in (m for m in methods if m.startswith("mgg")):
-        for base in ("tent", "adam"):
-            if base in methods:
-                out["paired"][f"{mgg}-{base}"] = {
-                    s: mean_ci(
-                        [r["methods"][mgg][s]["mean"] - r["methods"][base][s]["mean"] for r in seed_runs]
-                    )
-                    for s in SETTINGS
-                }
-    out["clean_accuracy"] = mean_ci([r["source"]["clean_accuracy"] for r in seed_runs])
+    for method, base in pairs:
+        out["paired"][f"{method}-{base}"] = {
+            s: mean_ci([r["methods"][method][s]["mean"] - r["methods"][base][s]["mean"] for r in seed_runs])
+            for s in SETTINGS
+        }
     return out
 
 
@@ -571,16 +595,18 @@ def _meta_train(
     return mgg.to(next(ctx.model.parameters()).device), history
 
 
-def _evaluate(
-    ctx: _Context,
-    method: str,
+def evaluate(
+    make_runner: Callable[[float | None, MGG | None], Runner],
     chosen: dict[str, tuple[float | None, MGG | None]],
     streams: dict[str, list[Batch]],
+    batch_size: int,
 ) -> dict[str, Any]:
-    """Episodic and continual online accuracy on the test streams, each with its own lr (and MGG)."""
-    bs = ctx.cfg.batch_size
+    """Episodic and continual online accuracy on the test streams, each setting with its own
+    ``(lr, mgg)`` of ``chosen`` (one runner for both when they are the same), and the time per
+    batch of the episodic run."""
+    bs = batch_size
     lr, mgg = chosen["episodic"]
-    runner = ctx.runner(method, lr, mgg)
+    runner = make_runner(lr, mgg)
     episodic = summarize(episodic_accuracy(runner, streams), bs)
     timing = {
         "ms_per_batch": 1e3 * runner.seconds / runner.batches,
@@ -588,7 +614,7 @@ def _evaluate(
     }
     lr_c, mgg_c = chosen["continual"]
     if (lr_c, mgg_c) != (lr, mgg):
-        runner = ctx.runner(method, lr_c, mgg_c)
+        runner = make_runner(lr_c, mgg_c)
     continual = summarize(continual_accuracy(runner, streams), bs)
     return {"lr": {s: chosen[s][0] for s in SETTINGS}, "episodic": episodic, "continual": continual, **timing}
 
@@ -674,11 +700,10 @@ def run_seed(
     methods = {}
     for method in tqdm(list(chosen), desc=f"{tag}: evaluate", disable=not progress, leave=False):
         kind = "mgg" if method.startswith("mgg") else method
-        methods[method] = _evaluate(ctx, kind, chosen[method], test)
-    if "tent" in methods:
-        target = final_accuracy(methods["tent"]["episodic"]["curve"])
-        for r in methods.values():
-            r["updates_to_tent"] = updates_to_reach(r["episodic"]["curve"], target)
+        methods[method] = evaluate(
+            lambda lr, m, kind=kind: ctx.runner(kind, lr, m), chosen[method], test, cfg.batch_size
+        )
+    mark_updates_to_tent(methods)
     timings["evaluate"] = time.perf_counter() - start
     log(f"{tag}: evaluated in {timings['evaluate']:.0f} s")
     return {
@@ -810,9 +835,17 @@ def machine_info(device: str) -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "torchvision": _version_of("torchvision"),
+        "triton": _version_of("triton"),
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def _version_of(distribution: str) -> str | None:
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        return importlib.metadata.version(distribution)
+    return None
 
 
 def _cpu_model() -> str:

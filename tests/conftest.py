@@ -25,4 +25,3 @@ def step_vectors() -> dict:
 @pytest.fixture(scope="session")
 def metagrad_vectors() -> dict:
     return load_parity("mgg_metagrad_H8_nh1_s2.pt")
-

@@ -60,11 +60,11 @@ def test_module_entry_point_help():
         [sys.executable, "-m", "mgg_fast", "--help"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0
-    for command in ("demo", "train", "adapt", "stats", "bench"):
+    for command in ("demo", "train", "adapt", "stats", "realnet", "bench"):
         assert command in proc.stdout
 
 
-@pytest.mark.parametrize("command", ["demo", "train", "adapt", "stats", "bench"])
+@pytest.mark.parametrize("command", ["demo", "train", "adapt", "stats", "realnet", "bench"])
 def test_subcommand_help(capsys, command):
     code, out, _ = run_cli(capsys, command, "--help")
     assert code == 0
