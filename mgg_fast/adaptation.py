@@ -107,6 +107,7 @@ class MGTTA(nn.Module):
         self.data_parallel = data_parallel
         self.whole_batches = whole_batches
         self._divided = data_parallel  # whether the current batch is split over the ranks
+        self._sizes: list[int] | None = None  # with whole_batches: the ranks' part sizes of it
         self.model = model
         self.optimizer_name = optimizer
         self.episodic = episodic
@@ -172,7 +173,7 @@ class MGTTA(nn.Module):
             distributed.average_gradients(self._tracked)
         self.last_loss = loss.detach()
         if self.whole_batches and self._divided:
-            return distributed.gather_batch(logits.detach(), uneven=True)
+            return distributed.gather_batch(logits.detach(), self._sizes)
         return logits.detach()
 
     def _own_part(self, x: Tensor) -> tuple[Tensor, float]:
@@ -186,6 +187,7 @@ class MGTTA(nn.Module):
         self._divided = len(x) >= world
         if not self._divided:
             return x, 1.0
+        self._sizes = distributed.part_sizes(len(x), world)
         part = x[distributed.part_slice(len(x))]
         return part, world * len(part) / len(x)
 
@@ -193,7 +195,7 @@ class MGTTA(nn.Module):
         """The FOA features of the whole batch when it is split over the ranks (else as given)."""
         if not self._divided:
             return features
-        return distributed.gather_batch(features, uneven=self.whole_batches)
+        return distributed.gather_batch(features, self._sizes)
 
     def step(self) -> None:
         """The optimizer part of :meth:`forward`: one step on the gradients left by ``forward_backward``."""

@@ -87,23 +87,27 @@ def rank_part(batch: torch.Tensor) -> torch.Tensor:
     equal parts); the batch size must be divisible by the world size."""
     import torch.distributed as dist
 
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world = dist.get_world_size()
     if batch.shape[0] % world:
         raise ValueError(f"a batch of {batch.shape[0]} does not split evenly over {world} processes")
-    size = batch.shape[0] // world
-    return batch[rank * size : (rank + 1) * size]
+    return batch[part_slice(batch.shape[0])]
+
+
+def part_sizes(n: int, world: int) -> list[int]:
+    """The sizes of ``world`` consecutive parts of ``n`` items, the first ``n % world`` of them one
+    item longer (``n = 5`` on 2 ranks: 3 and 2)."""
+    base, extra = divmod(n, world)
+    return [base + (r < extra) for r in range(world)]
 
 
 def part_slice(n: int) -> slice:
-    """This rank's contiguous part of ``n`` items when the parts may differ in size: rank ``r``
-    of ``W`` takes the ``r``-th of ``W`` consecutive parts, the first ``n % W`` of them one item
-    longer (``n = 5`` on 2 ranks: items 0-2 and 3-4)."""
+    """This rank's contiguous part of ``n`` items: rank ``r`` takes the ``r``-th of
+    :func:`part_sizes` (``n = 5`` on 2 ranks: items 0-2 and 3-4)."""
     import torch.distributed as dist
 
-    world, rank = dist.get_world_size(), dist.get_rank()
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (rank < extra))
+    sizes, rank = part_sizes(n, dist.get_world_size()), dist.get_rank()
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
 
 
 def require_process_group(what: str) -> None:
@@ -175,24 +179,27 @@ class _GatherBatch(torch.autograd.Function):
         return grad[ctx.start : ctx.start + ctx.size], None
 
 
-def gather_batch(part: torch.Tensor, uneven: bool = False) -> torch.Tensor:
+def gather_batch(part: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """The whole batch's ``[B_total, ...]`` from every rank's ``[B_r, ...]`` part, differentiable.
 
     Used for the FOA loss's feature statistics: its std/mean term is not a mean over samples, so
     averaging the ranks' gradients of per-part statistics would not give the whole batch's
     gradient; with the gathered features (and gradients averaged over the ranks) it is exact.
-    Also gathers predictions. The parts must have the same size on every rank (checked: a clear
-    error on every rank) unless ``uneven``: for callers that weigh each rank's loss by its part
-    (as ``MGTTA(whole_batches=True)`` does), so that the averaged gradients stay exact."""
+    Also gathers predictions. Without ``sizes`` the parts must have the same size on every rank
+    (exchanged and checked: a clear error on every rank). ``sizes``: the parts' sizes in rank
+    order, known to every rank (:func:`part_sizes` of a batch every rank holds whole), which may
+    differ: for callers that weigh each rank's loss by its part (as ``MGTTA(whole_batches=True)``
+    does), so that the averaged gradients stay exact."""
     import torch.distributed as dist
 
-    sizes = torch.tensor([part.shape[0]], device=part.device)
-    all_sizes = [torch.empty_like(sizes) for _ in range(dist.get_world_size())]
-    dist.all_gather(all_sizes, sizes)
-    counts = [int(n) for n in all_sizes]
-    if not uneven and len(set(counts)) != 1:
-        raise ValueError(f"data-parallel batches must have the same size on every rank, got {counts}")
-    return _GatherBatch.apply(part, counts)
+    if sizes is None:
+        size = torch.tensor([part.shape[0]], device=part.device)
+        all_sizes = [torch.empty_like(size) for _ in range(dist.get_world_size())]
+        dist.all_gather(all_sizes, size)
+        sizes = [int(n) for n in all_sizes]
+        if len(set(sizes)) != 1:
+            raise ValueError(f"data-parallel batches must have the same size on every rank, got {sizes}")
+    return _GatherBatch.apply(part, sizes)
 
 
 def free_port() -> int:
