@@ -608,7 +608,6 @@ def _hyperparams(group: Mapping[str, Any]) -> tuple[float, float, float, float]:
 
 
 _grad = operator.attrgetter("grad")
-_shape = operator.attrgetter("shape")
 _dtype = operator.attrgetter("dtype")
 
 
