@@ -604,10 +604,9 @@ def evaluate(
     """Episodic and continual online accuracy on the test streams, each setting with its own
     ``(lr, mgg)`` of ``chosen`` (one runner for both when they are the same), and the time per
     batch of the episodic run."""
-    bs = batch_size
     lr, mgg = chosen["episodic"]
     runner = make_runner(lr, mgg)
-    episodic = summarize(episodic_accuracy(runner, streams), bs)
+    episodic = summarize(episodic_accuracy(runner, streams), batch_size)
     timing = {
         "ms_per_batch": 1e3 * runner.seconds / runner.batches,
         "step_ms_per_batch": 1e3 * runner.step_seconds / runner.batches,
@@ -615,7 +614,7 @@ def evaluate(
     lr_c, mgg_c = chosen["continual"]
     if (lr_c, mgg_c) != (lr, mgg):
         runner = make_runner(lr_c, mgg_c)
-    continual = summarize(continual_accuracy(runner, streams), bs)
+    continual = summarize(continual_accuracy(runner, streams), batch_size)
     return {"lr": {s: chosen[s][0] for s in SETTINGS}, "episodic": episodic, "continual": continual, **timing}
 
 
