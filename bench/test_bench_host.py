@@ -79,3 +79,49 @@ def test_adam_foreach_step(benchmark):
     params = _tensors()
     opt = torch.optim.Adam(params, lr=1e-3, foreach=True)
     benchmark(opt.step)
+
+
+class _Bare(torch.optim.Optimizer):
+    """A torch optimizer whose ``step()`` runs only ``work``, inside torch's step wrapper (hooks,
+    ``record_function``) and ``no_grad``, as every optimizer's step does."""
+
+    def __init__(self, params, work):
+        super().__init__(params, {})
+        self._work = work
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self._work()
+
+
+@pytest.mark.benchmark(group="host-step-50x768")
+@pytest.mark.parametrize("work", ["nothing", "checks-only"])
+def test_step_floor(benchmark, work):
+    """What the host target leaves for: torch's step wrapper around nothing, and around only the
+    checks a validating MGG step cannot skip, the fused step's own: the state record, the
+    gradients' types, shapes, dtypes, contiguity and devices, and the address table (fresh
+    gradients each step, as in ``test_fused_step_host_cost``; subtract ``test_grad_clones_alone``)."""
+    import array
+
+    from mgg_fast.kernels.mgg_step import _device_table
+
+    params = _tensors()
+    opt = MGGOptimizer(params, MGG(), lr=1e-3, backend="triton")
+    opt.step()
+    pack, record, device = opt._packs[0], opt._state_record, params[0].device
+    grads = [p.grad for p in params]
+
+    def checks():
+        now = [p.grad for p in params]
+        assert record.matches(opt.state) and pack.steps_all(params, now, device)
+        table = array.array("q", [*map(torch.Tensor.data_ptr, params), *map(torch.Tensor.data_ptr, now)])
+        _device_table(table + array.array("q", [1] * len(params)), device, [])
+
+    bare = _Bare(params, checks if work == "checks-only" else lambda: None)
+
+    def step():
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        bare.step()
+
+    benchmark(step)

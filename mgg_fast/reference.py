@@ -36,10 +36,11 @@ class MGGWeights(NamedTuple):
     token_idx: Tensor  # [1]
 
 
-def _normalize(z: Tensor) -> tuple[Tensor, Tensor]:
-    """Layer-norm statistics over the last dim: (z_hat, std), biased variance, eps LN_EPS."""
-    centered = z - z.mean(dim=-1, keepdim=True)
-    std = torch.sqrt((centered * centered).mean(dim=-1, keepdim=True) + LN_EPS)
+def _normalize_(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Layer-norm statistics over the last dim: (z_hat, std), biased variance, eps LN_EPS.
+    Centres ``z`` in place: pass an intermediate no other operation has read."""
+    centered = z.sub_(z.mean(dim=-1, keepdim=True))
+    std = (centered * centered).mean(dim=-1, keepdim=True).add_(LN_EPS).sqrt_()
     return centered / std, std
 
 
@@ -71,24 +72,29 @@ def memory_layer(
     eta = inner_lr(x, w).unsqueeze(-1)  # [N, nh, 1]
     gamma, beta = w.ttt_norm_weight, w.ttt_norm_bias
 
+    # The in-place operations below act on intermediates made just before, which no operation
+    # has saved for its backward (so they stay differentiable): fewer new [N, nh, f] tensors,
+    # each of which can cost a CPU more in page faults than the arithmetic on it.
+
     # Inner reconstruction loss 0.5*||LN(kW + b) - (v - k)||^2 and its gradient wrt Z (LN fused).
-    z = torch.matmul(k.unsqueeze(-2), W).squeeze(-2) + b
-    z_hat, std = _normalize(z)
-    e = (gamma * z_hat + beta - (v - k)) * gamma
-    grad_z = (f * e - e.sum(-1, keepdim=True) - z_hat * (e * z_hat).sum(-1, keepdim=True)) / (f * std)
+    z = torch.matmul(k.unsqueeze(-2), W).squeeze(-2).add_(b)
+    z_hat, std = _normalize_(z)
+    e = torch.addcmul(beta, gamma, z_hat).sub_(v).add_(k).mul_(gamma)
+    e_sum, e_dot = e.sum(-1, keepdim=True), (e * z_hat).sum(-1, keepdim=True)
+    grad_z = (e * f).sub_(e_sum).sub_(z_hat * e_dot).div_(std * f)
 
     # Dual-form output q W' + b' = q W - eta (q.k) G + b', then the rank-1 memory update.
     qW = torch.matmul(q.unsqueeze(-2), W).squeeze(-2)
-    eta_grad = eta * grad_z
+    eta_grad = grad_z.mul_(eta)
     if inplace:
         W_new = W.addcmul_(k.unsqueeze(-1), eta_grad.unsqueeze(-2), value=-1.0)
         b_new = b.sub_(eta_grad)
     else:
         W_new = torch.addcmul(W, k.unsqueeze(-1), eta_grad.unsqueeze(-2), value=-1.0)
         b_new = b - eta_grad
-    z_bar = qW - (q * k).sum(-1, keepdim=True) * eta_grad + b_new
-    z_bar_hat, _ = _normalize(z_bar)
-    heads = q + (gamma * z_bar_hat + beta)
+    z_bar = qW.addcmul_((q * k).sum(-1, keepdim=True), eta_grad, value=-1.0).add_(b_new)
+    z_bar_hat, _ = _normalize_(z_bar)
+    heads = torch.addcmul(beta, gamma, z_bar_hat).add_(q)
 
     u = F.layer_norm(heads.reshape(n, nh * f), (nh * f,), w.post_norm_weight, w.post_norm_bias, LN_EPS)
     out = torch.tanh(u @ w.o_proj[0])
