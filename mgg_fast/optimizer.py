@@ -37,6 +37,8 @@ from mgg_fast.reference import apply_update, optimizer_step
 BACKENDS = ("auto", "triton", "reference")
 NONFINITE_POLICIES = ("skip", "raise")
 STATE_DICT_FORMAT = "mgg_fast.optimizer/v1"
+# The skip counter is saved in every parameter group too: DCP keeps only "state" and "param_groups".
+SKIPPED_GROUP_KEY = "mgg_fast_skipped_steps"
 STATE_DTYPES = (torch.float32, torch.float64)
 PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -435,12 +437,16 @@ class MGGOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _add_mgg_fast_entry(optimizer: MGGOptimizer, state_dict: dict[str, Any]) -> None:
         """The first state-dict post-hook: the skip counter and the MGG's config, so that later
-        post-hooks see (and may rewrite) the whole state dict."""
+        post-hooks see (and may rewrite) the whole state dict. The counter also goes into each
+        saved parameter group (not the optimizer's own), where DCP keeps it."""
+        skipped = optimizer.num_skipped_steps
         state_dict["mgg_fast"] = {
             "format": STATE_DICT_FORMAT,
-            "skipped_steps": optimizer.num_skipped_steps,
+            "skipped_steps": skipped,
             "mgg_config": optimizer.mgg.config,
         }
+        for group in state_dict["param_groups"]:
+            group[SKIPPED_GROUP_KEY] = skipped
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore moments, memory, step counts and hyper-parameters (torch's load pre- and
@@ -462,6 +468,9 @@ class MGGOptimizer(torch.optim.Optimizer):
                 f"state dict has {len(groups)} parameter groups, optimizer has {len(self.param_groups)}"
             )
         extra = state_dict.get("mgg_fast", {})
+        if not isinstance(extra, Mapping):
+            raise TypeError(f"the state dict's 'mgg_fast' entry must be a dict, got {type(extra).__name__}")
+        skipped = _saved_skip_count(extra, groups)
         if extra.get("mgg_config", self.mgg.config) != self.mgg.config:
             raise ValueError(
                 f"state dict was made for MGG {extra['mgg_config']}, this one is {self.mgg.config}"
@@ -498,12 +507,12 @@ class MGGOptimizer(torch.optim.Optimizer):
         # validated: commit
         for group, saved in zip(self.param_groups, groups, strict=True):
             for key, value in saved.items():
-                if key != "params":
+                if key not in ("params", SKIPPED_GROUP_KEY):
                     group[key] = value
         self.state = new_state
         self._packs = packs
         self._state_record = None
-        self._skipped.fill_(int(extra.get("skipped_steps", 0)))
+        self._skipped.fill_(skipped)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -529,6 +538,20 @@ class MGGOptimizer(torch.optim.Optimizer):
             self._state_record = None
             self._init_counters(skipped)
             self.register_state_dict_post_hook(MGGOptimizer._add_mgg_fast_entry, prepend=True)
+
+
+def _saved_skip_count(extra: Mapping[str, Any], groups: list[Any]) -> int:
+    """The skip counter of a state dict: its ``mgg_fast`` entry's, else the first parameter
+    group's (a DCP checkpoint has no ``mgg_fast`` entry), else 0; checked: a whole number >= 0."""
+    value = extra.get("skipped_steps")
+    if value is None:
+        saved = (g[SKIPPED_GROUP_KEY] for g in groups if isinstance(g, Mapping) and SKIPPED_GROUP_KEY in g)
+        value = next(saved, 0)
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"invalid skipped-step count {value!r} in the state dict: a whole number >= 0")
+    return value
 
 
 _REJECTED = 2.0  # the non-finite flag of a rank whose validation failed (a non-finite step is 1.0)

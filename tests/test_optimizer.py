@@ -139,6 +139,28 @@ def test_nonfinite_gradient_skips_whole_step():
     assert opt.state_dict()["mgg_fast"]["skipped_steps"] == 2
 
 
+def test_skip_count_is_restored_from_the_groups_where_dcp_keeps_it():
+    """DCP's state dicts have only "state" and "param_groups": the count rides in each saved
+    group (never in the optimizer's own groups); a bad count is an error that changes nothing."""
+    _mgg, params, opt = make()
+    set_grads(params, 0)
+    opt.step()
+    params[0].grad[0] = float("nan")
+    opt.step()
+    sd = opt.state_dict()
+    assert [g["mgg_fast_skipped_steps"] for g in sd["param_groups"]] == [1]
+    assert "mgg_fast_skipped_steps" not in opt.param_groups[0]
+    _mgg2, _params2, opt2 = make()
+    opt2.load_state_dict({"state": sd["state"], "param_groups": sd["param_groups"]})
+    assert opt2.num_skipped_steps == 1
+    assert "mgg_fast_skipped_steps" not in opt2.param_groups[0]
+    for bad in (-1, 1.5, True, "2"):
+        groups = [{**sd["param_groups"][0], "mgg_fast_skipped_steps": bad}]
+        with pytest.raises(ValueError, match="skipped-step count"):
+            opt2.load_state_dict({"state": {}, "param_groups": groups})
+        assert opt2.num_skipped_steps == 1 and opt2.state
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nonfinite_bfloat16_gradient_is_found(bad):
     """bfloat16 gradients are checked through a float32 copy (CUDA's check has no bf16 kernel)."""

@@ -595,6 +595,10 @@ def _dcp_scenario(rank, out):
     _ddp_train(model, opt, rank, range(4))
     model2, opt2 = make()
     _ddp_train(model2, opt2, rank, range(2))
+    opt2.zero_grad()
+    model_loss(model2, 100 * rank + 99).backward()
+    next(model2.parameters()).grad.fill_(float("nan"))
+    opt2.step()  # skipped (counted; nothing else changes): the count must survive DCP too
     ckpt = str(Path(out) / "dcp")
     dcp.save(
         {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)},
@@ -610,6 +614,7 @@ def _dcp_scenario(rank, out):
         "uninterrupted": [p.detach() for p in model.parameters()],
         "resumed": [p.detach() for p in model3.parameters()],
         "steps": [float(opt3.state[p]["step"]) for p in model3.parameters()],
+        "skipped": (opt2.num_skipped_steps, opt3.num_skipped_steps),
         "state": opt.state_dict()["state"],
         "resumed_state": opt3.state_dict()["state"],
     }
@@ -673,6 +678,7 @@ def test_ddp_dcp_resume_matches_an_uninterrupted_run(distributed_results):
     for r in results:
         assert_same_params(r["uninterrupted"], r["resumed"])
         assert r["steps"] == [4.0] * 4
+        assert r["skipped"] == (1, 1)  # saved with one skipped step, resumed with it
         assert_same_state_dicts({"state": r["state"]}, {"state": r["resumed_state"]})
     assert_same_params(results[0]["resumed"], results[1]["resumed"])  # DDP kept the ranks in sync
 
