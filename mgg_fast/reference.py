@@ -73,26 +73,28 @@ def memory_layer(
     gamma, beta = w.ttt_norm_weight, w.ttt_norm_bias
 
     # The in-place operations below act on intermediates made just before, which no operation
-    # has saved for its backward (so they stay differentiable): fewer new [N, nh, f] tensors,
-    # each of which can cost a CPU more in page faults than the arithmetic on it.
+    # has saved for its backward (so they stay differentiable), and only where the intermediate
+    # depends on everything the other operand does (so torch.func.vmap over any input works):
+    # fewer new [N, nh, f] tensors, each of which can cost a CPU more in page faults than the
+    # arithmetic on it.
 
     # Inner reconstruction loss 0.5*||LN(kW + b) - (v - k)||^2 and its gradient wrt Z (LN fused).
-    z = torch.matmul(k.unsqueeze(-2), W).squeeze(-2).add_(b)
+    z = torch.matmul(k.unsqueeze(-2), W).squeeze(-2) + b
     z_hat, std = _normalize_(z)
-    e = torch.addcmul(beta, gamma, z_hat).sub_(v).add_(k).mul_(gamma)
+    e = (torch.addcmul(beta, gamma, z_hat) - (v - k)).mul_(gamma)
     e_sum, e_dot = e.sum(-1, keepdim=True), (e * z_hat).sum(-1, keepdim=True)
     grad_z = (e * f).sub_(e_sum).sub_(z_hat * e_dot).div_(std * f)
 
     # Dual-form output q W' + b' = q W - eta (q.k) G + b', then the rank-1 memory update.
     qW = torch.matmul(q.unsqueeze(-2), W).squeeze(-2)
-    eta_grad = grad_z.mul_(eta)
+    eta_grad = eta * grad_z
     if inplace:
         W_new = W.addcmul_(k.unsqueeze(-1), eta_grad.unsqueeze(-2), value=-1.0)
         b_new = b.sub_(eta_grad)
     else:
         W_new = torch.addcmul(W, k.unsqueeze(-1), eta_grad.unsqueeze(-2), value=-1.0)
         b_new = b - eta_grad
-    z_bar = qW.addcmul_((q * k).sum(-1, keepdim=True), eta_grad, value=-1.0).add_(b_new)
+    z_bar = torch.addcmul(qW, (q * k).sum(-1, keepdim=True), eta_grad, value=-1.0).add_(b_new)
     z_bar_hat, _ = _normalize_(z_bar)
     heads = torch.addcmul(beta, gamma, z_bar_hat).add_(q)
 

@@ -58,3 +58,34 @@ def test_optimizer_matches_naive(shapes, size, seed):
         for p, r in zip(params, ref_params, strict=True):
             assert_close(p, r, **F64)
     assert_close(torch.cat([opt.state[p]["memory_W"] for p in params]), W, **F64)
+
+
+def test_memory_layer_vmaps_over_any_one_input():
+    """The memory layer's in-place steps never write a batched operand into an unbatched
+    intermediate: ``torch.func.vmap`` over x, W, b or any one learned tensor equals a loop,
+    with no slow per-sample fallback (its warning is an error here)."""
+    import warnings
+
+    from torch.func import vmap
+
+    from mgg_fast.reference import MGGWeights, memory_layer
+
+    mgg = random_mgg(8, 2, seed=5, scale=0.3, dtype=torch.float64)
+    w = mgg.weights()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    W, b = (t + 0.1 * torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in mgg.initial_state(6))
+    inputs = [x, W, b, *w]
+
+    def layer(i, value):
+        args = [*inputs[:i], value, *inputs[i + 1 :]]
+        return memory_layer(args[0], args[1], args[2], MGGWeights(*args[3:]))
+
+    for i, t in enumerate(inputs):
+        batch = t.detach() + 0.05 * torch.randn((3, *t.shape), generator=gen, dtype=t.dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = vmap(lambda v, i=i: layer(i, v))(batch)
+        for j in range(3):
+            for g, want in zip(got, layer(i, batch[j]), strict=True):
+                assert_close(g[j], want, **F64)
