@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from mgg_fast.shift_benchmark import format_text, merge_results, write_reports
+from mgg_fast.evaluation.bundled.benchmark import merge_results
+from mgg_fast.evaluation.bundled.report import format_text, write_reports
 
 
 def main(argv: list[str]) -> int:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mgg_fast import MGG, MGGOptimizer
-from mgg_fast.distributed import run_local_processes, state_bytes
+from mgg_fast.testing import run_local_processes, state_bytes
 
 HIDDEN, HEADS = 8, 1
 LAYERS = [(64, 256), (256, 256), (256, 10)]  # Linear(in, out): weight rows = out

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from mgg_fast import MGG, fit_source_stats
-from mgg_fast.meta_training import MetaTrainer
-from mgg_fast.source_models import build_model
+from mgg_fast.evaluation.bundled.source_models import build_source_model
+from mgg_fast.tta.meta_training import MetaTrainer
 
 BATCH = 64
 
@@ -25,7 +25,7 @@ BATCH = 64
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
-    model = build_model("resnet").eval()
+    model = build_source_model("resnet").eval()
     stats = fit_source_stats(model, [torch.randn(BATCH, 3, 32, 32)])
     xs = [torch.randn(BATCH, 3, 32, 32) for _ in range(8)]
     return model, stats, xs

@@ -2,7 +2,7 @@
 
 ``mgg_step_`` runs a whole MGG optimizer step of one parameter group whose state is packed in
 flat buffers (one update launch, then the step-count advance); ``fused_mgg_forward`` is the
-fused MGG call alone. Their naive reference is :mod:`mgg_fast.reference`; the launch policy
+fused MGG call alone. Their naive reference is :mod:`mgg_fast.core.reference`; the launch policy
 (BLOCK x warps table, supported sizes) is :mod:`mgg_fast.kernels.launch_policy`.
 """
 

@@ -1,6 +1,6 @@
 """Launch policy of the fused kernels: which MGG sizes they compile for and the BLOCK x warps
-table. The one place that reads ``TRITON_INTERPRET`` (once, at import: Triton itself decides at
-kernel definition whether it interprets)."""
+table. The one place that reads ``TRITON_INTERPRET``: :data:`INTERPRET` at import (Triton itself
+decides at kernel definition whether it interprets), :func:`interpreter_requested` now."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ import os
 
 import triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+def interpreter_requested() -> bool:
+    """Whether ``TRITON_INTERPRET=1`` is set now (the kernels then run on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+INTERPRET = interpreter_requested()
 SUPPORTED_HEAD_DIMS = (8, 16, 32)
 MAX_HIDDEN = 64
 INTERPRET_BLOCK = 128  # few, fat programs under the interpreter (each costs ~1 ms there)

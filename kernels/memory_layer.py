@@ -1,7 +1,7 @@
 """The gradient-memory-layer math of one MGG call as a ``@triton.jit`` helper, shared by the fused
 optimizer step (``mgg_step.py``) and the fused forward (``mgg_forward.py``).
 
-Naive reference: :func:`mgg_fast.reference.memory_layer`. The helper works on a block of
+Naive reference: :func:`mgg_fast.core.reference.memory_layer`. The helper works on a block of
 ``BLOCK`` coordinates held in registers: features ``x0, x1 [BLOCK]``, per head a memory tile
 ``W [BLOCK, F, F]`` and ``b [BLOCK, F]`` (broadcast-multiply-and-sum, no ``tl.dot``: F = 8 is
 below its minimum). Nothing per coordinate goes to memory except the new ``W``/``b``.
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mgg_fast.reference import LN_EPS, TTT_BASE_LR, MGGWeights
+from mgg_fast.core.reference import LN_EPS, TTT_BASE_LR, MGGWeights
 
 from .launch_policy import INTERPRET, MAX_HIDDEN, SUPPORTED_HEAD_DIMS
 

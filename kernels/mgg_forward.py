@@ -1,6 +1,6 @@
 """Fused MGG forward: features ``[N, 2]`` and memory in, tanh'ed output and new memory out.
 
-Naive reference: :func:`mgg_fast.reference.memory_layer` (through ``MGG.forward``). No
+Naive reference: :func:`mgg_fast.core.reference.memory_layer` (through ``MGG.forward``). No
 autograd: this is the inference path (and the way to check the kernel on the parity forward
 vectors). One program per ``BLOCK`` coordinates, every head in registers.
 """
@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mgg_fast.reference import MGGWeights
+from mgg_fast.core.reference import MGGWeights
 
 from .launch_policy import launch_config
 from .memory_layer import check_mgg_shape, memory_layer_block, weight_args

@@ -1,12 +1,12 @@
 """Fused MGG optimizer step: moments, MGG memory step and parameter update in one pass.
 
-Naive reference: :func:`mgg_fast.reference.optimizer_step` and
-:func:`mgg_fast.reference.apply_update`. Per stepped coordinate the kernel reads grad, param,
+Naive reference: :func:`mgg_fast.core.reference.optimizer_step` and
+:func:`mgg_fast.core.reference.apply_update`. Per stepped coordinate the kernel reads grad, param,
 m, v, W, b once and writes param, m, v, W, b once (604 bytes for fp32, H=8, nh=1; 348 with
 ``memory_W`` stored as bf16); features, projections, the memory update, post-norm, o_proj and
 tanh stay in registers.
 
-Layout: a group's state lives in flat buffers (``mgg_fast.packed_state``); its parameters are
+Layout: a group's state lives in flat buffers (``mgg_fast.optim.packed_state``); its parameters are
 cut into chunks of ``BLOCK`` coordinates that never straddle two tensors, one program per chunk,
 one launch per group (one per parameter dtype if a group mixes them). The chunk table
 (:func:`chunk_layout`) depends on the parameters' sizes only. The parameter and gradient

