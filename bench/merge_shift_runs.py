@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from mgg_fast.evaluation.bundled.benchmark import merge_results
+from mgg_fast.evaluation.bundled.summary import merge_results
 from mgg_fast.evaluation.bundled.report import format_text, write_reports
 
 

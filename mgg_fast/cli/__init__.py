@@ -11,6 +11,7 @@ One module per command, each with ``add_parser`` (its options) and ``run`` (the 
 * ``stats``   FOA source statistics of a timm model over clean images.
 * ``realnet`` a real ImageNet network (MobileNetV2) adapted on corrupted real photos.
 * ``bench``   optimizer-step throughput: the reference step, the fused step, torch Adam.
+* ``assets``  train the source models and MGGs the demo ships (with their manifest).
 
 Bad arguments, paths and files end with a one-line message and exit status 2, no traceback;
 outputs are checked before any work, and nothing is written half. Nothing imports this package.
@@ -22,11 +23,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mgg_fast.cli import adapt, bench, demo, realnet, stats, train
+from mgg_fast.cli import adapt, assets, bench, demo, realnet, stats, train
 from mgg_fast.cli.common import EXIT_FAILURE, EXIT_USAGE, OOM_FLAG, CLIError, Parser
 from mgg_fast.tta.data_parallel import close_process_group
 
-COMMANDS = (demo, train, adapt, stats, realnet, bench)
+COMMANDS = (demo, train, adapt, stats, realnet, bench, assets)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,6 +29,8 @@ from mgg_fast.cli.common import (
 )
 from mgg_fast.tta.data_parallel import init_from_torchrun, rank_zero_first
 
+OWN_MODEL_BATCH = 64  # --batch-size of adapt --model when unset (the published ImageNet-C batch)
+
 
 def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
     """The ``adapt`` subcommand's options."""
@@ -90,6 +92,7 @@ def run(args: argparse.Namespace) -> None:
     if args.model is not None:
         from mgg_fast.cli.own_model import cmd_adapt_model
 
+        args.batch_size = args.batch_size or OWN_MODEL_BATCH
         cmd_adapt_model(args)
         return
     if args.mgg is None:
@@ -120,21 +123,22 @@ def run(args: argparse.Namespace) -> None:
 def _adapt_folder(args: argparse.Namespace, device: torch.device, mgg: Any, data_parallel: bool) -> None:
     """Every benchmark method on one folder of images with the bundled models, at the given (or
     the grids' middle) learning rates: accuracy (labeled folders), mean confidence, time."""
-    from mgg_fast.evaluation.bundled.benchmark import DEFAULT_GRID, METHODS, clean_source_stats
+    from mgg_fast.evaluation.bundled.benchmark import clean_source_stats
+    from mgg_fast.evaluation.bundled.config import ARCHS, NORMALISED_GRID, SGD_GRID
     from mgg_fast.evaluation.bundled.data import to_tensor
-    from mgg_fast.evaluation.protocol import Runner, make_batches
+    from mgg_fast.evaluation.protocol import Runner
+    from mgg_fast.evaluation.streams import make_batches
     from mgg_fast.tta.registry import MethodOptions, label, memory_dtype
 
     data = image_folder(args.data)
-    lrs = dict(
-        zip(("tent", "adam", "mgg"), args.lr or [g[len(g) // 2] for g in DEFAULT_GRID.values()], strict=True)
-    )
+    middle = [g[len(g) // 2] for g in (SGD_GRID, NORMALISED_GRID, NORMALISED_GRID)]
+    lrs = dict(zip(("tent", "adam", "mgg"), args.lr or middle, strict=True))
     batches = make_batches(data, args.batch_size, device, to_tensor)
     if min(len(x) for x, _ in batches) < 2:
         raise CLIError(
             "the foa loss needs batches of at least 2 images: give more images or a smaller --batch-size"
         )
-    for arch in args.archs:
+    for arch in args.archs or ARCHS:
         torch.manual_seed(args.seed)
         with rank_zero_first(data_parallel):  # rank 0 trains and caches the source model
             src = source_model(arch, args, device)
@@ -145,7 +149,7 @@ def _adapt_folder(args: argparse.Namespace, device: torch.device, mgg: Any, data
             data_parallel=data_parallel,
         )
         say(f"{arch} on {len(data)} images from {args.data} ({'labeled' if data.labeled else 'unlabeled'})")
-        for method in METHODS:
+        for method in ("noadapt", "tent", "adam", "sar", "eata", "mgg"):
             runner = Runner(src.model, method, lr=lrs.get(method), options=options)
             correct, confidence = 0, 0.0
             for x, y in batches:

@@ -16,15 +16,20 @@ from mgg_fast.tta.data_parallel import is_rank_zero
 
 
 def benchmark_config(args: argparse.Namespace, device: torch.device) -> Any:
-    from mgg_fast.evaluation.bundled.benchmark import BenchmarkConfig
+    """The benchmark's configuration: the regime's (``--regime``), changed by the options given."""
+    from mgg_fast.evaluation.bundled.config import BenchmarkConfig
 
-    return BenchmarkConfig(
-        archs=tuple(args.archs),
-        corruptions=tuple(args.corruptions) if args.corruptions else None,
-        n_test=args.n_test,
-        batch_size=args.batch_size,
-        source_epochs=args.source_epochs,
-        n_train=args.source_images,
+    given = {
+        "archs": tuple(args.archs) if args.archs else None,
+        "corruptions": tuple(args.corruptions) if args.corruptions else None,
+        "n_test": args.n_test,
+        "batch_size": args.batch_size,
+        "source_epochs": args.source_epochs,
+        "n_train": args.source_images,
+    }
+    return BenchmarkConfig.regime(
+        args.regime,
+        **{k: v for k, v in given.items() if v is not None},
         seed=args.seed,
         device=str(device),
         mgg_memory=args.mgg_memory,

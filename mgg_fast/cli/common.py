@@ -182,10 +182,19 @@ def cache_options(p: argparse.ArgumentParser) -> None:
 
 
 def benchmark_options(p: argparse.ArgumentParser) -> None:
-    from mgg_fast.evaluation.bundled.benchmark import BenchmarkConfig
-    from mgg_fast.evaluation.bundled.source_models import ARCHS
+    from mgg_fast.evaluation.bundled.config import REGIMES
 
-    p.add_argument("--archs", type=list_of(str), default=list(ARCHS), help="source models: vit,resnet")
+    p.add_argument(
+        "--regime",
+        choices=tuple(REGIMES),
+        default="demo",
+        help="stream regime: demo (the defaults), long (LayerNorm ViT, batch 16, 300 updates per "
+        "corruption), small-batch (batch 8), label-shift (class-imbalanced order), mixed (also a "
+        "mixed-domain stream); the options below override it",
+    )
+    p.add_argument(
+        "--archs", type=list_of(str), default=None, help="source models: vit,resnet (unset: the regime's)"
+    )
     p.add_argument(
         "--corruptions",
         type=list_of(str),
@@ -194,10 +203,13 @@ def benchmark_options(p: argparse.ArgumentParser) -> None:
         "corruption folder)",
     )
     p.add_argument(
-        "--n-test", type=positive_int, default=BenchmarkConfig.n_test, help="images per test corruption"
+        "--n-test",
+        type=positive_int,
+        default=None,
+        help="images per test corruption (more than the split's 1,000 re-corrupts it; unset: the regime's)",
     )
     p.add_argument(
-        "--batch-size", type=positive_int, default=BenchmarkConfig.batch_size, help="test-time batch size"
+        "--batch-size", type=positive_int, default=None, help="test-time batch size (unset: the regime's)"
     )
     p.add_argument("--out", type=Path, default=Path("mgg_fast_results"), help="report folder")
     p.add_argument(

@@ -43,6 +43,21 @@ def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
         help="MGG meta-training recipes side by side: demo, published, unroll",
     )
     p.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train the source models and meta-train the MGGs (cached) instead of the shipped ones",
+    )
+    p.add_argument(
+        "--losses",
+        type=list_of(str),
+        default=["foa"],
+        help="losses of the shared-loss methods (Tent, Adam, sign momentum, MGG): foa, entropy; the first is "
+        "the main one, each other adds rows",
+    )
+    p.add_argument(
+        "--methods", type=list_of(str), default=None, help="methods and reference rows (unset: all of them)"
+    )
+    p.add_argument(
         "--threads", type=positive_int, default=None, help="torch CPU threads (fix it to reproduce a run)"
     )
     cache_options(p)
@@ -59,9 +74,16 @@ def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     cfg = benchmark_config(args, device)
     cfg.n_seeds, cfg.recipes, cfg.threads = args.seeds, tuple(args.recipes), args.threads
+    cfg.loss, cfg.extra_losses = args.losses[0], tuple(args.losses[1:])
+    cfg.use_bundled = not args.retrain
+    if args.methods:
+        cfg.methods = tuple(args.methods)
     cfg.validate()
     cache = resolve_cache_dir(args.cache_dir)
-    say(f"mgg_fast demo on {device}: archs {', '.join(cfg.archs)}, {cfg.n_seeds} seed(s); cache {cache}")
+    say(
+        f"mgg_fast demo on {device}: regime {args.regime}, archs {', '.join(cfg.archs)}, "
+        f"{cfg.n_seeds} seed(s); cache {cache}"
+    )
     start = time.perf_counter()
     results = run_benchmark(cfg, cache_dir=cache, progress=not args.no_progress, log=say)
     report(results, args.out)

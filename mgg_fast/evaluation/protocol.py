@@ -3,7 +3,8 @@
 Every suite (the bundled benchmark, the real network, the user's folders) measures through
 these pieces. *Online*: each batch is predicted with the parameters of that moment, then adapted
 on. *Episodic*: the method is reset before each stream (corruption); *continual*: one run over
-all streams, never reset. ``acc@k`` is the accuracy of the batch predicted after exactly ``k``
+all streams, never reset; *mixed* (where asked for): one run over a stream whose batches mix the
+corruptions. ``acc@k`` is the accuracy of the batch predicted after exactly ``k``
 updates (episodic, averaged over streams); ``updates_to_tent`` the first ``k`` whose ``acc@k``
 reaches Tent's final accuracy (the mean of its last :data:`FINAL_POINTS` ``acc@k``). Learning
 rates are tuned with :func:`tune` on validation streams only.
@@ -15,6 +16,7 @@ import contextlib
 import copy
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -22,26 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from mgg_fast.core.mgg import MGG
-from mgg_fast.evaluation.images import ImageSet
+from mgg_fast.evaluation.streams import Batch
 from mgg_fast.tta.registry import MethodOptions, build_adapter
 
-SETTINGS = ("episodic", "continual")
+SETTINGS = ("episodic", "continual")  # the settings of every suite; "mixed" where a suite asks
 ACC_AT = (1, 5, 10)
 FINAL_POINTS = 3  # Tent's final accuracy: the mean of its last 3 acc@k
 
-Batch = tuple[Tensor, Tensor]  # (inputs on the device, labels on the CPU; -1 where unknown)
 Counts = list[tuple[int, int]]  # (correct, size) of each batch of a stream, in order
-
-
-def make_batches(
-    data: ImageSet, batch_size: int, device: torch.device | str, to_input: Callable[[np.ndarray], Tensor]
-) -> list[Batch]:
-    """Consecutive batches ``(x, y)`` of a set, on ``device``; ``to_input`` turns the uint8 images
-    into the model's input."""
-    x, y = to_input(data.images), torch.from_numpy(data.labels)
-    return [
-        (x[i : i + batch_size].to(device), y[i : i + batch_size]) for i in range(0, len(data), batch_size)
-    ]
 
 
 def _sync(device: torch.device) -> None:
@@ -58,7 +48,8 @@ class Runner:
     batch. A batch smaller than ``min_batch`` (the FOA loss's batch std needs two images) is
     predicted but not adapted on, and counted in :attr:`small_batches`. With
     ``options.data_parallel`` every rank calls the runner on the same whole batches (see
-    :class:`~mgg_fast.tta.mgtta.MGTTA`'s ``whole_batches``)."""
+    :class:`~mgg_fast.tta.mgtta.MGTTA`'s ``whole_batches``). ``dtype``: the copy of the model, the
+    MGG and the inputs are cast to it (float64: evaluations that agree across CPUs)."""
 
     def __init__(
         self,
@@ -68,9 +59,15 @@ class Runner:
         lr: float | None = None,
         options: MethodOptions | None = None,
         min_batch: int = 1,
+        dtype: torch.dtype | None = None,
     ):
         options = options or MethodOptions()
         self.model = copy.deepcopy(model)
+        if dtype is not None:
+            self.model.to(dtype)
+            if options.mgg is not None and options.mgg.W1.dtype != dtype:
+                options = replace(options, mgg=copy.deepcopy(options.mgg).to(dtype))
+        self.dtype = dtype
         self.device = next(self.model.parameters()).device
         self.adapter = build_adapter(method, self.model, lr, options)
         if self.adapter is None:
@@ -93,8 +90,11 @@ class Runner:
         if self.adapter is not None:
             self.adapter.reset()
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """Logits of ``x`` under the current parameters; adapts on ``x`` afterwards."""
+    def __call__(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Logits of ``x`` under the current parameters; adapts on ``x`` afterwards (on its labels
+        ``y`` for the supervised oracle, the one method that reads them)."""
+        if self.dtype is not None:
+            x = x.to(self.dtype)
         _sync(self.device)
         start = time.perf_counter()
         adapter = self.adapter
@@ -109,6 +109,10 @@ class Runner:
         else:
             if adapter.episodic:
                 adapter.reset()
+            if adapter.needs_labels:
+                if y is None:
+                    raise ValueError("the supervised oracle needs the batch's labels")
+                adapter.set_labels(y)
             logits = adapter.forward_backward(x)
             _sync(self.device)
             step_start = time.perf_counter()
@@ -124,7 +128,7 @@ class Runner:
         """``(correct, size)`` per batch of one stream, in order (no reset)."""
         out = []
         for x, y in batches:
-            pred = self(x).argmax(1).cpu()
+            pred = self(x, y).argmax(1).cpu()
             out.append((int((pred == y).sum()), len(y)))
         return out
 
@@ -188,13 +192,20 @@ def mark_updates_to_tent(methods: dict[str, dict[str, Any]]) -> None:
         r["updates_to_tent"] = None if target is None else updates_to_reach(r["episodic"]["curve"], target)
 
 
-def validation_scores(runner: Runner, streams: dict[str, list[Batch]], batch_size: int) -> dict[str, float]:
+def validation_scores(
+    runner: Runner, streams: dict[str, list[Batch]], batch_size: int, mixed: list[Batch] | None = None
+) -> dict[str, float]:
     """The scores that choose a setting's learning rate: the mean episodic online accuracy over
-    the streams, and the online accuracy of one continual run over them."""
-    return {
+    the streams, the online accuracy of one continual run over them and, given the ``mixed``
+    stream, of one run over it."""
+    scores = {
         "episodic": summarize(episodic_accuracy(runner, streams), batch_size)["mean"],
         "continual": accuracy([c for cs in continual_accuracy(runner, streams).values() for c in cs]),
     }
+    if mixed is not None:
+        runner.reset()
+        scores["mixed"] = accuracy(runner.run(mixed))
+    return scores
 
 
 Choice = tuple[float | None, MGG | None]  # (lr, MGG) of a setting
@@ -205,14 +216,14 @@ def tune(
 ) -> tuple[dict[str, Choice], dict[str, dict[str, float]]]:
     """The best ``(lr, mgg)`` per setting by ``score`` (:func:`validation_scores` on validation
     streams), the first of equals; and every candidate's scores by setting and lr."""
-    scores: dict[str, dict[str, float]] = {s: {} for s in SETTINGS}
+    scores: dict[str, dict[str, float]] = {}
     best: dict[str, tuple[float, float, MGG | None]] = {}
     for lr, mgg in candidates:
         for setting, value in score(lr, mgg).items():
-            scores[setting][f"{lr:g}"] = value
+            scores.setdefault(setting, {})[f"{lr:g}"] = value
             if setting not in best or value > best[setting][0]:
                 best[setting] = (value, lr, mgg)
-    return {s: (best[s][1], best[s][2]) for s in SETTINGS}, scores
+    return {s: (b[1], b[2]) for s, b in best.items()}, scores
 
 
 def evaluate(
@@ -220,22 +231,30 @@ def evaluate(
     chosen: dict[str, Choice],
     streams: dict[str, list[Batch]],
     batch_size: int,
+    mixed: list[Batch] | None = None,
 ) -> dict[str, Any]:
-    """Episodic and continual online accuracy on the test streams, each setting with its own
-    ``(lr, mgg)`` of ``chosen`` (one runner for both when they are the same), and the time per
-    batch of the episodic run."""
-    lr, mgg = chosen["episodic"]
-    runner = make_runner(lr, mgg)
-    episodic = summarize(episodic_accuracy(runner, streams), batch_size)
-    timing = {
-        "ms_per_batch": 1e3 * runner.seconds / runner.batches,
-        "step_ms_per_batch": 1e3 * runner.step_seconds / runner.batches,
-    }
-    lr_c, mgg_c = chosen["continual"]
-    if (lr_c, mgg_c) != (lr, mgg):
-        runner = make_runner(lr_c, mgg_c)
-    continual = summarize(continual_accuracy(runner, streams), batch_size)
-    return {"lr": {s: chosen[s][0] for s in SETTINGS}, "episodic": episodic, "continual": continual, **timing}
+    """Online accuracy on the test streams in each setting of ``chosen`` (episodic, continual and,
+    given the ``mixed`` stream, mixed), each with its own ``(lr, mgg)`` (a runner is reused where
+    they are the same), and the time per batch of the episodic run."""
+    runners: dict[Choice, Runner] = {}
+
+    def runner_for(setting: str) -> Runner:
+        choice = chosen[setting]
+        if choice not in runners:
+            runners[choice] = make_runner(*choice)
+        return runners[choice]
+
+    runner = runner_for("episodic")
+    out: dict[str, Any] = {"episodic": summarize(episodic_accuracy(runner, streams), batch_size)}
+    out["ms_per_batch"] = 1e3 * runner.seconds / runner.batches
+    out["step_ms_per_batch"] = 1e3 * runner.step_seconds / runner.batches
+    out["continual"] = summarize(continual_accuracy(runner_for("continual"), streams), batch_size)
+    if mixed is not None:
+        runner = runner_for("mixed")
+        runner.reset()
+        out["mixed"] = summarize({"mixed": runner.run(mixed)}, batch_size)
+    out["lr"] = {s: chosen[s][0] for s in chosen}
+    return out
 
 
 @contextlib.contextmanager

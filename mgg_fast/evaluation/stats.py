@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from mgg_fast.evaluation.protocol import ACC_AT, SETTINGS
+from mgg_fast.evaluation.protocol import ACC_AT
+
+ALL_SETTINGS = ("episodic", "continual", "mixed")
 
 
 def mean_ci(values: list[float], confidence: float = 0.95) -> dict[str, Any]:
@@ -28,21 +30,36 @@ def mean_ci(values: list[float], confidence: float = 0.95) -> dict[str, Any]:
     return {"mean": mean, "ci95": half, "n": n, "values": [float(v) for v in x]}
 
 
+def settings_of(run: dict[str, Any]) -> list[str]:
+    """The settings a method's result holds (episodic and continual; mixed where it ran)."""
+    return [s for s in ALL_SETTINGS if s in run]
+
+
+def paired(seed_runs: list[dict[str, Any]], method: str, base: str, setting: str) -> dict[str, Any]:
+    """The per-seed difference ``method − base`` of one setting's mean, with its mean and CI."""
+    runs = [r["methods"] for r in seed_runs]
+    return mean_ci([r[method][setting]["mean"] - r[base][setting]["mean"] for r in runs])
+
+
 def aggregate_methods(seed_runs: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> dict[str, Any]:
     """Over seeds: every method's means with CIs, its ``acc@k`` band, the per-corruption means,
     updates-to-Tent, and for each ``(method, base)`` of ``pairs`` the paired per-seed difference
-    ``method − base`` (key ``"method-base"``) of both settings."""
+    ``method − base`` (key ``"method-base"``) of every setting."""
     methods = list(seed_runs[0]["methods"])
     out: dict[str, Any] = {"methods": {}, "paired": {}}
     for method in methods:
         runs = [r["methods"][method] for r in seed_runs]
-        entry: dict[str, Any] = {s: mean_ci([r[s]["mean"] for r in runs]) for s in SETTINGS}
+        settings = settings_of(runs[0])
+        entry: dict[str, Any] = {s: mean_ci([r[s]["mean"] for r in runs]) for s in settings}
         length = min(len(r["episodic"]["curve"]) for r in runs)
         entry["curve"] = [mean_ci([r["episodic"]["curve"][k] for r in runs]) for k in range(length)]
         entry["acc_at"] = {str(k): (entry["curve"][k]["mean"] if k < length else None) for k in ACC_AT}
-        names = list(runs[0]["episodic"]["per_corruption"])
         entry["per_corruption"] = {
-            s: {n: float(np.mean([r[s]["per_corruption"][n] for r in runs])) for n in names} for s in SETTINGS
+            s: {
+                n: float(np.mean([r[s]["per_corruption"][n] for r in runs]))
+                for n in runs[0][s]["per_corruption"]
+            }
+            for s in settings
         }
         reached = [r["updates_to_tent"] for r in runs if r["updates_to_tent"] is not None]
         entry["updates_to_tent"] = {
@@ -51,11 +68,13 @@ def aggregate_methods(seed_runs: list[dict[str, Any]], pairs: list[tuple[str, st
         }
         entry["ms_per_batch"] = float(np.mean([r["ms_per_batch"] for r in runs]))
         entry["step_ms_per_batch"] = float(np.mean([r["step_ms_per_batch"] for r in runs]))
-        entry["lr"] = {s: [r["lr"][s] for r in runs] for s in SETTINGS}
+        entry["lr"] = {s: [r["lr"][s] for r in runs] for s in settings}
         out["methods"][method] = entry
     for method, base in pairs:
+        settings = settings_of(seed_runs[0]["methods"][method])
         out["paired"][f"{method}-{base}"] = {
-            s: mean_ci([r["methods"][method][s]["mean"] - r["methods"][base][s]["mean"] for r in seed_runs])
-            for s in SETTINGS
+            "method": method,
+            "base": base,
+            **{s: paired(seed_runs, method, base, s) for s in settings},
         }
     return out

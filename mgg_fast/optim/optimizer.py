@@ -85,6 +85,9 @@ class MGGOptimizer(torch.optim.Optimizer):
             dtype) or ``torch.bfloat16``, which nearly halves a step's memory traffic (348 instead
             of 604 bytes per coordinate). Computation stays in the state dtype; the new memory is
             rounded to nearest-even on store. Opt-in: it changes results (see the README).
+        carry_memory: ``True`` (as published) carries each coordinate's memory from step to step;
+            ``False`` is the *memoryless* MGG of the ablation: every step starts from the learned
+            memory (``W1``, ``b1``), so only the moments carry history.
 
     ``state[p]`` holds ``step``, ``exp_avg``, ``exp_avg_sq``, ``memory_W`` and ``memory_b``.
     Internally a group's state sits in flat buffers and ``state[p]`` holds views of them; a
@@ -113,6 +116,7 @@ class MGGOptimizer(torch.optim.Optimizer):
         backend: str = "auto",
         nonfinite: str = "skip",
         capturable: bool = False,
+        carry_memory: bool = True,
         memory_W_dtype: torch.dtype | None = None,
     ):
         if not isinstance(mgg, MGG):
@@ -136,6 +140,7 @@ class MGGOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self.nonfinite = nonfinite
         self.capturable = capturable
+        self.carry_memory = bool(carry_memory)
         self._packs: list[PackedState | None] = []
         self._state_record: StateRecord | None = None  # what state held after the last checked step
         self._init_counters(torch.zeros((), dtype=torch.float32, device=mgg.W1.device))
@@ -234,6 +239,9 @@ class MGGOptimizer(torch.optim.Optimizer):
             self._skipped += 1
             return loss
         packs = [self._pack(w) for w in work]
+        if not self.carry_memory:
+            for pack in packs:
+                pack.reset_memory(mgg.W1, mgg.b1[:, 0, :])
         last_fused = max((i for i, w in enumerate(work) if w.backend == "triton"), default=None)
         on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
         with on_device:
@@ -446,12 +454,14 @@ class MGGOptimizer(torch.optim.Optimizer):
             "backend": self.backend,
             "nonfinite": self.nonfinite,
             "capturable": self.capturable,
+            "carry_memory": self.carry_memory,
             "memory_W_dtype": self.memory_W_dtype,
             "skipped": self._skipped,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
+        state.setdefault("carry_memory", True)
         skipped = state.pop("skipped", None)
         super().__setstate__(state)
         if skipped is not None:  # a copy or an unpickled optimizer (torch keeps no hooks)

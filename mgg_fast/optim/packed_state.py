@@ -203,6 +203,13 @@ class PackedState:
             views.append(view)
         return cls(list(params), numels, offsets, m, v, W, b, steps, views)
 
+    def reset_memory(self, W1: Tensor, b1: Tensor) -> None:
+        """Every coordinate's memory back to the learned ``W1 [nh, f, f]`` / ``b1 [nh, f]`` (in
+        place: the views in ``state[p]`` see it)."""
+        with torch.no_grad():
+            self.memory_W.copy_(W1.detach().to(self.memory_b.dtype).expand_as(self.memory_W))
+            self.memory_b.copy_(b1.detach().expand_as(self.memory_b))
+
     def steps_all(self, params: list[Tensor], grads: list[Tensor | None], device: torch.device) -> bool:
         """Whether stepping ``params`` with ``grads`` is the common step of this pack: they are
         exactly the packed parameters, unchanged in shape, on ``device``, each with a plain, dense,

@@ -50,7 +50,7 @@ def foa_loss(logits: Tensor, features: Tensor, stats: SourceStats, lam: float = 
         )
     if features.shape[0] < 2:
         raise ValueError("loss='foa' needs batches of at least 2 samples (batch std); use loss='entropy'")
-    std, mean = torch.std_mean(features.float(), dim=0)
+    std, mean = torch.std_mean(features if features.dtype == torch.float64 else features.float(), dim=0)
     discrepancy = ((std - stats.std) ** 2).sum() + ((mean - stats.mean) ** 2).sum()
     return softmax_entropy(logits).mean() + lam * discrepancy / FOA_SCALE
 

@@ -223,6 +223,8 @@ def train_mgg(
     reset_params: bool = True,
     history: list[dict[str, float]] | None = None,
     data_parallel: bool = False,
+    patience: int | None = None,
+    min_delta: float = 1e-3,
 ) -> MGG:
     """Meta-train an MGG on unlabeled batches of ``model`` (labels in ``(x, y)`` batches are ignored).
 
@@ -237,7 +239,11 @@ def train_mgg(
     seeded by ``seed`` (the global RNG is restored afterwards); a given MGG is trained in place
     (moved to the model's device). ``validate(mgg) -> float`` (higher is better) runs after each
     epoch; the model's state is restored after each call, and a deep copy of the best-scoring MGG
-    is returned. Without ``validate`` the final MGG is returned. The model is left as it was.
+    is returned, the latest of equal scores (a flat validation curve keeps the most trained MGG).
+    Without ``validate`` the final MGG is returned. ``patience``: stop early once the epoch's
+    mean meta-loss has not improved on the best by more than ``min_delta`` (relative) for that
+    many epochs (``epochs`` is then the most); ``history`` entries also count the meta-updates.
+    The model is left as it was.
     ``data_parallel``: see :class:`MetaTrainer` (each rank passes its part of every batch;
     progress is shown on rank 0 only).
     """
@@ -252,6 +258,7 @@ def train_mgg(
         mgg.to(device)
         best: MGG | None = None
         best_score = -math.inf
+        best_loss, stale, meta_updates = math.inf, 0, 0
         order = _Shuffler(batches, seed) if shuffle else None
         with MetaTrainer(
             model,
@@ -270,22 +277,34 @@ def train_mgg(
                 bar = tqdm(epoch_batches, desc=f"meta-train {epoch + 1}/{epochs}", disable=not progress)
                 total = 0.0
                 for batch in bar:
-                    loss_t = trainer.step(batch)["loss"]
+                    result = trainer.step(batch)
+                    loss_t = result["loss"]
+                    meta_updates += result["meta_step"]
                     total += loss_t
                     bar.set_postfix(loss=f"{loss_t:.4f}", mean=f"{total / trainer.num_steps:.4f}")
                 if trainer.num_steps == 0:
                     raise ValueError(f"epoch {epoch + 1} got no batches (is `batches` a one-shot iterator?)")
-                trainer.flush()
+                meta_updates += trainer.flush() is not None
+                mean_loss = total / trainer.num_steps
                 score = _validate(model, mgg, validate) if validate is not None else math.nan
                 if validate is not None:
                     if progress:
                         tqdm.write(f"meta-train {epoch + 1}/{epochs}: validation score {score:.4f}")
-                    if best is None or score > best_score:
+                    if best is None or score >= best_score:
                         best, best_score = copy.deepcopy(mgg), score
                 if history is not None:
                     history.append(
-                        {"epoch": epoch + 1, "mean_loss": total / trainer.num_steps, "score": score}
+                        {
+                            "epoch": epoch + 1,
+                            "mean_loss": mean_loss,
+                            "score": score,
+                            "meta_updates": meta_updates,
+                        }
                     )
+                improved = best_loss == math.inf or mean_loss < best_loss - min_delta * abs(best_loss)
+                best_loss, stale = (mean_loss, 0) if improved else (min(best_loss, mean_loss), stale + 1)
+                if patience is not None and stale >= patience:
+                    break
     return mgg if best is None else best
 
 

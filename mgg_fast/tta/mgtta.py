@@ -21,12 +21,13 @@ import mgg_fast.tta.data_parallel as distributed
 from mgg_fast.core.mgg import MGG
 from mgg_fast.optim import MGGOptimizer
 from mgg_fast.optim.functional import triton_usable
+from mgg_fast.optim.sign_momentum import SignMomentum
 from mgg_fast.tta.losses import AdaptationLoss
 from mgg_fast.tta.norm_params import configure_for_adaptation, select_norm_params
 from mgg_fast.tta.source_stats import SourceStats
 
-OPTIMIZERS = ("mgg", "sgd", "adam")
-DEFAULT_LR = {"mgg": 1e-3, "sgd": 1e-3, "adam": 1e-3}
+OPTIMIZERS = ("mgg", "sgd", "adam", "signum")
+DEFAULT_LR = {"mgg": 1e-3, "sgd": 1e-3, "adam": 1e-3, "signum": 1e-3}
 SGD_MOMENTUM = 0.9
 
 
@@ -40,10 +41,12 @@ class MGTTA(nn.Module):
     * ``"mgg"``: the learned MGG optimizer (:class:`MGGOptimizer`; published ``adapt_lr`` 1e-3).
     * ``"sgd"``: Tent (SGD, momentum 0.9, lr 1e-3).
     * ``"adam"``: Adam (lr 1e-3, ``betas``).
+    * ``"signum"``: sign momentum (lr 1e-3, momentum ``betas[0]``; :mod:`mgg_fast.optim.sign_momentum`),
+      the rule a saturated MGG approximates.
 
     Args:
         model: the model to adapt; configured in place (train mode, only norm params trainable).
-        optimizer: ``"mgg"``, ``"sgd"`` or ``"adam"``.
+        optimizer: ``"mgg"``, ``"sgd"``, ``"adam"`` or ``"signum"``.
         mgg: the trained MGG (``None``: an untrained ``MGG()``, with a warning). It is never
             modified; if it lives on another device than the model, a copy is moved there.
         lr: step size; ``None`` takes the default above.
@@ -56,6 +59,8 @@ class MGTTA(nn.Module):
         backend: MGG step backend (``"auto"``, ``"triton"`` or ``"reference"``; see
             :class:`MGGOptimizer`).
         betas: moment coefficients of the MGG features and of Adam.
+        carry_memory: ``False``: the memoryless MGG of the ablation (every step starts from the
+            learned memory; see :class:`MGGOptimizer`); ``"mgg"`` only.
         memory_W_dtype: storage dtype of the MGG's memory matrices (``None`` or
             ``torch.bfloat16``; see :class:`MGGOptimizer`); ``"mgg"`` only.
         data_parallel: each rank of the default process group adapts on its part of the batch
@@ -78,11 +83,16 @@ class MGTTA(nn.Module):
         last_loss: the (detached) loss of the latest batch, or ``None``.
         param_names: qualified names of the adapted parameters, in order.
 
+    ``needs_labels`` is ``False``: the methods are unsupervised (the oracle of
+    :mod:`mgg_fast.tta.supervised` sets it).
+
     Move the model to its device (and dtype) before wrapping it: the optimizer state and the
     reset snapshot live there. Raises ``ValueError`` for a model without norm params,
     ``loss="foa"`` without statistics, and (per call) an empty batch, a batch holding NaN/Inf or
     living on another device than the model; nothing changes in those cases.
     """
+
+    needs_labels = False
 
     def __init__(
         self,
@@ -97,6 +107,7 @@ class MGTTA(nn.Module):
         backend: str = "auto",
         betas: tuple[float, float] = (0.9, 0.99),
         memory_W_dtype: torch.dtype | None = None,
+        carry_memory: bool = True,
         data_parallel: bool = False,
         whole_batches: bool = False,
     ):
@@ -124,6 +135,8 @@ class MGTTA(nn.Module):
         params = [p for _, p in named]
         if optimizer != "mgg" and memory_W_dtype is not None:
             raise ValueError(f"memory_W_dtype is a setting of the 'mgg' optimizer, not of {optimizer!r}")
+        if optimizer != "mgg" and not carry_memory:
+            raise ValueError(f"carry_memory is a setting of the 'mgg' optimizer, not of {optimizer!r}")
         if optimizer == "mgg" and backend == "triton" and not triton_usable(self.device):
             raise ValueError(
                 f"backend='triton' needs a CUDA model (or TRITON_INTERPRET=1); it is on {self.device}"
@@ -136,11 +149,14 @@ class MGTTA(nn.Module):
                 betas=betas,
                 backend=backend,
                 memory_W_dtype=memory_W_dtype,
+                carry_memory=carry_memory,
             )
         elif optimizer == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=SGD_MOMENTUM)
-        else:
+        elif optimizer == "adam":
             self.optimizer = torch.optim.Adam(params, lr=self.lr, betas=betas)
+        else:
+            self.optimizer = SignMomentum(params, lr=self.lr, beta=betas[0])
         self._config = configure_for_adaptation(model)
         # Only the adapted params and the buffers can change: snapshot those, not the whole model.
         self._tracked = params + [b for b in model.buffers() if b is not None]

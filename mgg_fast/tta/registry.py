@@ -1,7 +1,9 @@
 """The test-time adaptation methods by name: one registry that every caller uses.
 
 A method is a name, a label for reports, its default learning rate and a factory that wraps a
-model (``None``: NoAdapt, the model as it is). Adding a baseline means one new file in
+model (``None``: NoAdapt, the model as it is). Besides the test-time methods it names two
+reference rows: ``bn-stats`` (test-batch normalisation alone) and ``supervised`` (an oracle
+that adapts on the labels). Adding a baseline means one new file in
 :mod:`mgg_fast.tta` (a subclass of :class:`~mgg_fast.tta.mgtta.MGTTA`) and one
 :func:`register` line below. :class:`MethodOptions` carries what the methods may read besides
 the model and the learning rate; each factory takes what it needs.
@@ -22,6 +24,7 @@ from mgg_fast.tta.mgtta import DEFAULT_LR, MGTTA
 from mgg_fast.tta.sar import PUBLISHED_LR as SAR_LR
 from mgg_fast.tta.sar import SAR
 from mgg_fast.tta.source_stats import SourceStats
+from mgg_fast.tta.supervised import SupervisedOracle
 
 MEMORY_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # MGG memory_W storage by name
 
@@ -66,6 +69,7 @@ class Method:
     default_lr: float | None  # None: the method has no learning rate
     build: Factory
     shared_loss: bool  # minimises the options' loss (SAR and EATA: their own objective)
+    kind: str = "method"  # "method" (test-time), "ablation" or "reference" (a row for comparison)
 
 
 METHODS: dict[str, Method] = {}
@@ -86,10 +90,22 @@ def method(name: str) -> Method:
     return METHODS[name]
 
 
-def label(name: str) -> str:
-    """Display name of a result key (``mgg-published`` → ``MGG (published)``)."""
-    base, _, variant = name.partition("-")
-    return f"{method(base).label} ({variant})" if variant else method(base).label
+def label(key: str) -> str:
+    """Display name of a result key: a method (``mgg-memoryless``), a method of the benchmark's
+    other loss (``adam+entropy`` → ``Adam, entropy``) or of a meta-training recipe
+    (``mgg-published`` → ``MGG (published)``)."""
+    name, _, loss = key.partition("+")
+    if name in METHODS:
+        text = method(name).label
+    else:
+        base, _, variant = name.partition("-")
+        text = f"{method(base).label} ({variant})"
+    return f"{text}, {loss}" if loss else text
+
+
+def names(kind: str = "method") -> tuple[str, ...]:
+    """The registered names of one kind, in registration order."""
+    return tuple(name for name, m in METHODS.items() if m.kind == kind)
 
 
 def build_adapter(name: str, model: nn.Module, lr: float | None, options: MethodOptions) -> MGTTA | None:
@@ -99,7 +115,7 @@ def build_adapter(name: str, model: nn.Module, lr: float | None, options: Method
     return m.build(model, m.default_lr if lr is None else lr, options)
 
 
-def _shared(optimizer: str) -> Factory:
+def _shared(optimizer: str, carry_memory: bool = True) -> Factory:
     """A factory of ``MGTTA`` with ``optimizer``: the shared loss, only the optimizer differs."""
 
     def build(model: nn.Module, lr: float, o: MethodOptions) -> MGTTA:
@@ -114,6 +130,7 @@ def _shared(optimizer: str) -> Factory:
             class_mask=o.class_mask,
             backend=o.backend,
             memory_W_dtype=o.memory_W_dtype if optimizer == "mgg" else None,
+            carry_memory=carry_memory,
             data_parallel=o.data_parallel,
             whole_batches=o.data_parallel,
         )
@@ -124,6 +141,7 @@ def _shared(optimizer: str) -> Factory:
 register(Method("noadapt", "NoAdapt", None, lambda model, lr, o: None, shared_loss=False))
 register(Method("tent", "Tent (SGD)", DEFAULT_LR["sgd"], _shared("sgd"), shared_loss=True))
 register(Method("adam", "Adam", DEFAULT_LR["adam"], _shared("adam"), shared_loss=True))
+register(Method("signum", "Sign momentum", DEFAULT_LR["signum"], _shared("signum"), shared_loss=True))
 register(
     Method(
         "sar",
@@ -145,3 +163,34 @@ register(
     )
 )
 register(Method("mgg", "MGG", DEFAULT_LR["mgg"], _shared("mgg"), shared_loss=True))
+register(
+    Method(
+        "mgg-memoryless",
+        "MGG, memoryless",
+        DEFAULT_LR["mgg"],
+        _shared("mgg", carry_memory=False),
+        shared_loss=True,
+        kind="ablation",
+    )
+)
+# Reference rows, not test-time methods: test-batch normalisation alone, and the labels' oracle.
+register(
+    Method(
+        "bn-stats",
+        "BN statistics only",
+        0.0,
+        lambda model, lr, o: MGTTA(model, "sgd", lr=0.0, loss="entropy", episodic=o.episodic),
+        shared_loss=False,
+        kind="reference",
+    )
+)
+register(
+    Method(
+        "supervised",
+        "Supervised (oracle)",
+        DEFAULT_LR["adam"],
+        lambda model, lr, o: SupervisedOracle(model, lr=lr, episodic=o.episodic),
+        shared_loss=False,
+        kind="reference",
+    )
+)

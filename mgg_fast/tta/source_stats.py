@@ -200,11 +200,14 @@ def feature_tap(layers: dict[str, nn.Module], mode: str) -> Iterator[dict[str, T
 
 
 def concat_features(found: dict[str, Tensor], layers: Sequence[str]) -> Tensor:
-    """The per-layer features in ``layers`` order, as one float32 ``[B, D]`` tensor."""
+    """The per-layer features in ``layers`` order, as one ``[B, D]`` tensor: float32, or float64
+    for a float64 model."""
     missing = [name for name in layers if name not in found]
     if missing:
         raise ValueError(f"layers {missing} produced no {list(found)} features in this forward")
-    return torch.cat([found[name].float() for name in layers], dim=1)
+    return torch.cat(
+        [f if (f := found[name]).dtype == torch.float64 else f.float() for name in layers], dim=1
+    )
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ pytest.importorskip("imagecorruptions")
 import mgg_fast.evaluation.bundled.data as shift_data
 from mgg_fast.core.files import sha256_file
 from mgg_fast.evaluation.bundled.benchmark import BenchmarkConfig, run_benchmark
+from mgg_fast.evaluation.bundled.config import METHODS
 from mgg_fast.evaluation.bundled.data import corrupted_split, load_image_folder, mnist_split
 from mgg_fast.evaluation.bundled.report import write_reports
 from mgg_fast.evaluation.bundled.source_models import source_model
@@ -162,7 +163,7 @@ def test_pipeline_end_to_end(tmp_path):
     for r in results["archs"].values():
         assert [s["seed"] for s in r["seeds"]] == [0, 1]
         for run in r["seeds"]:
-            assert set(run["methods"]) == {"noadapt", "tent", "adam", "sar", "eata", "mgg"}
+            assert set(run["methods"]) == set(METHODS)  # every row of the default run
             assert (
                 set(run["tuning"]["adam"]["episodic"])
                 == set(run["tuning"]["adam"]["continual"])
@@ -202,6 +203,19 @@ def test_pipeline_end_to_end(tmp_path):
                 for run in r["seeds"]
             ]
             assert d["values"] == pytest.approx(diffs)
+        for setting in ("episodic", "continual"):
+            best = summary["paired"]["mgg-best"]["best"][setting]
+            assert best in ("tent", "adam", "signum")
+            means = {
+                h: np.mean([run["methods"][h][setting]["mean"] for run in r["seeds"]])
+                for h in ("tent", "adam", "signum")
+            }
+            assert means[best] == max(means.values())
+            assert "mgg-mgg-memoryless" in summary["paired"]
+        headline = summary["headline"]
+        assert set(headline["room"]) == set(TINY["corruptions"]) and set(headline["kept"]) <= set(
+            headline["room"]
+        )
 
     paths = write_reports(results, tmp_path / "out")
     assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(results))
@@ -310,7 +324,7 @@ def test_given_mgg_is_tuned_not_retrained(tmp_path, monkeypatch):
 
 
 def test_merge_results_of_single_seed_runs(tmp_path):
-    from mgg_fast.evaluation.bundled.benchmark import merge_results
+    from mgg_fast.evaluation.bundled.summary import merge_results
 
     tiny = {**TINY, "lr_grid": {k: v[:1] for k, v in TINY["lr_grid"].items()}}
     parts = [
@@ -378,3 +392,21 @@ def test_meta_batches_streams():
     )
     assert len(rr) == len(blocks) == 4
     assert torch.equal(rr[0], blocks[0]) and torch.equal(rr[1], blocks[2])  # a, b, a, b vs a, a, b, b
+
+
+def test_tuning_runs_on_validation_streams_like_the_test_streams(tmp_path, monkeypatch):
+    import mgg_fast.evaluation.bundled.benchmark as benchmark
+
+    seen = []
+    original = benchmark.validation_scores
+
+    def recording(runner, streams, batch_size, mixed=None):
+        seen.append([len(x) for batches in streams.values() for x, _ in batches])
+        return original(runner, streams, batch_size, mixed)
+
+    monkeypatch.setattr(benchmark, "validation_scores", recording)
+    cfg = BenchmarkConfig(
+        archs=("resnet",), methods=("noadapt", "tent"), **{**TINY, "n_tune": None, "n_test": 12}
+    )
+    run_benchmark(cfg, cache_dir=tmp_path / "cache", progress=False)
+    assert seen and all(lengths == [4, 4, 4] * len(TINY["val_corruptions"]) for lengths in seen)

@@ -403,3 +403,36 @@ def test_sparse_gradient_raises_and_changes_nothing(first, backend):
     for p, q in zip(params, before[0], strict=True):
         assert torch.equal(p.detach(), q)
     assert len(opt.state_dict()["state"]) == len(before[1]["state"])
+
+
+@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU])
+def test_memoryless_mgg_equals_the_mgg_with_its_memory_reset_every_step(backend):
+    """``carry_memory=False`` (the ablation) is the published step with ``state[p]``'s memory set
+    back to the learned W1, b1 before every step; the moments still carry."""
+    from helpers import random_mgg
+
+    mgg = random_mgg(seed=4)
+    g = torch.Generator().manual_seed(1)
+    shapes = [(130,), (3, 4)]
+    params = [torch.randn(s, generator=g, requires_grad=True) for s in shapes]
+    twins = [p.detach().clone().requires_grad_(True) for p in params]
+    memoryless = MGGOptimizer(params, copy.deepcopy(mgg), lr=0.05, backend=backend, carry_memory=False)
+    reset = MGGOptimizer(twins, copy.deepcopy(mgg), lr=0.05, backend=backend)
+    for _ in range(3):
+        for p, q in zip(params, twins, strict=True):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        for q in twins:
+            if q in reset.state:  # the learned memory, as a first step would tile it
+                reset.state[q]["memory_W"].copy_(mgg.W1.detach().expand_as(reset.state[q]["memory_W"]))
+                reset.state[q]["memory_b"].copy_(
+                    mgg.b1.detach()[:, 0, :].expand_as(reset.state[q]["memory_b"])
+                )
+        memoryless.step()
+        reset.step()
+    for p, q in zip(params, twins, strict=True):
+        assert torch.equal(p.detach(), q.detach())
+        for key in ("exp_avg", "exp_avg_sq", "memory_W", "memory_b", "step"):
+            assert torch.equal(memoryless.state[p][key], reset.state[q][key]), key
+    carried = MGGOptimizer([torch.zeros(3, requires_grad=True)], copy.deepcopy(mgg), lr=0.05)
+    assert carried.carry_memory and not copy.deepcopy(memoryless).carry_memory

@@ -221,6 +221,7 @@ def _benchmark_worker(rank, _world_size, out):
     from mgg_fast.evaluation.protocol import Runner
 
     cfg = shift_benchmark.BenchmarkConfig(
+        methods=("noadapt", "tent", "adam", "sar", "eata", "mgg"),
         archs=("vit",),  # LayerNorm: a rank's part is normalised as in the whole batch
         corruptions=("gaussian_noise",),
         val_corruptions=("saturate",),
@@ -244,8 +245,8 @@ def _benchmark_worker(rank, _world_size, out):
     for data_parallel in (True, False):  # the second run reads the cache that rank 0 wrote
         logits = []
 
-        def recording(runner, x, logits=logits):
-            out = predict(runner, x)
+        def recording(runner, x, y=None, logits=logits):
+            out = predict(runner, x, y)
             logits.append(out)
             return out
 

@@ -370,3 +370,43 @@ def test_flush_closes_a_partial_window_and_reset_can_keep_params(vit_setup):
         assert torch.equal(torch.cat([p.reshape(-1) for _, p in sorted(trainer.params.items())]), initial)
     with pytest.raises(ValueError, match="unroll must be a positive int"):
         MetaTrainer(model, MGG(), source_stats=stats, unroll=0)
+
+
+def test_flat_validation_keeps_the_latest_of_equal_epochs(vit_setup):
+    """A flat validation curve (as the short published validation gave) keeps the most trained
+    MGG, not epoch 1; a real improvement is still the one kept."""
+    model, stats, batches = vit_setup
+    snapshots = []
+
+    def scored(values):
+        values = iter(values)
+
+        def validate(mgg):
+            snapshots.append(copy.deepcopy(mgg.state_dict()))
+            return next(values)
+
+        return validate
+
+    flat = train_mgg(
+        model, batches, epochs=3, source_stats=stats, validate=scored([0.7, 0.7, 0.7]), progress=False
+    )
+    assert all(torch.equal(v, snapshots[2][k]) for k, v in flat.state_dict().items())
+    snapshots.clear()
+    peak = train_mgg(
+        model, batches, epochs=3, source_stats=stats, validate=scored([0.7, 0.8, 0.75]), progress=False
+    )
+    assert all(torch.equal(v, snapshots[1][k]) for k, v in peak.state_dict().items())
+
+
+def test_patience_stops_when_the_meta_loss_stops_improving(vit_setup):
+    model, stats, batches = vit_setup
+    history: list = []
+    train_mgg(
+        model, batches, epochs=30, source_stats=stats, patience=2, history=history, progress=False, mgg_lr=0.0
+    )
+    # mgg_lr 0: the MGG never changes, so every epoch's meta-loss equals the first: 2 more, then stop
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [h["meta_updates"] for h in history] == [3, 6, 9]  # one per batch at K = 1
+    full: list = []
+    train_mgg(model, batches, epochs=4, source_stats=stats, unroll=3, history=full, progress=False)
+    assert [h["meta_updates"] for h in full] == [1, 2, 3, 4]  # one window of 3 batches an epoch

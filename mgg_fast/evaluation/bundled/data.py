@@ -130,13 +130,15 @@ def _split_indices(split: str, labels: np.ndarray) -> np.ndarray:
 
 
 def mnist_split(split: str, n_images: int | None = None) -> ImageSet:
-    """The clean ``split`` (``train``/``val``/``test``), optionally its first ``n_images``."""
+    """The clean ``split`` (``train``/``val``/``test``), optionally its first ``n_images``; more
+    images than the split holds repeat it in passes (a long stream: each pass of a corrupted
+    split draws new corruption noise, since every image index has its own seed)."""
     images, labels = _mnist32()
     idx = _split_indices(split, labels)
     if n_images is not None:
         if n_images < 1:
             raise ValueError(f"n_images must be positive, got {n_images}")
-        idx = idx[:n_images]
+        idx = np.resize(idx, n_images)  # the first n_images, the split repeated as often as needed
     return ImageSet(images[idx], labels[idx], f"{split}/{CLEAN}")
 
 

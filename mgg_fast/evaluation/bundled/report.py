@@ -9,13 +9,13 @@ from typing import Any
 
 import mgg_fast.evaluation.report as report
 from mgg_fast.evaluation.report import (
-    PAIRED_HEADER,
-    SUMMARY_HEADER,
     corruption_rows,
     md_table,
+    paired_header,
     paired_rows,
     pct,
     pm,
+    summary_header,
     summary_rows,
     text_table,
 )
@@ -49,9 +49,9 @@ def format_text(results: dict[str, Any]) -> str:
         "online, mean ± 95% CI (t) over seeds" + _memory_note(cfg)
     ]
     for arch, r in results["archs"].items():
-        parts += ["", _arch_title(arch, r), text_table(SUMMARY_HEADER, summary_rows(r))]
+        parts += ["", _arch_title(arch, r), text_table(summary_header(r["summary"]), summary_rows(r))]
         if r["summary"]["paired"]:
-            parts += ["", text_table(PAIRED_HEADER, paired_rows(r))]
+            parts += ["", text_table(paired_header(r["summary"]), paired_rows(r))]
         parts += ["", text_table(*corruption_rows(r))]
     return "\n".join(parts)
 
@@ -97,9 +97,15 @@ def format_markdown(results: dict[str, Any]) -> str:
         "differences, mean ± 95% CI. *ms/batch*: predict + adapt; *step ms*: the optimizer step alone.",
     ]
     for arch, r in results["archs"].items():
-        parts += ["", f"## {_arch_title(arch, r)}", "", md_table(SUMMARY_HEADER, summary_rows(r)), ""]
+        parts += [
+            "",
+            f"## {_arch_title(arch, r)}",
+            "",
+            md_table(summary_header(r["summary"]), summary_rows(r)),
+            "",
+        ]
         if r["summary"]["paired"]:
-            parts += [md_table(PAIRED_HEADER, paired_rows(r)), ""]
+            parts += [md_table(paired_header(r["summary"]), paired_rows(r)), ""]
         parts.append(md_table(*corruption_rows(r)))
     return "\n".join(parts) + "\n"
 

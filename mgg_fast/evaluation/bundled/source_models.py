@@ -23,17 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mgg_fast.evaluation.bundled.data import (
-    NUM_CLASSES,
-    ImageSet,
-    atomic_write,
-    mnist_split,
-    resolve_cache_dir,
-    to_tensor,
-)
+from mgg_fast.core.files import atomic_write
+from mgg_fast.evaluation.bundled import assets
+from mgg_fast.evaluation.bundled.config import ARCHS
+from mgg_fast.evaluation.bundled.data import NUM_CLASSES, mnist_split, resolve_cache_dir, to_tensor
+from mgg_fast.evaluation.images import ImageSet
 
 MODEL_FORMAT = "mgg_fast.source_model/v1"
-ARCHS = ("vit", "resnet")
 
 
 @dataclass(frozen=True)
@@ -67,6 +63,8 @@ class SourceModel:
     clean_accuracy: float
     train_seconds: float
     from_cache: bool
+    path: Path | None = None  # the file it was loaded from or saved to
+    bundled: bool = False  # shipped with the package (mgg_fast.evaluation.bundled.assets)
 
 
 def build_source_model(arch: str) -> nn.Module:
@@ -159,6 +157,7 @@ def _load_cached(path: Path, config: SourceConfig, device: torch.device | str) -
         float(payload["clean_accuracy"]),
         float(payload["train_seconds"]),
         True,
+        path,
     )
 
 
@@ -171,14 +170,20 @@ def source_model(
     cache_dir: str | os.PathLike | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    bundled: bool = True,
 ) -> SourceModel:
-    """The trained ``arch`` source model: from ``<cache>/models/`` if there, else trained and saved."""
+    """The trained ``arch`` source model: the one shipped with the package for this recipe (unless
+    ``bundled=False``), else from ``<cache>/models/`` if there, else trained and saved there."""
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
     epochs = RECIPES[arch]["epochs"] if epochs is None else epochs
     if epochs < 1:
         raise ValueError(f"epochs must be positive, got {epochs}")
     config = SourceConfig(arch=arch, epochs=epochs, n_train=n_train, lr=RECIPES[arch]["lr"], seed=seed)
+    shipped = assets.find(assets.source_name(arch, config.key())) if bundled else None
+    if shipped is not None and (found := _load_cached(shipped, config, device)) is not None:
+        found.bundled = True
+        return found
     cache = resolve_cache_dir(cache_dir)
     path = cache / "models" / f"{arch}-{config.key()}.pt"
     cached = _load_cached(path, config, device)
@@ -196,4 +201,4 @@ def source_model(
         "train_seconds": seconds,
     }
     atomic_write(path, lambda fh: torch.save(payload, fh))
-    return SourceModel(model, config, clean, seconds, False)
+    return SourceModel(model, config, clean, seconds, False, path)
