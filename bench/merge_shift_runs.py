@@ -15,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from mgg_fast.evaluation.bundled.summary import merge_results
 from mgg_fast.evaluation.bundled.report import format_text, write_reports
+from mgg_fast.evaluation.bundled.summary import merge_results
 
 
 def main(argv: list[str]) -> int:
