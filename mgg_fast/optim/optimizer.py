@@ -37,6 +37,7 @@ from mgg_fast.optim.validation import (
 
 NONFINITE_POLICIES = ("skip", "raise")
 STATE_DICT_FORMAT = "mgg_fast.optimizer/v1"
+MGG_GROUP_KEY = "mgg"  # ZeroRedundancyOptimizer's groups carry the constructor's mgg= (see _mgg_entry)
 
 
 @dataclass
@@ -100,6 +101,10 @@ class MGGOptimizer(torch.optim.Optimizer):
     meshes take each step's decisions together (one all-reduce of the non-finite flag): a
     non-finite shard skips the step everywhere, and a rank whose validation fails makes every
     rank raise before anything changes.
+
+    Checkpoints: ``state_dict()`` loads with ``torch.load(weights_only=True)``, also through
+    ``ZeroRedundancyOptimizer(optimizer_class=MGGOptimizer, mgg=...)`` (a group keeps the MGG's
+    config, not the module: :meth:`_mgg_entry`).
     """
 
     def __init__(
@@ -164,10 +169,39 @@ class MGGOptimizer(torch.optim.Optimizer):
         group["params"] = params = list(params)
         for name, default in self.defaults.items():
             group.setdefault(name, default)
+        if MGG_GROUP_KEY in group:
+            group[MGG_GROUP_KEY] = self._mgg_entry(group[MGG_GROUP_KEY], saved=False)
         hyperparams(group)
         check_group_params(params)
         super().add_param_group(group)
         self._packs.append(None)
+
+    def _mgg_entry(self, value: Any, *, saved: bool) -> dict[str, int]:
+        """What a parameter group keeps under ``"mgg"``: the MGG's config, never the module.
+
+        ``ZeroRedundancyOptimizer(params, optimizer_class=MGGOptimizer, mgg=mgg, ...)`` passes
+        every constructor argument to its local optimizer inside the groups, and copies the local
+        groups back into its own, which its ``state_dict()`` saves. Keeping the config there
+        instead of the module makes that state dict load with ``torch.load(weights_only=True)``;
+        the optimizer steps with ``self.mgg`` alone, so nothing else changes. A group may name
+        this optimizer's MGG itself or its config (copied from another group); a ``saved`` group
+        (a state dict) also an MGG of that config (a pickled optimizer's). Anything else is a
+        ``ValueError``.
+        """
+        config = self.mgg.config
+        if isinstance(value, MGG):
+            if value is self.mgg or (saved and value.config == config):
+                return dict(config)
+            shown = f"another MGG {value.config}"
+        elif isinstance(value, Mapping) and dict(value) == config:
+            return dict(config)
+        else:
+            shown = repr(value)
+        whose = "a saved parameter group's" if saved else "the parameter group's"
+        raise ValueError(
+            f"{whose} 'mgg' entry is {shown}, but this optimizer steps every group with its own MGG "
+            f"{config}: a group cannot name another"
+        )
 
     @property
     def num_skipped_steps(self) -> int:
@@ -404,6 +438,8 @@ class MGGOptimizer(torch.optim.Optimizer):
             if ids is None or len(ids) != len(group["params"]):
                 raise ValueError("parameter group sizes of the state dict do not match the optimizer")
             hyperparams({k: saved.get(k, group[k]) for k in self.defaults})
+            if MGG_GROUP_KEY in saved:
+                self._mgg_entry(saved[MGG_GROUP_KEY], saved=True)
             members, entries = [], []
             for i, p in zip(ids, group["params"], strict=True):
                 entry = saved_state.get(i)
@@ -428,7 +464,9 @@ class MGGOptimizer(torch.optim.Optimizer):
         # validated: commit
         for group, saved in zip(self.param_groups, groups, strict=True):
             for key, value in saved.items():
-                if key not in ("params", SKIPPED_GROUP_KEY):
+                if key == MGG_GROUP_KEY:
+                    group[key] = dict(self.mgg.config)
+                elif key not in ("params", SKIPPED_GROUP_KEY):
                     group[key] = value
         self.state = new_state
         self._packs = packs
