@@ -609,6 +609,19 @@ def test_a_group_naming_another_mgg_is_refused_and_changes_nothing():
     assert_same_state_dicts(opt.state_dict(), before)
 
 
+def test_a_first_step_with_zero_gradients_and_lr_0_is_a_real_step():
+    """Only DCP's own state-initialising call is recognised, not the values it steps with: a
+    user's first step with zero gradients and lr 0 runs the memory step as any step does."""
+    params = make_params()
+    opt = mgg_opt(params, lr=0.0)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    state = opt.state[params[0]]
+    assert float(state["step"]) == 1.0
+    assert not torch.equal(state["memory_b"][0], opt.mgg.b1.detach()[:, 0, :])
+
+
 # ---- distributed: DDP + DCP, ZeroRedundancyOptimizer (2 gloo processes on 127.0.0.1) ----------
 
 
@@ -659,6 +672,56 @@ def _dcp_scenario(rank, out):
         "steps": [float(opt3.state[p]["step"]) for p in model3.parameters()],
         "skipped": (opt2.num_skipped_steps, opt3.num_skipped_steps),
         "state": opt.state_dict()["state"],
+        "resumed_state": opt3.state_dict()["state"],
+    }
+
+
+def _dcp_before_first_step_scenario(rank, out):
+    """A DCP checkpoint taken before the first step: ``get_optimizer_state_dict`` (and
+    ``set_optimizer_state_dict``) first run torch's state-initialising step (zero gradients,
+    lr 0). Neither the optimizer that was saved nor one resumed from the checkpoint may then
+    train differently from one that was never checkpointed."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def make():
+        model = DDP(tiny_model())
+        return model, mgg_opt(list(model.parameters()))
+
+    model, opt = make()
+    _ddp_train(model, opt, rank, range(3))
+    model2, opt2 = make()
+    ckpt = str(Path(out) / "dcp-before-first-step")
+    dcp.save(
+        {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)},
+        checkpoint_id=ckpt,
+    )
+    b1 = opt2.mgg.b1.detach()[:, 0, :]
+    made = {
+        "steps": [float(st["step"]) for st in opt2.state.values()],
+        "memory_b_moved": max(float((st["memory_b"] - b1).abs().max()) for st in opt2.state.values()),
+        "moments": max(float(st["exp_avg"].abs().max()) for st in opt2.state.values()),
+    }
+    _ddp_train(model2, opt2, rank, range(3))
+    model3, opt3 = make()
+    target = {"model": get_model_state_dict(model3), "optim": get_optimizer_state_dict(model3, opt3)}
+    dcp.load(target, checkpoint_id=ckpt)
+    set_model_state_dict(model3, target["model"])
+    set_optimizer_state_dict(model3, opt3, target["optim"])
+    _ddp_train(model3, opt3, rank, range(3))
+    return {
+        "made": made,
+        "uninterrupted": [p.detach() for p in model.parameters()],
+        "saved": [p.detach() for p in model2.parameters()],
+        "resumed": [p.detach() for p in model3.parameters()],
+        "state": opt.state_dict()["state"],
+        "saved_state": opt2.state_dict()["state"],
         "resumed_state": opt3.state_dict()["state"],
     }
 
@@ -720,6 +783,7 @@ def _distributed_worker(rank, _world_size, out):
     """The distributed scenarios in one pair of processes (each process start costs seconds)."""
     return {
         "dcp": _attempt(_dcp_scenario, rank, out),
+        "dcp_first": _attempt(_dcp_before_first_step_scenario, rank, out),
         "zero": _attempt(_zero_scenario, rank, out),
     }
 
@@ -744,6 +808,18 @@ def test_ddp_dcp_resume_matches_an_uninterrupted_run(distributed_results):
         assert r["skipped"] == (1, 1)  # saved with one skipped step, resumed with it
         assert_same_state_dicts({"state": r["state"]}, {"state": r["resumed_state"]})
     assert_same_params(results[0]["resumed"], results[1]["resumed"])  # DDP kept the ranks in sync
+
+
+def test_dcp_checkpoint_before_the_first_step_does_not_change_training(distributed_results):
+    results = scenario_results(distributed_results, "dcp_first")
+    for r in results:
+        assert_same_params(r["uninterrupted"], r["saved"])
+        assert_same_params(r["uninterrupted"], r["resumed"])
+        assert_same_state_dicts({"state": r["state"]}, {"state": r["saved_state"]})
+        assert_same_state_dicts({"state": r["state"]}, {"state": r["resumed_state"]})
+        # DCP's state-initialising step made the state a first step starts from, and stepped nothing
+        assert r["made"] == {"steps": [0.0] * 4, "memory_b_moved": 0.0, "moments": 0.0}
+    assert_same_params(results[0]["resumed"], results[1]["resumed"])
 
 
 def test_zero_redundancy_resume_matches_an_uninterrupted_run(distributed_results):
