@@ -10,11 +10,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from mgg_fast.core.arguments import whole_number
 from mgg_fast.core.files import load_weights, save_atomic
 from mgg_fast.core.reference import MGGWeights, memory_layer
 
 PUBLISHED_PREFIX = "seq_modeling_block."
 CHECKPOINT_FORMAT = "mgg_fast.mgg/v1"
+# The largest hidden size an MGG may have. Every coordinate carries hidden_size² / num_heads
+# memory values (the published MGG: 8 × 8); far beyond this bound a size is a mistake, and it
+# must fail as one before the allocator is asked for it.
+MAX_HIDDEN_SIZE = 1024
 
 
 # (submodule or None for the MGG itself, parameter name) of each MGGWeights field, in order
@@ -31,6 +36,23 @@ _WEIGHTS = (
     (None, "learnable_ttt_lr_bias"),
     (None, "learnable_token_idx"),
 )
+
+
+def check_sizes(hidden_size: Any, num_heads: Any) -> tuple[int, int]:
+    """``(hidden_size, num_heads)`` as ints, checked before anything is allocated: whole numbers
+    (not bools), ``1 <= hidden_size <= MAX_HIDDEN_SIZE``, ``num_heads >= 1`` dividing it."""
+    hidden_size = whole_number("hidden_size", hidden_size, 1)
+    num_heads = whole_number("num_heads", num_heads, 1)
+    if hidden_size > MAX_HIDDEN_SIZE:
+        raise ValueError(
+            f"hidden_size must be <= {MAX_HIDDEN_SIZE}, got {hidden_size}: every coordinate would carry "
+            "hidden_size² / num_heads memory values (the published MGG has hidden_size 8)"
+        )
+    if hidden_size % num_heads:
+        raise ValueError(
+            f"hidden_size ({hidden_size}) must be a positive multiple of num_heads ({num_heads})"
+        )
+    return hidden_size, num_heads
 
 
 class MGGState(NamedTuple):
@@ -50,12 +72,7 @@ class MGG(nn.Module):
 
     def __init__(self, hidden_size: int = 8, num_heads: int = 1):
         super().__init__()
-        if not (isinstance(hidden_size, int) and isinstance(num_heads, int)):
-            raise TypeError("hidden_size and num_heads must be ints")
-        if hidden_size < 1 or num_heads < 1 or hidden_size % num_heads:
-            raise ValueError(
-                f"hidden_size ({hidden_size}) must be a positive multiple of num_heads ({num_heads})"
-            )
+        hidden_size, num_heads = check_sizes(hidden_size, num_heads)
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.head_dim = f = hidden_size // num_heads
@@ -130,6 +147,18 @@ class MGG(nn.Module):
         return features
 
     def _check_state(self, state: MGGState, n: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        if not (
+            isinstance(state, (tuple, list)) and len(state) == 2 and all(isinstance(t, Tensor) for t in state)
+        ):
+            held = (
+                f"a {len(state)}-element {type(state).__name__} of {[type(t).__name__ for t in state]}"
+                if isinstance(state, (tuple, list))
+                else f"a {type(state).__name__}"
+            )
+            raise TypeError(
+                "state must be the (W, b) pair of tensors (an MGGState) that the previous call "
+                f"returned, or None for a first call; got {held}"
+            )
         W, b = state
         nh, f = self.num_heads, self.head_dim
         if b.dim() == 4 and b.shape[2] == 1:  # published layout [N, nh, 1, f]
@@ -170,8 +199,9 @@ class MGG(nn.Module):
         The published format is ``{"model_state_dict": <TTTMGG state_dict>}`` with keys prefixed
         ``seq_modeling_block.``; its hidden size and head count are read from the tensor shapes.
         Loading uses ``weights_only=True``. Every shape is checked against the tensors before
-        anything is allocated, so a bad file is a ``ValueError`` naming it (``FileNotFoundError``
-        when there is no file)."""
+        anything is allocated, and every weight must be finite (an MGG holding NaN/Inf would only
+        fail later, in the optimizer, far from the file), so a bad file is a ``ValueError``
+        naming it (``FileNotFoundError`` when there is no file)."""
         path = Path(path)
         payload = load_weights(path, "MGG checkpoint", map_location)
         if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
@@ -185,6 +215,13 @@ class MGG(nn.Module):
             )
         sd = _checked_tensors(sd, path)
         hidden_size, num_heads = _sizes_of(sd, path)
+        try:
+            check_sizes(hidden_size, num_heads)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+        nonfinite = [name for name, t in sd.items() if not bool(torch.isfinite(t).all())]
+        if nonfinite:
+            raise ValueError(f"{path}: the MGG's {nonfinite[0]} holds NaN or Inf values")
         if config is not None:
             try:
                 declared = (int(config["hidden_size"]), int(config["num_heads"]))

@@ -10,7 +10,9 @@ functional :func:`~mgg_fast.optim.functional.mgg_step` on the backend of the gro
 from __future__ import annotations
 
 import contextlib
+import inspect
 import operator
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -32,11 +34,15 @@ from mgg_fast.optim.validation import (
     check_mgg_dtype,
     hyperparams,
     local_grad,
+    real,
     saved_skip_count,
 )
 
 NONFINITE_POLICIES = ("skip", "raise")
 STATE_DICT_FORMAT = "mgg_fast.optimizer/v1"
+_DCP_STATE_DICT = "torch.distributed.checkpoint.state_dict"
+_CALLER_DEPTH = 8  # frames between DCP's state initialisation and step(): torch's wrappers, a scheduler's
+MGG_GROUP_KEY = "mgg"  # ZeroRedundancyOptimizer's groups carry the constructor's mgg= (see _mgg_entry)
 
 
 @dataclass
@@ -103,6 +109,13 @@ class MGGOptimizer(torch.optim.Optimizer):
     meshes take each step's decisions together (one all-reduce of the non-finite flag): a
     non-finite shard skips the step everywhere, and a rank whose validation fails makes every
     rank raise before anything changes.
+
+    Checkpoints: ``state_dict()`` loads with ``torch.load(weights_only=True)``, also through
+    ``ZeroRedundancyOptimizer(optimizer_class=MGGOptimizer, mgg=...)`` (a group keeps the MGG's
+    config, not the module: :meth:`_mgg_entry`). The step that
+    ``torch.distributed.checkpoint.state_dict`` takes to create an empty state (zero gradients,
+    ``lr`` 0) makes the state a first step starts from and steps nothing, so a checkpoint taken
+    before the first step does not change training (:func:`_dcp_initialises_state`).
     """
 
     def __init__(
@@ -169,10 +182,39 @@ class MGGOptimizer(torch.optim.Optimizer):
         group["params"] = params = list(params)
         for name, default in self.defaults.items():
             group.setdefault(name, default)
+        if MGG_GROUP_KEY in group:
+            group[MGG_GROUP_KEY] = self._mgg_entry(group[MGG_GROUP_KEY], saved=False)
         hyperparams(group)
         check_group_params(params)
         super().add_param_group(group)
         self._packs.append(None)
+
+    def _mgg_entry(self, value: Any, *, saved: bool) -> dict[str, int]:
+        """What a parameter group keeps under ``"mgg"``: the MGG's config, never the module.
+
+        ``ZeroRedundancyOptimizer(params, optimizer_class=MGGOptimizer, mgg=mgg, ...)`` passes
+        every constructor argument to its local optimizer inside the groups, and copies the local
+        groups back into its own, which its ``state_dict()`` saves. Keeping the config there
+        instead of the module makes that state dict load with ``torch.load(weights_only=True)``;
+        the optimizer steps with ``self.mgg`` alone, so nothing else changes. A group may name
+        this optimizer's MGG itself or its config (copied from another group); a ``saved`` group
+        (a state dict) also an MGG of that config (a pickled optimizer's). Anything else is a
+        ``ValueError``.
+        """
+        config = self.mgg.config
+        if isinstance(value, MGG):
+            if value is self.mgg or (saved and value.config == config):
+                return dict(config)
+            shown = f"another MGG {value.config}"
+        elif isinstance(value, Mapping) and dict(value) == config:
+            return dict(config)
+        else:
+            shown = repr(value)
+        whose = "a saved parameter group's" if saved else "the parameter group's"
+        raise ValueError(
+            f"{whose} 'mgg' entry is {shown}, but this optimizer steps every group with its own MGG "
+            f"{config}: a group cannot name another"
+        )
 
     @property
     def num_skipped_steps(self) -> int:
@@ -187,6 +229,7 @@ class MGGOptimizer(torch.optim.Optimizer):
 
         Everything is validated before anything changes: a step that raises leaves parameters
         and state as they were."""
+        initialising = closure is None and not self.state and _dcp_initialises_state(self.param_groups)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -233,12 +276,17 @@ class MGGOptimizer(torch.optim.Optimizer):
             raise RuntimeError("another rank rejected this optimizer step (see its error); nothing changed")
         if not work:
             return loss
+        if verdict and initialising:
+            return loss  # no state from a non-finite MGG: the first real step skips (or raises)
         if verdict:
             if self.nonfinite == "raise":
                 raise FloatingPointError("a gradient or MGG weight holds NaN/Inf; the step was not taken")
             self._skipped += 1
             return loss
         packs = [self._pack(w) for w in work]
+        if initialising:  # the state a first step starts from (step 0, zero moments, W1/b1 memory)
+            self._record_state(work, state_unchanged)
+            return loss
         if not self.carry_memory:
             for pack in packs:
                 pack.reset_memory(mgg.W1, mgg.b1[:, 0, :])
@@ -252,9 +300,13 @@ class MGGOptimizer(torch.optim.Optimizer):
                     backend=w.backend, found_inf=found_inf, skipped=self._skipped if counts_skip else None,
                     keep_alive=self._graph_tensors,
                 )  # fmt: skip
+        self._record_state(work, state_unchanged)
+        return loss
+
+    def _record_state(self, work: list[_GroupWork], state_unchanged: bool) -> None:
+        """Record ``state`` as checked after a step that validated it (see :meth:`_state_unchanged`)."""
         if (not state_unchanged or any(w.repack for w in work)) and _covers_every_pack(work, self._packs):
             self._state_record = StateRecord.of(self.state)
-        return loss
 
     def _state_unchanged(self) -> bool:
         """Whether ``self.state`` is, entry for entry, what the last finished step left: every
@@ -412,6 +464,8 @@ class MGGOptimizer(torch.optim.Optimizer):
             if ids is None or len(ids) != len(group["params"]):
                 raise ValueError("parameter group sizes of the state dict do not match the optimizer")
             hyperparams({k: saved.get(k, group[k]) for k in self.defaults})
+            if MGG_GROUP_KEY in saved:
+                self._mgg_entry(saved[MGG_GROUP_KEY], saved=True)
             members, entries = [], []
             for i, p in zip(ids, group["params"], strict=True):
                 entry = saved_state.get(i)
@@ -436,7 +490,9 @@ class MGGOptimizer(torch.optim.Optimizer):
         # validated: commit
         for group, saved in zip(self.param_groups, groups, strict=True):
             for key, value in saved.items():
-                if key not in ("params", SKIPPED_GROUP_KEY):
+                if key == MGG_GROUP_KEY:
+                    group[key] = dict(self.mgg.config)
+                elif key not in ("params", SKIPPED_GROUP_KEY):
                     group[key] = value
         self.state = new_state
         self._packs = packs
@@ -469,6 +525,31 @@ class MGGOptimizer(torch.optim.Optimizer):
             self._state_record = None
             self._init_counters(skipped)
             self.register_state_dict_post_hook(MGGOptimizer._add_mgg_fast_entry, prepend=True)
+
+
+def _dcp_initialises_state(groups: list[dict[str, Any]]) -> bool:
+    """Whether this step is the one ``torch.distributed.checkpoint.state_dict`` takes to make an
+    empty optimizer state (its ``_init_optim_state``, run by ``get_optimizer_state_dict`` and
+    ``set_optimizer_state_dict``: zero gradients, every ``lr`` set to 0).
+
+    For Adam that step only counts; for the MGG it would run the memory step, which does not
+    depend on ``lr``, so saving a checkpoint before the first step would change training. Such
+    a step instead makes the state a first step starts from and steps nothing. It is recognised
+    by its caller (that function's code object, a few frames up: torch's step wrappers lie
+    between), never by the values alone, which a real step may share; the ``lr`` check is a
+    second guard. A torch without that function is never matched (the step then runs)."""
+    init = getattr(sys.modules.get(_DCP_STATE_DICT), "_init_optim_state", None)
+    code = getattr(inspect.unwrap(init), "__code__", None) if callable(init) else None
+    if code is None or any(real(g.get("lr")) != 0.0 for g in groups):
+        return False
+    frame = sys._getframe(2)  # the caller of step()
+    for _ in range(_CALLER_DEPTH):
+        if frame is None:
+            return False
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _covers_every_pack(work: list[_GroupWork], packs: list[PackedState | None]) -> bool:

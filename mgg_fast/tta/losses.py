@@ -9,7 +9,7 @@ features are those of :mod:`mgg_fast.tta.source_stats`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +55,53 @@ def foa_loss(logits: Tensor, features: Tensor, stats: SourceStats, lam: float = 
     return softmax_entropy(logits).mean() + lam * discrepancy / FOA_SCALE
 
 
+class ClassMask:
+    """The classes an adapter keeps from the logits (``class_mask=``), checked against the width of
+    the model's head: class indices (distinct, >= 0) or a boolean mask over the classes.
+
+    The head's width is checked at construction when it is known (``num_classes``, as timm
+    models have); otherwise on every forward, before the mask is applied, so a mask that does not
+    fit is a ``ValueError`` naming ``class_mask`` before any gradient or step (nothing changes).
+    """
+
+    def __init__(self, class_mask: Sequence[int] | Tensor, device: torch.device, num_classes: int | None):
+        try:
+            index = torch.as_tensor(class_mask).detach()
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"class_mask must hold class indices or booleans, got {class_mask!r}") from exc
+        self.width = None  # a boolean mask must have exactly one entry per class
+        if index.dtype == torch.bool and index.dim() == 1:
+            self.width = index.numel()
+            index = index.nonzero().flatten()
+        if index.dim() != 1 or index.numel() == 0 or index.is_floating_point() or index.is_complex():
+            raise ValueError("class_mask must be a non-empty 1-D list of class indices or a boolean mask")
+        self.largest = int(index.max())
+        if int(index.min()) < 0:
+            raise ValueError(f"class_mask holds the negative class index {int(index.min())}")
+        if index.unique().numel() != index.numel():
+            raise ValueError("class_mask lists a class twice")
+        self.index = index.long().to(device)
+        if num_classes is not None:
+            self.check(num_classes)
+
+    def check(self, num_classes: int) -> None:
+        """Raise a ``ValueError`` naming ``class_mask`` unless it fits a head of ``num_classes``."""
+        if self.width is not None and self.width != num_classes:
+            raise ValueError(
+                f"class_mask is a boolean mask over {self.width} classes, but the model's head has "
+                f"{num_classes}"
+            )
+        if self.largest >= num_classes:
+            raise ValueError(
+                f"class_mask holds class index {self.largest}, but the model's head has {num_classes} "
+                f"classes (indices 0 to {num_classes - 1})"
+            )
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        self.check(logits.shape[1])
+        return logits[:, self.index]
+
+
 class AdaptationLoss:
     """The loss an adapter or meta-trainer minimises: runs the forward and returns (logits, loss).
 
@@ -69,7 +116,7 @@ class AdaptationLoss:
         model: nn.Module,
         loss: str | Callable[[Tensor], Tensor],
         source_stats: SourceStats | None = None,
-        class_mask: Tensor | None = None,
+        class_mask: ClassMask | None = None,
         gather: Callable[[Tensor], Tensor] | None = None,
     ):
         if not callable(loss) and loss not in LOSSES:
@@ -101,4 +148,4 @@ class AdaptationLoss:
         return logits, foa_loss(logits, features, self.stats)
 
     def _mask(self, logits: Tensor) -> Tensor:
-        return logits if self.class_mask is None else logits[:, self.class_mask]
+        return logits if self.class_mask is None else self.class_mask(logits)

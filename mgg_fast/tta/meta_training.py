@@ -24,7 +24,8 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 import mgg_fast.tta.data_parallel as distributed
-from mgg_fast.core.mgg import MGG, MGGState
+from mgg_fast.core.arguments import beta_pair, finite_number, whole_number
+from mgg_fast.core.mgg import MGG, MGGState, check_sizes
 from mgg_fast.core.reference import optimizer_step
 from mgg_fast.tta.batches import batch_inputs
 from mgg_fast.tta.losses import AdaptationLoss
@@ -32,6 +33,7 @@ from mgg_fast.tta.norm_params import configure_for_adaptation, select_norm_param
 from mgg_fast.tta.source_stats import SourceStats
 
 MOMENT_EPS = 1e-8
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
 
 
 class MetaTrainer:
@@ -74,14 +76,15 @@ class MetaTrainer:
         unroll: int = 1,
         data_parallel: bool = False,
     ):
-        if not (isinstance(unroll, int) and unroll >= 1):
-            raise ValueError(f"unroll must be a positive int, got {unroll!r}")
+        mgg_lr, adapt_lr = finite_number("mgg_lr", mgg_lr), finite_number("adapt_lr", adapt_lr)
+        betas, eps = beta_pair("betas", betas), finite_number("eps", eps)
+        unroll = whole_number("unroll", unroll, 1)
+        if not isinstance(mgg, MGG):
+            raise TypeError(f"mgg must be an mgg_fast.MGG, got {type(mgg).__name__}")
         if data_parallel:
             distributed.require_process_group("meta-training with data_parallel=True")
         named = select_norm_params(model)
         self.device = named[0][1].device
-        if not isinstance(mgg, MGG):
-            raise TypeError(f"mgg must be an mgg_fast.MGG, got {type(mgg).__name__}")
         if mgg.W1.device != self.device:
             raise ValueError(f"the MGG is on {mgg.W1.device} but the model is on {self.device}")
         self.loss_fn = AdaptationLoss(
@@ -246,66 +249,112 @@ def train_mgg(
     The model is left as it was.
     ``data_parallel``: see :class:`MetaTrainer` (each rank passes its part of every batch;
     progress is shown on rank 0 only).
+
+    Every numeric argument is checked before anything changes (a ``TypeError``/``ValueError``
+    naming it), and a call that fails later (a non-finite loss, an epoch without batches, a
+    ``validate`` that raises) puts a given MGG back as it was (weights, device, gradients) and
+    ``history`` too: a failed call changes nothing.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    epochs = whole_number("epochs", epochs, 1)
+    seed = whole_number("seed", seed, SEED_RANGE[0], SEED_RANGE[1])
+    check_sizes(hidden_size, num_heads)
+    finite_number("mgg_lr", mgg_lr)
+    finite_number("adapt_lr", adapt_lr)
+    beta_pair("betas", betas)
+    whole_number("unroll", unroll, 1)
+    if mgg is not None and not isinstance(mgg, MGG):
+        raise TypeError(f"mgg must be an mgg_fast.MGG, got {type(mgg).__name__}")
+    if history is not None and not isinstance(history, list):
+        raise TypeError(f"history must be a list (or None), got {type(history).__name__}")
     device = select_norm_params(model)[0][1].device
     progress = progress and distributed.is_rank_zero()
     rng_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(seed)
-        mgg = MGG(hidden_size, num_heads) if mgg is None else mgg
-        mgg.to(device)
-        best: MGG | None = None
-        best_score = -math.inf
-        best_loss, stale, meta_updates = math.inf, 0, 0
-        order = _Shuffler(batches, seed) if shuffle else None
-        with MetaTrainer(
-            model,
-            mgg,
-            mgg_lr=mgg_lr,
-            adapt_lr=adapt_lr,
-            loss=loss,
-            source_stats=source_stats,
-            betas=betas,
-            unroll=unroll,
-            data_parallel=data_parallel,
-        ) as trainer:
-            for epoch in range(epochs):
-                trainer.reset(params=reset_params or epoch == 0)
-                epoch_batches = order.epoch() if order is not None else batches
-                bar = tqdm(epoch_batches, desc=f"meta-train {epoch + 1}/{epochs}", disable=not progress)
-                total = 0.0
-                for batch in bar:
-                    result = trainer.step(batch)
-                    loss_t = result["loss"]
-                    meta_updates += result["meta_step"]
-                    total += loss_t
-                    bar.set_postfix(loss=f"{loss_t:.4f}", mean=f"{total / trainer.num_steps:.4f}")
-                if trainer.num_steps == 0:
-                    raise ValueError(f"epoch {epoch + 1} got no batches (is `batches` a one-shot iterator?)")
-                meta_updates += trainer.flush() is not None
-                mean_loss = total / trainer.num_steps
-                score = _validate(model, mgg, validate) if validate is not None else math.nan
-                if validate is not None:
-                    if progress:
-                        tqdm.write(f"meta-train {epoch + 1}/{epochs}: validation score {score:.4f}")
-                    if best is None or score >= best_score:
-                        best, best_score = copy.deepcopy(mgg), score
-                if history is not None:
-                    history.append(
-                        {
-                            "epoch": epoch + 1,
-                            "mean_loss": mean_loss,
-                            "score": score,
-                            "meta_updates": meta_updates,
-                        }
-                    )
-                improved = best_loss == math.inf or mean_loss < best_loss - min_delta * abs(best_loss)
-                best_loss, stale = (mean_loss, 0) if improved else (min(best_loss, mean_loss), stale + 1)
-                if patience is not None and stale >= patience:
-                    break
+    given = _Snapshot(mgg) if mgg is not None else None
+    logged = len(history) if history is not None else 0
+    best: MGG | None = None
+    best_score = -math.inf
+    best_loss, stale, meta_updates = math.inf, 0, 0
+    try:
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(seed)
+            mgg = MGG(hidden_size, num_heads) if mgg is None else mgg
+            mgg.to(device)
+            order = _Shuffler(batches, seed) if shuffle else None
+            with MetaTrainer(
+                model,
+                mgg,
+                mgg_lr=mgg_lr,
+                adapt_lr=adapt_lr,
+                loss=loss,
+                source_stats=source_stats,
+                betas=betas,
+                unroll=unroll,
+                data_parallel=data_parallel,
+            ) as trainer:
+                for epoch in range(epochs):
+                    trainer.reset(params=reset_params or epoch == 0)
+                    epoch_batches = order.epoch() if order is not None else batches
+                    mean_loss, updates = _run_epoch(trainer, epoch_batches, f"{epoch + 1}/{epochs}", progress)
+                    meta_updates += updates
+                    score = _validate(model, mgg, validate) if validate is not None else math.nan
+                    if validate is not None:
+                        if progress:
+                            tqdm.write(f"meta-train {epoch + 1}/{epochs}: validation score {score:.4f}")
+                        if best is None or score >= best_score:  # ties: the more trained MGG
+                            best, best_score = copy.deepcopy(mgg), score
+                    if history is not None:
+                        history.append(
+                            {
+                                "epoch": epoch + 1,
+                                "mean_loss": mean_loss,
+                                "score": score,
+                                "meta_updates": meta_updates,
+                            }
+                        )
+                    improved = best_loss == math.inf or mean_loss < best_loss - min_delta * abs(best_loss)
+                    best_loss, stale = (mean_loss, 0) if improved else (min(best_loss, mean_loss), stale + 1)
+                    if patience is not None and stale >= patience:
+                        break
+    except BaseException:
+        if given is not None:
+            given.restore()
+        if history is not None:
+            del history[logged:]
+        raise
     return mgg if best is None else best
+
+
+def _run_epoch(trainer: MetaTrainer, batches: Iterable[Any], label: str, progress: bool) -> tuple[float, int]:
+    """One pass of ``trainer`` over ``batches`` (its partial window closed); the mean loss and the
+    number of meta-updates."""
+    bar = tqdm(batches, desc=f"meta-train {label}", disable=not progress)
+    total, updates = 0.0, 0
+    for batch in bar:
+        result = trainer.step(batch)
+        total += result["loss"]
+        updates += result["meta_step"]
+        bar.set_postfix(loss=f"{result['loss']:.4f}", mean=f"{total / trainer.num_steps:.4f}")
+    if trainer.num_steps == 0:
+        raise ValueError(f"epoch {label} got no batches (is `batches` a one-shot iterator?)")
+    updates += trainer.flush() is not None
+    return total / trainer.num_steps, updates
+
+
+class _Snapshot:
+    """A given MGG's parameters as they were (values, device, gradients), to put back when
+    :func:`train_mgg` fails: it trains that MGG in place."""
+
+    def __init__(self, mgg: MGG):
+        self.saved = [
+            (p, p.detach().clone(), None if p.grad is None else p.grad.detach().clone())
+            for p in mgg.parameters()
+        ]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, data, grad in self.saved:
+                p.data = data
+                p.grad = grad
 
 
 class _Shuffler:

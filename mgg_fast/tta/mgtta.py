@@ -18,11 +18,12 @@ import torch
 from torch import Tensor, nn
 
 import mgg_fast.tta.data_parallel as distributed
+from mgg_fast.core.arguments import beta_pair, finite_number
 from mgg_fast.core.mgg import MGG
 from mgg_fast.optim import MGGOptimizer
 from mgg_fast.optim.functional import triton_usable
 from mgg_fast.optim.sign_momentum import SignMomentum
-from mgg_fast.tta.losses import AdaptationLoss
+from mgg_fast.tta.losses import AdaptationLoss, ClassMask
 from mgg_fast.tta.norm_params import configure_for_adaptation, select_norm_params
 from mgg_fast.tta.source_stats import SourceStats
 
@@ -55,7 +56,9 @@ class MGTTA(nn.Module):
         episodic: reset before every batch (each batch adapts from the original model);
             otherwise adaptation is continual.
         class_mask: class indices (or a boolean mask) to keep from the logits before the loss and
-            in the returned logits (ImageNet-R/A style subsets).
+            in the returned logits (ImageNet-R/A style subsets). Checked against the head at
+            construction where the model gives its ``num_classes`` (timm models), else on every
+            batch before the loss (:class:`~mgg_fast.tta.losses.ClassMask`).
         backend: MGG step backend (``"auto"``, ``"triton"`` or ``"reference"``; see
             :class:`MGGOptimizer`).
         betas: moment coefficients of the MGG features and of Adam.
@@ -118,9 +121,11 @@ class MGTTA(nn.Module):
             raise ValueError("whole_batches=True is a setting of data_parallel=True")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        lr = None if lr is None else finite_number("lr", lr)
+        betas = beta_pair("betas", betas)
         named = select_norm_params(model)  # raises for models without norm params
         self.device = named[0][1].device
-        mask = _class_index(class_mask, self.device)
+        mask = None if class_mask is None else ClassMask(class_mask, self.device, _head_width(model))
         gather = self._gather_features if data_parallel else None
         self.loss_fn = AdaptationLoss(model, loss, source_stats, mask, gather)
         self.data_parallel = data_parallel
@@ -317,15 +322,11 @@ class MGTTADropIn(nn.Module):
         self.adapter.reset()
 
 
-def _class_index(class_mask: Sequence[int] | Tensor | None, device: torch.device) -> Tensor | None:
-    if class_mask is None:
-        return None
-    index = torch.as_tensor(class_mask, device=device)
-    if index.dtype == torch.bool:
-        index = index.nonzero().flatten()
-    if index.dim() != 1 or index.numel() == 0 or index.is_floating_point():
-        raise ValueError("class_mask must be a non-empty 1-D list of class indices or a boolean mask")
-    return index.long()
+def _head_width(model: nn.Module) -> int | None:
+    """How many classes the model predicts, where it says so without running (timm's
+    ``num_classes``); ``None`` otherwise (the class mask is then checked on the first batch)."""
+    n = getattr(model, "num_classes", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def _mgg_on(mgg: MGG | None, device: torch.device) -> MGG:

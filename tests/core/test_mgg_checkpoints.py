@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mgg_fast import MGG
-from mgg_fast.core.mgg import CHECKPOINT_FORMAT, PUBLISHED_PREFIX
+from mgg_fast.core.mgg import CHECKPOINT_FORMAT, PUBLISHED_PREFIX, expected_shapes
 
 
 def ours(tmp_path, config, state_dict, name="m.pt"):
@@ -100,3 +100,29 @@ def test_published_checkpoint_errors(tmp_path):
     torch.save({"model_state_dict": sd, "extra": stat.S_IMODE}, tmp_path / "c.pth")  # a pickled function
     with pytest.raises(ValueError, match=r"c\.pth is not a readable MGG checkpoint"):
         MGG.load(tmp_path / "c.pth")
+
+
+@pytest.mark.parametrize("layout", ["ours", "published"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_at_load_naming_the_file(tmp_path, layout, bad):
+    mgg = MGG(16, 2)
+    with torch.no_grad():
+        mgg.learnable_ttt_lr_bias[1, 0] = bad
+    if layout == "ours":
+        mgg.save(tmp_path / "nan_ckpt.pt")
+    else:
+        sd = {PUBLISHED_PREFIX + k: v for k, v in mgg.state_dict().items()}
+        torch.save({"model_state_dict": sd}, tmp_path / "nan_ckpt.pt")
+    with pytest.raises(
+        ValueError, match=r"nan_ckpt\.pt: the MGG's learnable_ttt_lr_bias holds NaN or Inf values"
+    ):
+        MGG.load(tmp_path / "nan_ckpt.pt")
+
+
+def test_a_hidden_size_beyond_the_bound_is_refused_at_load_naming_the_file(tmp_path):
+    """Consistent shapes and config, small tensors (1026 heads of 1), yet past the bound (1024)."""
+    h = 1026
+    shapes = expected_shapes(h, h)
+    path = ours(tmp_path, {"hidden_size": h, "num_heads": h}, {k: torch.zeros(s) for k, s in shapes.items()})
+    with pytest.raises(ValueError, match=rf"m\.pt: hidden_size must be <= 1024, got {h}"):
+        MGG.load(path)

@@ -566,6 +566,62 @@ def test_resume_through_torch_save_and_weights_only_load(tmp_path, backend, memo
     assert opt3.param_groups[0]["betas"] == opt.param_groups[0]["betas"]
 
 
+def test_groups_naming_the_mgg_save_weights_only_and_resume():
+    """What ZeroRedundancyOptimizer hands its local optimizer: groups that hold the constructor's
+    ``mgg=``. The groups keep the MGG's config instead, so the state dict loads with
+    weights_only=True and resumes bitwise."""
+    mgg = random_mgg(seed=3)
+
+    def make(params):
+        return MGGOptimizer([{"params": params, "mgg": mgg, "lr": LR}], mgg, betas=BETAS, backend="reference")
+
+    params = make_params()
+    opt = make(params)
+    run(opt, params, range(4))
+    resumed = make_params()
+    opt2 = make(resumed)
+    run(opt2, resumed, range(2))
+    assert opt2.param_groups[0]["mgg"] == mgg.config
+    saved = saved_and_loaded({"params": [p.detach() for p in resumed], "optim": opt2.state_dict()})
+    assert saved["optim"]["param_groups"][0]["mgg"] == {"hidden_size": 8, "num_heads": 1}
+    resumed = [p.clone().requires_grad_(True) for p in saved["params"]]
+    opt3 = make(resumed)
+    opt3.load_state_dict(saved["optim"])
+    run(opt3, resumed, range(2, 4))
+    assert_same_params(params, resumed)
+    assert_same_state_dicts(opt.state_dict(), opt3.state_dict())
+
+
+def test_a_group_naming_another_mgg_is_refused_and_changes_nothing():
+    mgg, other = random_mgg(seed=3), random_mgg(16, 2, seed=4)
+    with pytest.raises(ValueError, match=r"'mgg' entry is another MGG .*cannot name another"):
+        MGGOptimizer([{"params": make_params(), "mgg": other}], mgg)
+    _params, opt = stepped("mgg", 2)
+    with pytest.raises(ValueError, match="cannot name another"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "mgg": random_mgg(seed=3)})
+    assert len(opt.param_groups) == 1
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["mgg"] = other.config
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"saved parameter group's 'mgg' entry is \{'hidden_size': 16"):
+        opt.load_state_dict(sd)
+    assert "mgg" not in opt.param_groups[0]
+    assert_same_state_dicts(opt.state_dict(), before)
+
+
+def test_a_first_step_with_zero_gradients_and_lr_0_is_a_real_step():
+    """Only DCP's own state-initialising call is recognised, not the values it steps with: a
+    user's first step with zero gradients and lr 0 runs the memory step as any step does."""
+    params = make_params()
+    opt = mgg_opt(params, lr=0.0)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    state = opt.state[params[0]]
+    assert float(state["step"]) == 1.0
+    assert not torch.equal(state["memory_b"][0], opt.mgg.b1.detach()[:, 0, :])
+
+
 # ---- distributed: DDP + DCP, ZeroRedundancyOptimizer (2 gloo processes on 127.0.0.1) ----------
 
 
@@ -620,9 +676,61 @@ def _dcp_scenario(rank, out):
     }
 
 
+def _dcp_before_first_step_scenario(rank, out):
+    """A DCP checkpoint taken before the first step: ``get_optimizer_state_dict`` (and
+    ``set_optimizer_state_dict``) first run torch's state-initialising step (zero gradients,
+    lr 0). Neither the optimizer that was saved nor one resumed from the checkpoint may then
+    train differently from one that was never checkpointed."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def make():
+        model = DDP(tiny_model())
+        return model, mgg_opt(list(model.parameters()))
+
+    model, opt = make()
+    _ddp_train(model, opt, rank, range(3))
+    model2, opt2 = make()
+    ckpt = str(Path(out) / "dcp-before-first-step")
+    dcp.save(
+        {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)},
+        checkpoint_id=ckpt,
+    )
+    b1 = opt2.mgg.b1.detach()[:, 0, :]
+    made = {
+        "steps": [float(st["step"]) for st in opt2.state.values()],
+        "memory_b_moved": max(float((st["memory_b"] - b1).abs().max()) for st in opt2.state.values()),
+        "moments": max(float(st["exp_avg"].abs().max()) for st in opt2.state.values()),
+    }
+    _ddp_train(model2, opt2, rank, range(3))
+    model3, opt3 = make()
+    target = {"model": get_model_state_dict(model3), "optim": get_optimizer_state_dict(model3, opt3)}
+    dcp.load(target, checkpoint_id=ckpt)
+    set_model_state_dict(model3, target["model"])
+    set_optimizer_state_dict(model3, opt3, target["optim"])
+    _ddp_train(model3, opt3, rank, range(3))
+    return {
+        "made": made,
+        "uninterrupted": [p.detach() for p in model.parameters()],
+        "saved": [p.detach() for p in model2.parameters()],
+        "resumed": [p.detach() for p in model3.parameters()],
+        "state": opt.state_dict()["state"],
+        "saved_state": opt2.state_dict()["state"],
+        "resumed_state": opt3.state_dict()["state"],
+    }
+
+
 def _zero_scenario(rank, out):
-    """ZeroRedundancyOptimizer(optimizer_class=MGGOptimizer) under DDP: the same resume, through
-    consolidate_state_dict, a file and ZeRO's load_state_dict (which sets ``optim.state[p]``)."""
+    """ZeroRedundancyOptimizer(optimizer_class=MGGOptimizer, mgg=...) under DDP, built the natural
+    way (ZeRO hands every constructor argument to the local optimizer inside its parameter
+    groups): the same resume, through consolidate_state_dict, torch.save, a weights-only load and
+    ZeRO's load_state_dict (which sets ``optim.state[p]``)."""
     import torch.distributed as dist
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -646,26 +754,38 @@ def _zero_scenario(rank, out):
     opt2.consolidate_state_dict(to=0)
     path = Path(out) / "zero.pt"
     if rank == 0:
-        sd = opt2.state_dict()
-        for group in sd["param_groups"]:
-            del group["mgg"]  # ZeRO keeps every constructor argument in its groups: not weights
-        save_atomic(sd, path)
+        save_atomic(opt2.state_dict(), path)
     dist.barrier()
     model3, opt3 = make()
     model3.module.load_state_dict(model2.module.state_dict())
-    opt3.load_state_dict(torch.load(path, weights_only=True))
+    saved = torch.load(path, weights_only=True)
+    opt3.load_state_dict(saved)
     _ddp_train(model3, opt3, rank, range(2, 4))
     return {
         "uninterrupted": [p.detach() for p in model.parameters()],
         "resumed": [p.detach() for p in model3.parameters()],
         "steps": [float(st["step"]) for st in opt3.optim.state.values()],
         "num_local_params": len(opt3.optim.param_groups[0]["params"]),
+        "saved_mgg": [g.get("mgg") for g in saved["param_groups"]],
     }
 
 
+def _attempt(scenario, rank, out):
+    """What ``scenario`` returned, or ``{"error": ...}``: one failing scenario must not hide
+    what the others found."""
+    try:
+        return scenario(rank, out)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def _distributed_worker(rank, _world_size, out):
-    """Both distributed scenarios in one pair of processes (each process start costs seconds)."""
-    return {"dcp": _dcp_scenario(rank, out), "zero": _zero_scenario(rank, out)}
+    """The distributed scenarios in one pair of processes (each process start costs seconds)."""
+    return {
+        "dcp": _attempt(_dcp_scenario, rank, out),
+        "dcp_first": _attempt(_dcp_before_first_step_scenario, rank, out),
+        "zero": _attempt(_zero_scenario, rank, out),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -673,8 +793,15 @@ def distributed_results(tmp_path_factory):
     return run_local_processes(_distributed_worker, tmp_path_factory.mktemp("distributed"))
 
 
+def scenario_results(distributed_results, name):
+    results = [r[name] for r in distributed_results]
+    for rank, r in enumerate(results):
+        assert "error" not in r, f"rank {rank}: {r.get('error')}"
+    return results
+
+
 def test_ddp_dcp_resume_matches_an_uninterrupted_run(distributed_results):
-    results = [r["dcp"] for r in distributed_results]
+    results = scenario_results(distributed_results, "dcp")
     for r in results:
         assert_same_params(r["uninterrupted"], r["resumed"])
         assert r["steps"] == [4.0] * 4
@@ -683,9 +810,24 @@ def test_ddp_dcp_resume_matches_an_uninterrupted_run(distributed_results):
     assert_same_params(results[0]["resumed"], results[1]["resumed"])  # DDP kept the ranks in sync
 
 
-def test_zero_redundancy_resume_matches_an_uninterrupted_run(distributed_results):
-    results = [r["zero"] for r in distributed_results]
+def test_dcp_checkpoint_before_the_first_step_does_not_change_training(distributed_results):
+    results = scenario_results(distributed_results, "dcp_first")
     for r in results:
+        assert_same_params(r["uninterrupted"], r["saved"])
+        assert_same_params(r["uninterrupted"], r["resumed"])
+        assert_same_state_dicts({"state": r["state"]}, {"state": r["saved_state"]})
+        assert_same_state_dicts({"state": r["state"]}, {"state": r["resumed_state"]})
+        # DCP's state-initialising step made the state a first step starts from, and stepped nothing
+        assert r["made"] == {"steps": [0.0] * 4, "memory_b_moved": 0.0, "moments": 0.0}
+    assert_same_params(results[0]["resumed"], results[1]["resumed"])
+
+
+def test_zero_redundancy_resume_matches_an_uninterrupted_run(distributed_results):
+    """Built the natural way, ZeRO's consolidated state dict loads with weights_only=True (its
+    groups hold the MGG's config, not the module) and resumes bitwise."""
+    results = scenario_results(distributed_results, "zero")
+    for r in results:
+        assert r["saved_mgg"] == [{"hidden_size": 8, "num_heads": 1}]
         assert r["num_local_params"] >= 1  # each rank steps its own share
         assert_same_params(r["uninterrupted"], r["resumed"])
         assert r["steps"] and r["steps"] == [4.0] * len(r["steps"])

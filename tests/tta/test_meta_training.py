@@ -368,7 +368,7 @@ def test_flush_closes_a_partial_window_and_reset_can_keep_params(vit_setup):
         trainer.reset()
         initial = torch.cat([p.detach().reshape(-1) for _, p in sorted(trainer._initial.items())])
         assert torch.equal(torch.cat([p.reshape(-1) for _, p in sorted(trainer.params.items())]), initial)
-    with pytest.raises(ValueError, match="unroll must be a positive int"):
+    with pytest.raises(ValueError, match="unroll must be an int >= 1"):
         MetaTrainer(model, MGG(), source_stats=stats, unroll=0)
 
 
@@ -410,3 +410,95 @@ def test_patience_stops_when_the_meta_loss_stops_improving(vit_setup):
     full: list = []
     train_mgg(model, batches, epochs=4, source_stats=stats, unroll=3, history=full, progress=False)
     assert [h["meta_updates"] for h in full] == [1, 2, 3, 4]  # one window of 3 batches an epoch
+
+
+# ---- bad arguments and failed calls change nothing ----------------------------------------------
+
+
+def _small_setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
+    g = torch.Generator().manual_seed(1)
+    return model, [torch.randn(5, 4, generator=g) for _ in range(2)]
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same(module, snapshot):
+    return module.state_dict().keys() == snapshot.keys() and all(
+        torch.equal(v, snapshot[k]) for k, v in module.state_dict().items()
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "fragment"),
+    [
+        ({"epochs": 1.5}, TypeError, "epochs must be an int, got float 1.5"),
+        ({"epochs": True}, TypeError, "epochs must be an int, got bool"),
+        ({"mgg_lr": "1e-2"}, TypeError, "mgg_lr must be a number, got str"),
+        ({"mgg_lr": float("nan")}, ValueError, "mgg_lr must be a finite number >= 0, got nan"),
+        ({"adapt_lr": -1e-3}, ValueError, "adapt_lr must be a finite number >= 0"),
+        ({"adapt_lr": float("inf")}, ValueError, "adapt_lr must be a finite number >= 0"),
+        ({"betas": (1.5, 0.9)}, ValueError, r"betas must be a pair of numbers in \[0, 1\)"),
+        ({"betas": 0.9}, TypeError, r"betas must be a pair of numbers in \[0, 1\), got float"),
+        ({"seed": 1.5}, TypeError, "seed must be an int, got float"),
+        ({"seed": 2**64}, ValueError, "seed must be an int <= "),
+        ({"hidden_size": True}, TypeError, "hidden_size must be an int, got bool"),
+        ({"hidden_size": 2**40}, ValueError, "hidden_size must be <= 1024"),
+        ({"num_heads": 3}, ValueError, r"hidden_size \(8\) must be a positive multiple of num_heads \(3\)"),
+        ({"unroll": True}, TypeError, "unroll must be an int, got bool"),
+        ({"unroll": 2.0}, TypeError, "unroll must be an int, got float"),
+    ],
+)
+def test_train_mgg_names_a_bad_numeric_argument_and_changes_nothing(kwargs, error, fragment):
+    model, batches = _small_setup()
+    mgg, model_before = MGG(), _snapshot(model)
+    mgg_before, history = _snapshot(mgg), [{"epoch": 0}]
+    with pytest.raises(error, match=fragment):
+        train_mgg(model, batches, mgg=mgg, loss="entropy", progress=False, history=history, **kwargs)
+    assert _same(mgg, mgg_before) and _same(model, model_before)
+    assert history == [{"epoch": 0}]
+    assert all(p.grad is None for p in mgg.parameters())
+
+
+def test_metatrainer_names_a_bad_numeric_argument():
+    model, _ = _small_setup()
+    with pytest.raises(TypeError, match="eps must be a number, got str"):
+        MetaTrainer(model, MGG(), loss="entropy", eps="1e-8")
+    with pytest.raises(ValueError, match=r"betas\[1\] must be a finite number >= 0, got -0.5"):
+        MetaTrainer(model, MGG(), loss="entropy", betas=(0.9, -0.5))
+    assert all(p.requires_grad for p in model.parameters()) and model.training  # not configured
+
+
+@pytest.mark.parametrize("how", ["validate raises", "second epoch has no batches", "non-finite loss"])
+def test_a_train_mgg_that_fails_part_way_puts_the_given_mgg_and_history_back(how):
+    """train_mgg trains a given MGG in place: when it fails after some meta-steps, the MGG (its
+    weights and gradients) and ``history`` are as they were before the call."""
+    model, batches = _small_setup()
+    mgg, model_before = MGG(), _snapshot(model)
+    mgg_before, history = _snapshot(mgg), []
+    kwargs = {"epochs": 2}
+    if how == "validate raises":
+        calls = []
+
+        def validate(_mgg):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("the validation set went away")
+            return 0.5
+
+        kwargs["validate"] = validate
+        expected = (RuntimeError, "the validation set went away")
+    elif how == "second epoch has no batches":
+        batches = iter(batches)
+        expected = (ValueError, "epoch 2.* got no batches")
+    else:
+        batches = [batches[0], batches[1], torch.full((5, 4), float("nan"))]
+        expected = (FloatingPointError, "meta-training loss is nan at step 3")
+    with pytest.raises(expected[0], match=expected[1]):
+        train_mgg(model, batches, mgg=mgg, loss="entropy", progress=False, history=history, **kwargs)
+    assert _same(mgg, mgg_before) and _same(model, model_before)
+    assert all(p.grad is None for p in mgg.parameters())
+    assert history == []

@@ -100,3 +100,69 @@ def test_readme_drop_in_example_runs(tmp_path, monkeypatch):
     assert scope["outputs"].shape == (6, 10) and scope["loss"].dim() == 0
     assert scope["adapt_model"].adapter.num_updates == 0  # reset() at the end
     assert scope["adapt_model"].adapter.total_updates == 1
+
+
+def _configuration(model):
+    return model.training, [p.requires_grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    ("mask", "fragment"),
+    [
+        ([99], r"class_mask holds class index 99, but the model's head has 10 classes \(indices 0 to 9\)"),
+        ([2, 10], "class_mask holds class index 10, but the model's head has 10 classes"),
+        (torch.ones(12, dtype=torch.bool), "class_mask is a boolean mask over 12 classes, but the"),
+        ([-1], "class_mask holds the negative class index -1"),
+        ([3, 3], "class_mask lists a class twice"),
+    ],
+)
+def test_a_class_mask_that_does_not_fit_a_timm_head_is_refused_at_construction(mask, fragment):
+    """timm models give their head's width (num_classes): the mask is checked against it before
+    the model is configured."""
+    model = tiny_vit().eval()
+    configuration = _configuration(model)
+    with pytest.raises(ValueError, match=fragment):
+        MGTTA(model, optimizer="sgd", loss="entropy", class_mask=mask)
+    assert _configuration(model) == configuration
+
+
+@pytest.mark.parametrize("episodic", [False, True])
+@pytest.mark.parametrize("optimizer", ["mgg", "sgd"])
+def test_a_class_mask_beyond_a_plain_head_is_named_at_the_first_batch(optimizer, episodic):
+    """A model without ``num_classes``: the mask is checked against the logits of the first
+    batch, before the loss, so that call changes nothing."""
+    adapter = MGTTA(
+        tiny_model(), optimizer=optimizer, mgg=MGG(), loss="entropy", class_mask=[0, 99], episodic=episodic
+    )
+    before = [p.detach().clone() for p in adapter.model.parameters()]
+    state = str(adapter.optimizer.state_dict())
+    for _ in range(2):
+        with pytest.raises(ValueError, match="class_mask holds class index 99, but the model's head has 3"):
+            adapter(torch.randn(5, 4))
+    assert adapter.num_updates == 0 and adapter.total_updates == 0 and adapter.last_loss is None
+    assert all(p.grad is None for p in adapter.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, adapter.model.parameters(), strict=True))
+    assert str(adapter.optimizer.state_dict()) == state
+    fitting = MGTTA(tiny_model(), optimizer=optimizer, mgg=MGG(), loss="entropy", class_mask=[0, 2])
+    assert fitting(torch.randn(5, 4)).shape == (5, 2)
+
+
+@pytest.mark.parametrize("optimizer", ["mgg", "sgd", "adam"])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "fragment"),
+    [
+        ({"lr": "1e-3"}, TypeError, "lr must be a number, got str"),
+        ({"lr": True}, TypeError, "lr must be a number, got bool"),
+        ({"lr": float("nan")}, ValueError, "lr must be a finite number >= 0, got nan"),
+        ({"lr": -1e-3}, ValueError, "lr must be a finite number >= 0, got -0.001"),
+        ({"betas": (0.9, 1.0)}, ValueError, r"betas must be a pair of numbers in \[0, 1\), got \(0.9, 1.0\)"),
+        ({"betas": (0.9,)}, TypeError, r"betas must be a pair of numbers in \[0, 1\), got tuple"),
+        ({"betas": (0.9, "0.99")}, TypeError, r"betas\[1\] must be a number, got str"),
+    ],
+)
+def test_mgtta_names_a_bad_numeric_argument_and_changes_nothing(optimizer, kwargs, error, fragment):
+    model = tiny_model().eval()
+    configuration = _configuration(model)
+    with pytest.raises(error, match=fragment):
+        MGTTA(model, optimizer=optimizer, mgg=MGG(), loss="entropy", **kwargs)
+    assert _configuration(model) == configuration
