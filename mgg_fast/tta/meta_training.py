@@ -239,7 +239,12 @@ def train_mgg(
     epoch; the model's state is restored after each call, and a deep copy of the best-scoring MGG
     is returned. Without ``validate`` the final MGG is returned. The model is left as it was.
     ``data_parallel``: see :class:`MetaTrainer` (each rank passes its part of every batch;
-    progress is shown on rank 0 only).
+    progress is shown on rank 0 only). ``progress`` draws one bar over all epochs' batches (the
+    epoch and the losses in its postfix).
+
+    Raises ``ValueError`` when an epoch has fewer than two batches: an epoch's first batch gives
+    the MGG no meta-gradient (its loss comes before the epoch's first MGG update), so one batch
+    per epoch would return the MGG untrained.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -264,29 +269,63 @@ def train_mgg(
             unroll=unroll,
             data_parallel=data_parallel,
         ) as trainer:
-            for epoch in range(epochs):
-                trainer.reset(params=reset_params or epoch == 0)
-                epoch_batches = order.epoch() if order is not None else batches
-                bar = tqdm(epoch_batches, desc=f"meta-train {epoch + 1}/{epochs}", disable=not progress)
-                total = 0.0
-                for batch in bar:
-                    loss_t = trainer.step(batch)["loss"]
-                    total += loss_t
-                    bar.set_postfix(loss=f"{loss_t:.4f}", mean=f"{total / trainer.num_steps:.4f}")
-                if trainer.num_steps == 0:
-                    raise ValueError(f"epoch {epoch + 1} got no batches (is `batches` a one-shot iterator?)")
-                trainer.flush()
-                score = _validate(model, mgg, validate) if validate is not None else math.nan
-                if validate is not None:
-                    if progress:
-                        tqdm.write(f"meta-train {epoch + 1}/{epochs}: validation score {score:.4f}")
-                    if best is None or score > best_score:
-                        best, best_score = copy.deepcopy(mgg), score
-                if history is not None:
-                    history.append(
-                        {"epoch": epoch + 1, "mean_loss": total / trainer.num_steps, "score": score}
-                    )
+            per_epoch = order.batches if order is not None else _length(batches)
+            bar = tqdm(
+                total=None if per_epoch is None else epochs * per_epoch,
+                desc="meta-train MGG",
+                unit="batch",
+                disable=not progress,
+                leave=False,
+            )
+            with bar:
+                for epoch in range(epochs):
+                    trainer.reset(params=reset_params or epoch == 0)
+                    epoch_batches = order.epoch() if order is not None else batches
+                    total = 0.0
+                    for batch in epoch_batches:
+                        loss_t = trainer.step(batch)["loss"]
+                        total += loss_t
+                        bar.update()
+                        bar.set_postfix(
+                            epoch=f"{epoch + 1}/{epochs}",
+                            loss=f"{loss_t:.4f}",
+                            mean=f"{total / trainer.num_steps:.4f}",
+                        )
+                    _check_epoch(epoch, trainer.num_steps)
+                    trainer.flush()
+                    score = _validate(model, mgg, validate) if validate is not None else math.nan
+                    if validate is not None:
+                        if progress:
+                            bar.write(f"meta-train epoch {epoch + 1}/{epochs}: validation score {score:.4f}")
+                        if best is None or score > best_score:
+                            best, best_score = copy.deepcopy(mgg), score
+                    if history is not None:
+                        history.append(
+                            {"epoch": epoch + 1, "mean_loss": total / trainer.num_steps, "score": score}
+                        )
     return mgg if best is None else best
+
+
+def _length(batches: Iterable[Any]) -> int | None:
+    """The number of batches of an epoch, where ``batches`` knows it (a list, a DataLoader)."""
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _check_epoch(epoch: int, steps: int) -> None:
+    """An epoch must have two batches or more: the loss of its first batch is computed before any
+    MGG output has moved the parameters (each epoch is a fresh adaptation run), so it sends no
+    gradient to the MGG, and an epoch of one batch would return the MGG unchanged."""
+    if steps == 0:
+        raise ValueError(f"epoch {epoch + 1} got no batches (is `batches` a one-shot iterator?)")
+    if steps == 1:
+        raise ValueError(
+            f"epoch {epoch + 1} has 1 batch, and the first batch of an epoch gives the MGG no "
+            "meta-gradient (its loss comes before the epoch's first MGG update): training would "
+            "leave the MGG unchanged; give at least 2 batches per epoch (smaller batches or more images)"
+        )
 
 
 class _Shuffler:
@@ -298,6 +337,7 @@ class _Shuffler:
             raise ValueError("shuffle=True got no batches")
         self.images = torch.cat(inputs)
         self.batch_size = len(inputs[0])
+        self.batches = math.ceil(len(self.images) / self.batch_size)  # per epoch
         self.generator = torch.Generator().manual_seed(seed)
 
     def epoch(self) -> list[Tensor]:
