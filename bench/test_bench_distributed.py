@@ -54,6 +54,7 @@ def _bound(world_size: int) -> int:
     return rows * per_coord + 4 * 2 * len(LAYERS)
 
 
+@pytest.mark.benchmark(group="fsdp-state")
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_state_bytes_per_rank_fall_as_one_over_world_size(benchmark, world_size, tmp_path):
     if not torch.distributed.is_available():
