@@ -30,7 +30,7 @@ QUESTIONS = {  # group name prefix: what the group's table answers
     "fsdp-state": "optimizer state per rank under FSDP2 (time: the whole spawned run)",
 }
 UNITS = ((1e-3, "us", 1e6), (1.0, "ms", 1e3), (math.inf, "s", 1.0))  # (below, name, per second)
-SHOWN_SKIPPED = 2  # skipped case names listed per reason
+SHOWN_SKIPPED = 1  # skipped case names listed per reason
 
 
 def pytest_configure(config: Any) -> None:
