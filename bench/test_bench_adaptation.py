@@ -36,6 +36,12 @@ VARIANTS = [
     ("sgd", "sgd", "auto"),
     ("adam", "adam", "auto"),
 ]
+LABELS = {
+    "mgg-reference": "MGG reference",
+    "mgg-fused": "MGG fused",
+    "sgd": "Tent (SGD)",
+    "adam": "torch Adam",
+}
 PARTS = ("forward_backward", "step", "full")
 
 
@@ -81,6 +87,7 @@ def test_adaptation_latency(benchmark, setup, label, optimizer, backend, part):
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if CUDA else "cpu",
         torch=torch.__version__,
+        label=LABELS[label],
         batch=BATCH,
         coords=sum(p.numel() for g in adapter.optimizer.param_groups for p in g["params"]),
     )

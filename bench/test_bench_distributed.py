@@ -54,6 +54,7 @@ def _bound(world_size: int) -> int:
     return rows * per_coord + 4 * 2 * len(LAYERS)
 
 
+@pytest.mark.benchmark(group="fsdp-state")
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_state_bytes_per_rank_fall_as_one_over_world_size(benchmark, world_size, tmp_path):
     if not torch.distributed.is_available():
@@ -66,7 +67,12 @@ def test_state_bytes_per_rank_fall_as_one_over_world_size(benchmark, world_size,
     per_rank = [r["state_bytes"] for r in results]
     full = sum(o * (i + 1) for i, o in LAYERS) * _bytes_per_coordinate() + 4 * 2 * len(LAYERS)
     benchmark.extra_info.update(
-        {"world_size": world_size, "state_bytes_per_rank": per_rank, "single_process_bytes": full}
+        {
+            "label": f"{world_size} rank(s)",
+            "world_size": world_size,
+            "state_bytes_per_rank": per_rank,
+            "single_process_bytes": full,
+        }
     )
     assert sum(per_rank) == full + 4 * 2 * len(LAYERS) * (world_size - 1)  # steps are replicated
     assert max(per_rank) <= _bound(world_size)

@@ -41,6 +41,12 @@ STEPS = {"38k": 200, "1M": 50, "8M": 20}  # timed calls per number
 CPU_SIZES = ("38k",)
 NO_GPU = "the fused Triton step needs a CUDA GPU (TRITON_INTERPRET checks correctness, not speed)"
 HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}  # MGGOptimizer's defaults, lr 1e-3
+LABELS = {  # each backend's name in the report tables (bench/conftest.py)
+    "fused": "MGG fused",
+    "fused_bf16_memory": "MGG fused, bf16 memory",
+    "reference": "MGG reference",
+    "adam_fused": "torch Adam(fused=True)",
+}
 SWEEP_BLOCKS = {8: (8, 16, 32, 64), 16: (2, 4, 8, 16), 32: (2, 4, 8)}  # per head dim f
 SWEEP_WARPS = (1, 2, 4, 8)
 
@@ -225,6 +231,7 @@ def test_step(benchmark, backend, size):
     if not CUDA and size not in CPU_SIZES:
         pytest.skip(f"CPU runs only {CPU_SIZES} (keeps the CPU benchmark short)")
     benchmark.group = f"step-{size}"
+    benchmark.extra_info["label"] = LABELS[backend]
     params = _tensors(size)
     numbers = _memory(lambda: _optimizer(backend, params)) if CUDA else {}
     opt = _optimizer(backend, params)

@@ -135,6 +135,7 @@ def test_grad_clones_alone(benchmark):
 def test_adam_foreach_step(benchmark):
     params = _tensors()
     opt = torch.optim.Adam(params, lr=1e-3, foreach=True)
+    benchmark.extra_info["label"] = "torch Adam(foreach)"
     benchmark(opt.step)
 
 

@@ -56,7 +56,7 @@ def test_meta_window(benchmark, setup, unroll):
         saved = _saved_bytes(trainer, xs[:unroll])
         benchmark.group = "meta-window-cpu"
         benchmark.extra_info.update(
-            unroll=unroll, batch=BATCH, torch=torch.__version__, saved_mb=saved / 2**20
+            label=f"K = {unroll}", unroll=unroll, batch=BATCH, torch=torch.__version__, saved_mb=saved / 2**20
         )
         window = xs[:unroll]
         benchmark.pedantic(lambda: [trainer.step(x) for x in window], rounds=4, iterations=1, warmup_rounds=1)

@@ -24,7 +24,7 @@ def _tensors(seed: int = 0) -> list[torch.Tensor]:
 def test_adam_foreach_step(benchmark):
     params = _tensors()
     opt = torch.optim.Adam(params, lr=1e-3, foreach=True)
-    benchmark.extra_info["coords"] = NUM_TENSORS * DIM
+    benchmark.extra_info.update(coords=NUM_TENSORS * DIM, label="torch Adam(foreach)")
     benchmark(opt.step)
 
 
@@ -41,6 +41,7 @@ def test_mgg_step(benchmark, backend, memory_W_dtype):
     params = _tensors()
     opt = MGGOptimizer(params, MGG(hidden_size=8), lr=1e-3, backend=backend, memory_W_dtype=memory_W_dtype)
     opt.step()  # first step: state allocation
-    benchmark.extra_info["coords"] = NUM_TENSORS * DIM
+    label = "MGG reference" + (", bf16 memory" if memory_W_dtype is not None else "")
+    benchmark.extra_info.update(coords=NUM_TENSORS * DIM, label=label)
     benchmark(opt.step)
     assert torch.isfinite(torch.cat([p.detach() for p in params])).all()

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from mgg_fast.cli.bundled import benchmark_config, image_folder, report, source_model
 from mgg_fast.cli.common import (
     BUNDLED,
+    DEFAULT_METHODS,
     CLIError,
     benchmark_options,
+    bundled_group,
     cache_options,
     check_output_folder,
     common_options,
@@ -27,17 +26,19 @@ from mgg_fast.cli.common import (
     source_options,
     user_model_options,
 )
-from mgg_fast.tta.data_parallel import init_from_torchrun, rank_zero_first
+
+if TYPE_CHECKING:
+    import torch
 
 OWN_MODEL_BATCH = 64  # --batch-size of adapt --model when unset (the published ImageNet-C batch)
 
 
 def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
-    """The ``adapt`` subcommand's options."""
+    """The ``adapt`` subcommand's options: the shared ones, then a section for --model and one
+    for the bundled models."""
     p = sub.add_parser(
         "adapt",
         **fmt,
-        help="evaluate a saved MGG against NoAdapt/Tent/Adam; --model: adapt your timm model on your data",
         description="Evaluate a saved MGG against the baselines: on the bundled benchmark (learning rates "
         "tuned on the validation corruptions, as in the demo) or on a folder of images with the "
         "given learning rates (accuracy if the folder has class subfolders named 0..9). With --model: "
@@ -59,31 +60,31 @@ def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
         metavar="LR",
         default=None,
         help="bundled models on a folder: TENT ADAM MGG (default: the middle of each tuning grid); with "
-        "--model: one for all methods or one per --method (default 1e-3, the published adapt_lr)",
-    )
-    p.add_argument(
-        "--method",
-        type=list_of(str),
-        default=["mgg"],
-        help="with --model: methods among noadapt,tent,adam,mgg",
-    )
-    p.add_argument("--episodic", action="store_true", help="with --model: reset before every batch")
-    p.add_argument(
-        "--class-mask", type=Path, default=None, help="with --model: text file of the class indices to keep"
-    )
-    p.add_argument(
-        "--images", type=positive_int, default=None, help="with --model: at most this many images per stream"
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="with --model: continue the run in --out, skipping finished streams",
+        "--model: one for all methods or one per --method (default: 1e-3, the published adapt_lr)",
     )
     source_options(p)
-    user_model_options(p)
-    benchmark_options(p)
-    cache_options(p)
-    common_options(p)
+    own = user_model_options(p)
+    own.add_argument(
+        "--method",
+        type=list_of(str),
+        default=None,
+        help=f"methods among noadapt,tent,adam,mgg (default: {','.join(DEFAULT_METHODS)}, and mgg when "
+        "--mgg is given)",
+    )
+    own.add_argument("--episodic", action="store_true", help="reset before every batch")
+    own.add_argument("--class-mask", type=Path, default=None, help="text file of the class indices to keep")
+    own.add_argument("--images", type=positive_int, default=None, help="at most this many images per stream")
+    own.add_argument(
+        "--resume", action="store_true", help="continue the run in --out, skipping finished streams"
+    )
+    bundled = bundled_group(p)
+    benchmark_options(p, bundled)
+    cache_options(p, bundled)
+    common_options(
+        p,
+        seed="seed of the batch order and of the --images choice (--model); of the corruptions and the "
+        "source models' training (bundled models)",
+    )
     p.set_defaults(run=run)
 
 
@@ -95,8 +96,11 @@ def run(args: argparse.Namespace) -> None:
         args.batch_size = args.batch_size or OWN_MODEL_BATCH
         cmd_adapt_model(args)
         return
+    from mgg_fast.cli.bundled import benchmark_config, report
+    from mgg_fast.tta.data_parallel import init_from_torchrun
+
     if args.mgg is None:
-        raise CLIError("the bundled models need --mgg FILE (an MGG from 'mgg-fast train'); or give --model")
+        raise CLIError("the bundled models need --mgg FILE (an MGG from the train command); or give --model")
     if args.lr is not None and len(args.lr) != 3:
         raise CLIError(f"--lr for the bundled models takes 3 values (TENT ADAM MGG), got {len(args.lr)}")
     device = resolve_device(args.device)
@@ -123,17 +127,21 @@ def run(args: argparse.Namespace) -> None:
 def _adapt_folder(args: argparse.Namespace, device: torch.device, mgg: Any, data_parallel: bool) -> None:
     """Every benchmark method on one folder of images with the bundled models, at the given (or
     the grids' middle) learning rates: accuracy (labeled folders), mean confidence, time."""
+    import torch
+
+    from mgg_fast.cli.bundled import image_folder, source_model
     from mgg_fast.evaluation.bundled.benchmark import clean_source_stats
     from mgg_fast.evaluation.bundled.config import ARCHS, NORMALISED_GRID, SGD_GRID
     from mgg_fast.evaluation.bundled.data import to_tensor
     from mgg_fast.evaluation.protocol import Runner
     from mgg_fast.evaluation.streams import make_batches
+    from mgg_fast.tta.data_parallel import rank_zero_first
     from mgg_fast.tta.registry import MethodOptions, label, memory_dtype
 
     data = image_folder(args.data)
     middle = [g[len(g) // 2] for g in (SGD_GRID, NORMALISED_GRID, NORMALISED_GRID)]
     lrs = dict(zip(("tent", "adam", "mgg"), args.lr or middle, strict=True))
-    batches = make_batches(data, args.batch_size, device, to_tensor)
+    batches = make_batches(data, args.batch_size or OWN_MODEL_BATCH, device, to_tensor)
     if min(len(x) for x, _ in batches) < 2:
         raise CLIError(
             "the foa loss needs batches of at least 2 images: give more images or a smaller --batch-size"

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mgg_fast.cli.common import (
     CLIError,
@@ -17,7 +15,11 @@ from mgg_fast.cli.common import (
     positive_int,
     resolve_device,
     say,
+    show_progress,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
@@ -25,7 +27,6 @@ def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
     p = sub.add_parser(
         "bench",
         **fmt,
-        help="optimizer-step throughput: reference vs fused (CUDA) vs torch Adam",
         description="Time one optimizer step over N coordinates (tensors of 768, like ViT-B/16 norms): "
         "the reference MGG step, the fused Triton step (CUDA only; also with bf16 memory matrices) "
         "and torch Adam(foreach).",
@@ -36,13 +37,16 @@ def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
         default=None,
         help="coordinate counts (default 4608,38400 on CPU; 38400,1048576,8388608 on CUDA)",
     )
-    p.add_argument("--steps", type=positive_int, default=None, help="timed steps per size")
-    common_options(p)
+    p.add_argument(
+        "--steps", type=positive_int, default=None, help="timed steps per size (default 10; CUDA 50)"
+    )
+    common_options(p, seed="seed of the random parameters and gradients that are timed")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
     """Time optimizer steps at a few sizes."""
+    import torch
     from tqdm.auto import tqdm
 
     from mgg_fast.core.mgg import MGG
@@ -71,10 +75,13 @@ def run(args: argparse.Namespace) -> None:
         ]
     where = torch.cuda.get_device_name(device) if cuda else "CPU"
     say(f"optimizer step on {where}, torch {torch.__version__}")
+    if not cuda:
+        why = "--device cpu" if torch.cuda.is_available() else "no CUDA GPU on this machine"
+        say(f"MGG fused: not timed, the fused Triton step runs on a CUDA GPU only ({why})")
     say(f"{'coords':>10}  {'optimizer':<20} {'µs/step':>10} {'coords/s':>10}")
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    for n in tqdm(sizes, desc="sizes", disable=args.no_progress, leave=False):
+    for n in tqdm(sizes, desc="sizes", disable=not show_progress(args), leave=False):
         params = [t.to(device).requires_grad_(True) for t in torch.randn(n, generator=gen).split(768)]
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen).to(device) * 1e-2

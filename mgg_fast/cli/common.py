@@ -1,25 +1,34 @@
-"""What every command shares: one-line errors, argument types and option groups, devices, output
-checks, and the report line. Nothing here runs a command; each command is a module of
-:mod:`mgg_fast.cli`."""
+"""What every command shares: one-line errors, the help layout, argument types and option
+groups, devices, output checks, progress bars and the report line. Nothing here runs a command;
+each command is a module of :mod:`mgg_fast.cli`.
+
+Building the parser and printing ``--help`` import no torch, timm or triton (a second or more
+on a busy machine): this module imports them inside the functions that need them, and the
+bundled benchmark's defaults come from :mod:`mgg_fast.evaluation.bundled.config`, which
+imports no torch either.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from mgg_fast.tta.data_parallel import is_rank_zero, rank_part
-
 if TYPE_CHECKING:
     import torch
+
+from mgg_fast.evaluation.bundled.config import REGIMES, BenchmarkConfig  # torch-free
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 BUNDLED = "bundled"
 # The flag to lower when a command runs out of memory.
 OOM_FLAG = {"bench": "--sizes"}  # every other command: --batch-size
+# adapt --model without --method: the baselines, and the MGG when --mgg gives one
+DEFAULT_METHODS = ("noadapt", "tent", "adam")
 
 
 class CLIError(Exception):
@@ -31,6 +40,21 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default after its help, written as a user would type it: a list as
+    ``a,b``; none where the option is unset by default (``None``), a flag, or empty (the help
+    says what unset means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default is argparse.SUPPRESS
+        if "%(default)" in text or not action.option_strings or unset or default in ([], (), {}):
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
 
 
 # ---- argument types ------------------------------------------------------------------------------
@@ -86,9 +110,9 @@ def list_of(item: Callable[[str], Any]) -> Callable[[str], list[Any]]:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA if available else CPU; otherwise a checked ``cpu`` / ``cuda[:i]`` device."""
     import torch
 
-    """``auto`` → CUDA if available else CPU; otherwise a checked ``cpu`` / ``cuda[:i]`` device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -133,9 +157,9 @@ def check_output_file(path: Path, flag: str = "--output") -> None:
 
 
 def available_memory(device: torch.device) -> int:
+    """Free bytes on ``device``: CUDA's free memory, else the kernel's MemAvailable (or free pages)."""
     import torch
 
-    """Free bytes on ``device``: CUDA's free memory, else the kernel's MemAvailable (or free pages)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -151,22 +175,35 @@ def available_memory(device: torch.device) -> int:
 # ---- option groups -------------------------------------------------------------------------------
 
 
-def common_options(p: argparse.ArgumentParser) -> None:
+def common_options(
+    p: argparse.ArgumentParser, seed: str = "seed of the corruptions, source-model training and the MGG"
+) -> None:
+    """``--device``, ``--seed`` (``seed``: what it seeds in this command) and ``--no-progress``."""
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0, help=seed)
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of the corruptions, source-model training and the MGG"
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (there are none either when stderr is not a terminal)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def cache_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+def bundled_group(p: argparse.ArgumentParser) -> Any:
+    """The titled help section of the options that only the bundled models read."""
+    return p.add_argument_group("the bundled models (without --model)")
+
+
+def cache_options(p: argparse.ArgumentParser, bundled: Any = None) -> None:
+    """The cache and the bundled source models' training; ``bundled``: where the options only the
+    bundled models read go (an argument group; default ``p``)."""
+    bundled = p if bundled is None else bundled
+    bundled.add_argument(
         "--cache-dir",
         type=Path,
         default=None,
         help="cache of corrupted data and source models; unset: $MGG_FAST_CACHE, else ~/.cache/mgg_fast",
     )
-    p.add_argument(
+    bundled.add_argument(
         "--source-epochs",
         type=positive_int,
         default=None,
@@ -181,10 +218,10 @@ def cache_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def benchmark_options(p: argparse.ArgumentParser) -> None:
-    from mgg_fast.evaluation.bundled.config import REGIMES
-
-    p.add_argument(
+def benchmark_options(p: argparse.ArgumentParser, bundled: Any = None) -> None:
+    """The benchmark's regime, sizes and report folder; ``bundled``: as in :func:`cache_options`."""
+    bundled = p if bundled is None else bundled
+    bundled.add_argument(
         "--regime",
         choices=tuple(REGIMES),
         default="demo",
@@ -192,8 +229,11 @@ def benchmark_options(p: argparse.ArgumentParser) -> None:
         "corruption), small-batch (batch 8), label-shift (class-imbalanced order), mixed (also a "
         "mixed-domain stream); the options below override it",
     )
-    p.add_argument(
-        "--archs", type=list_of(str), default=None, help="source models: vit,resnet (unset: the regime's)"
+    bundled.add_argument(
+        "--archs",
+        type=list_of(str),
+        default=None,
+        help="bundled source models: vit,resnet (unset: the regime's)",
     )
     p.add_argument(
         "--corruptions",
@@ -202,14 +242,17 @@ def benchmark_options(p: argparse.ArgumentParser) -> None:
         help="comma-separated test corruptions; unset: all 15 (with --model: 'all' or unset is every "
         "corruption folder)",
     )
-    p.add_argument(
+    bundled.add_argument(
         "--n-test",
         type=positive_int,
         default=None,
         help="images per test corruption (more than the split's 1,000 re-corrupts it; unset: the regime's)",
     )
     p.add_argument(
-        "--batch-size", type=positive_int, default=None, help="test-time batch size (unset: the regime's)"
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help=f"test-time batch size (unset: the regime's; {BenchmarkConfig.batch_size} with --model)",
     )
     p.add_argument("--out", type=Path, default=Path("mgg_fast_results"), help="report folder")
     p.add_argument(
@@ -221,13 +264,15 @@ def benchmark_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def user_model_options(p: argparse.ArgumentParser, required: bool = False) -> None:
-    g = p.add_argument_group("your own model and data (timm)")
+def user_model_options(p: argparse.ArgumentParser, required: bool = False) -> Any:
+    """The --model options, in their own titled help section (returned, for a command's own
+    --model options)."""
+    g = p.add_argument_group("your own model and data (timm, with --model)")
     g.add_argument(
         "--model",
         required=required,
         default=None,
-        help="a timm model name (timm.create_model)" + ("" if required else "; unset: the bundled demo"),
+        help="a timm model name (timm.create_model)" + ("" if required else "; unset: the bundled models"),
     )
     weights = g.add_mutually_exclusive_group()
     weights.add_argument(
@@ -270,6 +315,7 @@ def user_model_options(p: argparse.ArgumentParser, required: bool = False) -> No
     g.add_argument(
         "--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1), help="DataLoader processes"
     )
+    return g
 
 
 def source_options(p: argparse.ArgumentParser) -> None:
@@ -278,7 +324,7 @@ def source_options(p: argparse.ArgumentParser) -> None:
         "--source-stats",
         type=Path,
         default=None,
-        help="FOA source statistics: a file of 'mgg-fast stats' or the published train_info.pt",
+        help="FOA source statistics: a file of the stats command or the published train_info.pt",
     )
     g.add_argument(
         "--source-data", default=None, help="FOA source statistics computed from this folder of clean images"
@@ -297,12 +343,23 @@ def source_options(p: argparse.ArgumentParser) -> None:
 def say(message: str) -> None:
     """A line of the command's report on stdout, flushed (progress bars go to stderr); under
     torchrun only rank 0 reports."""
+    from mgg_fast.tta.data_parallel import is_rank_zero
+
     if is_rank_zero():
         print(message, flush=True)
 
 
+def stderr_is_terminal() -> bool:
+    """Whether stderr, where the progress bars go, is a terminal: else :func:`mgg_fast.cli.main`
+    sets ``--no-progress`` (a bar written to a log file or a pipe is thousands of lines)."""
+    return sys.stderr.isatty()
+
+
 def show_progress(args: argparse.Namespace) -> bool:
-    """Whether to draw progress bars: unless ``--no-progress``, and under torchrun on rank 0 only."""
+    """Whether to draw progress bars: unless ``--no-progress`` (given, or stderr is no
+    terminal), and under torchrun on rank 0 only."""
+    from mgg_fast.tta.data_parallel import is_rank_zero
+
     return not args.no_progress and is_rank_zero()
 
 
@@ -315,22 +372,35 @@ def meta_train_and_save(
     *,
     data_parallel: bool = False,
 ) -> None:
-    """Meta-train an MGG for ``model`` with the train options and save it to ``--output`` (rank 0
-    saves when the processes train data-parallel)."""
+    """Meta-train an MGG for ``model`` with the train options, report the meta-loss of the first
+    and the last epoch (the mean over an epoch's batches, each epoch a fresh adaptation run) and
+    save it to ``--output`` (rank 0 saves when the processes train data-parallel)."""
+    from mgg_fast.tta.data_parallel import is_rank_zero
     from mgg_fast.tta.meta_training import train_mgg
 
+    history: list[dict[str, float]] = []
     mgg = train_mgg(
         model,
         batches,
         epochs=args.epochs,
+        patience=args.patience,
         mgg_lr=args.mgg_lr,
         adapt_lr=args.adapt_lr,
         loss=loss,
         source_stats=stats,
         seed=args.seed,
-        progress=not args.no_progress,
+        progress=show_progress(args),
+        history=history,
         data_parallel=data_parallel,
     )
+    first, last = history[0]["mean_loss"], history[-1]["mean_loss"]
+    if len(history) == 1:
+        say(f"meta-loss (mean over the epoch's batches): {first:.4f}, one epoch")
+    else:
+        say(
+            f"meta-loss (mean over an epoch's batches): epoch 1 {first:.4f}, epoch {len(history)} "
+            f"{last:.4f} ({last - first:+.4f})"
+        )
     if is_rank_zero():
         mgg.save(args.output)
     say(f"saved the MGG to {args.output}")
@@ -338,6 +408,8 @@ def meta_train_and_save(
 
 def rank_parts(batches: list[torch.Tensor]) -> list[torch.Tensor]:
     """This process's part of every meta-training batch under torchrun (equal parts)."""
+    from mgg_fast.tta.data_parallel import rank_part
+
     try:
         return [rank_part(b) for b in batches]
     except ValueError as exc:
@@ -354,10 +426,21 @@ def load_mgg(path: Path, device: torch.device) -> Any:
     try:
         return MGG.load(path, map_location=device)
     except FileNotFoundError:
-        raise CLIError(f"no MGG checkpoint at {path} (make one with 'mgg-fast train')") from None
+        raise CLIError(f"no MGG checkpoint at {path} (make one with the train command)") from None
 
 
-def check_foa_batches(loss: str, batches: Sequence[torch.Tensor]) -> None:
-    """The FOA loss takes a batch std: every meta-training batch needs two images."""
+def check_meta_batches(loss: str, batches: Sequence[torch.Tensor], batch_size: int) -> None:
+    """Refuse meta-training data that cannot train the MGG, before any model work: an epoch of
+    one batch (its loss comes before the epoch's first MGG update, so no meta-gradient ever
+    reaches the MGG and the saved one would be the untrained seed), and for the FOA loss (a
+    batch std) a batch of one image."""
+    images = sum(len(b) for b in batches)
+    if len(batches) < 2:
+        smaller = f"--batch-size {images // 2} or less" if images >= 2 else "more images"
+        raise CLIError(
+            f"{images} image(s) at --batch-size {batch_size} make 1 meta-training batch per epoch: the "
+            f"MGG gets no meta-gradient from an epoch's first batch, so it would stay untrained; use "
+            f"{smaller} (2 batches or more)"
+        )
     if loss == "foa" and min(len(b) for b in batches) < 2:
         raise CLIError("the foa loss needs batches of at least 2 images; use --loss entropy or more images")

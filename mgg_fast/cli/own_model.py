@@ -18,8 +18,9 @@ import torch
 
 from mgg_fast.cli.common import (
     BUNDLED,
+    DEFAULT_METHODS,
     CLIError,
-    check_foa_batches,
+    check_meta_batches,
     check_output_file,
     check_output_folder,
     load_mgg,
@@ -171,21 +172,23 @@ def cmd_adapt_model(args: argparse.Namespace) -> None:
     from mgg_fast.tta.registry import method as registered
 
     check_output_folder(args.out)
-    unknown = [m for m in args.method if m not in METHODS]
+    methods = args.method or [*DEFAULT_METHODS, *(["mgg"] if args.mgg is not None else [])]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise CLIError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    adapting = [m for m in args.method if m != "noadapt"]
+    adapting = [m for m in methods if m != "noadapt"]
     if args.lr is not None and len(args.lr) not in (1, len(adapting)):
         raise CLIError(
-            f"--lr takes one value or one per adapting method ({len(adapting)}), got {len(args.lr)}"
+            f"--lr takes one value or one per adapting method ({len(adapting)}: {','.join(adapting)}), "
+            f"got {len(args.lr)}"
         )
-    if "mgg" in args.method and args.mgg is None:
+    if "mgg" in methods and args.mgg is None:
         raise CLIError(
-            "--method mgg needs --mgg FILE (from 'mgg-fast train --model ...', or the published one)"
+            "--method mgg needs --mgg FILE (from the train command with --model, or the published one)"
         )
     device = resolve_device(args.device)
     data_parallel = init_from_torchrun(device)  # each process adapts on its part of every batch
-    mgg = load_mgg(args.mgg, device) if "mgg" in args.method else None
+    mgg = load_mgg(args.mgg, device) if "mgg" in methods else None
     model, transform, data_config = _user_model(args, device, data_parallel)
     mask = read_class_mask(args.class_mask, num_outputs(model)) if args.class_mask is not None else None
     root, layout, streams = _user_streams(args, args.data, len(mask) if mask else num_outputs(model))
@@ -195,7 +198,7 @@ def cmd_adapt_model(args: argparse.Namespace) -> None:
     given = args.lr or [None]
     lrs = {m: given[i if len(given) > 1 else 0] or registered(m).default_lr for i, m in enumerate(adapting)}
     settings = RunSettings(
-        methods=list(args.method),
+        methods=methods,
         lrs=lrs,
         loss=loss,
         batch_size=args.batch_size,
@@ -233,13 +236,13 @@ def cmd_adapt_model(args: argparse.Namespace) -> None:
     labeled = "labeled" if all(s.labeled for s in streams) else "unlabeled"
     say(
         f"adapting {args.model} on {device}: {len(streams)} stream(s) of {root} ({layout}, {labeled}), "
-        f"methods {', '.join(args.method)}, loss {loss}"
+        f"methods {', '.join(methods)}, loss {loss}"
     )
     results = run_all(setup, args.out, resume=args.resume, progress=show_progress(args), log=say, warn=_warn)
     say(format_text(results))
     if is_rank_zero():  # under torchrun rank 0 writes the reports
-        paths = write_reports(results, args.out)
-        say(f"Results: {', '.join(str(p) for p in paths)}")
+        paths, note = write_reports(results, args.out)
+        say(f"Results: {', '.join(str(p) for p in paths)}" + (f"; {note}" if note else ""))
 
 
 def cmd_train_model(args: argparse.Namespace) -> None:
@@ -253,9 +256,9 @@ def cmd_train_model(args: argparse.Namespace) -> None:
     _probe(model, streams[0], transform, device)
     loss, stats = _user_loss(args, model, transform, device)
     batches = _images_of(interleave(streams, args.n_images, args.seed), transform, args, device)
+    check_meta_batches(loss, batches, args.batch_size)
     if data_parallel:
         batches = rank_parts(batches)
-    check_foa_batches(loss, batches)
     say(
         f"meta-training an MGG for {args.model} on {sum(len(b) for b in batches)} images of {root} "
         f"({layout}: {', '.join(s.name for s in streams)}), {args.epochs} epochs, adapt lr {args.adapt_lr}, "

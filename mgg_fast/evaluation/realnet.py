@@ -264,9 +264,12 @@ def corrupted_streams(
     return streams, labels
 
 
-def meta_train(model: nn.Module, photos: Sequence[np.ndarray], cfg: RealNetConfig, seed: int) -> MGG:
+def meta_train(
+    model: nn.Module, photos: Sequence[np.ndarray], cfg: RealNetConfig, seed: int, progress: bool = False
+) -> MGG:
     """A fresh MGG (seeded by ``seed``) meta-trained, entropy loss, on unlabeled crops under the 4
-    validation corruptions, in round-robin batches (one of each corruption in turn)."""
+    validation corruptions, in round-robin batches (one of each corruption in turn); ``progress``:
+    a bar of its own."""
     device = next(model.parameters()).device
     names = corruption_names("validation")
     crops = random_crops(photos, cfg.n_meta * len(names), cfg.image_size, _rng(seed, "meta"))
@@ -290,7 +293,7 @@ def meta_train(model: nn.Module, photos: Sequence[np.ndarray], cfg: RealNetConfi
         adapt_lr=cfg.lrs["mgg"],
         loss="entropy",
         seed=seed,
-        progress=False,
+        progress=progress,
     )
 
 
@@ -318,7 +321,7 @@ def run_seed(
     start = time.perf_counter()
     trained = mgg is None
     if trained:
-        mgg = meta_train(model, photos, cfg, seed)
+        mgg = meta_train(model, photos, cfg, seed, progress)
     timings["meta_train"] = time.perf_counter() - start
     log(
         f"seed {seed}: {len(set(labels.tolist()))} distinct clean labels; data {timings['data']:.0f} s, "

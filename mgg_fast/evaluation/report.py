@@ -194,7 +194,10 @@ def plot_curves(panels: dict[str, Panel], path: Path, title: str) -> bool:
             marker, line = styles[i % len(styles)]
             x = list(range(len(mean)))
             y = [100 * v for v in mean]
-            (drawn,) = ax.plot(x, y, marker=marker, linestyle=line, markersize=4, label=name, alpha=0.9)
+            (drawn,) = ax.plot(
+                x, y, marker=marker, linestyle=line, label=name, alpha=0.9,
+                markersize=8 - 1.5 * (i % 4), fillstyle="none",
+            )  # fmt: skip
             if half is not None:
                 banded = True
                 lo = [100 * (m - h) for m, h in zip(mean, half, strict=True)]
@@ -210,8 +213,9 @@ def plot_curves(panels: dict[str, Panel], path: Path, title: str) -> bool:
                 va="center",
                 transform=ax.transAxes,
             )
+            ax.set_ylim(0, 100)  # an empty axis would run 0..1 beside a label in %
         ax.set_xlim(-0.5, longest - 0.5)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one point: tick 0 alone
         ax.set_title(panel_title, fontsize=9)
         ax.set_xlabel("updates before the batch")
         ax.set_ylabel("batch accuracy (%)")

@@ -248,12 +248,15 @@ def train_mgg(
     many epochs (``epochs`` is then the most); ``history`` entries also count the meta-updates.
     The model is left as it was.
     ``data_parallel``: see :class:`MetaTrainer` (each rank passes its part of every batch;
-    progress is shown on rank 0 only).
+    progress is shown on rank 0 only). ``progress`` draws one bar over all epochs' batches (the
+    epoch and the losses in its postfix).
 
     Every numeric argument is checked before anything changes (a ``TypeError``/``ValueError``
     naming it), and a call that fails later (a non-finite loss, an epoch without batches, a
     ``validate`` that raises) puts a given MGG back as it was (weights, device, gradients) and
-    ``history`` too: a failed call changes nothing.
+    ``history`` too: a failed call changes nothing. An epoch of fewer than two batches is a
+    ``ValueError``: an epoch's first batch gives the MGG no meta-gradient (its loss comes before
+    the epoch's first MGG update), so one batch per epoch would return the MGG untrained.
     """
     epochs = whole_number("epochs", epochs, 1)
     seed = whole_number("seed", seed, SEED_RANGE[0], SEED_RANGE[1])
@@ -280,26 +283,37 @@ def train_mgg(
             mgg = MGG(hidden_size, num_heads) if mgg is None else mgg
             mgg.to(device)
             order = _Shuffler(batches, seed) if shuffle else None
-            with MetaTrainer(
-                model,
-                mgg,
-                mgg_lr=mgg_lr,
-                adapt_lr=adapt_lr,
-                loss=loss,
-                source_stats=source_stats,
-                betas=betas,
-                unroll=unroll,
-                data_parallel=data_parallel,
-            ) as trainer:
+            per_epoch = order.batches if order is not None else _length(batches)
+            bar = tqdm(
+                total=None if per_epoch is None else epochs * per_epoch,
+                desc="meta-train MGG",
+                unit="batch",
+                disable=not progress,
+                leave=False,
+            )
+            with (
+                bar,
+                MetaTrainer(
+                    model,
+                    mgg,
+                    mgg_lr=mgg_lr,
+                    adapt_lr=adapt_lr,
+                    loss=loss,
+                    source_stats=source_stats,
+                    betas=betas,
+                    unroll=unroll,
+                    data_parallel=data_parallel,
+                ) as trainer,
+            ):
                 for epoch in range(epochs):
                     trainer.reset(params=reset_params or epoch == 0)
                     epoch_batches = order.epoch() if order is not None else batches
-                    mean_loss, updates = _run_epoch(trainer, epoch_batches, f"{epoch + 1}/{epochs}", progress)
+                    mean_loss, updates = _run_epoch(trainer, epoch_batches, f"{epoch + 1}/{epochs}", bar)
                     meta_updates += updates
                     score = _validate(model, mgg, validate) if validate is not None else math.nan
                     if validate is not None:
                         if progress:
-                            tqdm.write(f"meta-train {epoch + 1}/{epochs}: validation score {score:.4f}")
+                            bar.write(f"meta-train epoch {epoch + 1}/{epochs}: validation score {score:.4f}")
                         if best is None or score >= best_score:  # ties: the more trained MGG
                             best, best_score = copy.deepcopy(mgg), score
                     if history is not None:
@@ -324,20 +338,42 @@ def train_mgg(
     return mgg if best is None else best
 
 
-def _run_epoch(trainer: MetaTrainer, batches: Iterable[Any], label: str, progress: bool) -> tuple[float, int]:
-    """One pass of ``trainer`` over ``batches`` (its partial window closed); the mean loss and the
-    number of meta-updates."""
-    bar = tqdm(batches, desc=f"meta-train {label}", disable=not progress)
+def _run_epoch(trainer: MetaTrainer, batches: Iterable[Any], label: str, bar: Any) -> tuple[float, int]:
+    """One pass of ``trainer`` over ``batches`` (its partial window closed), drawn on ``bar``; the
+    mean loss and the number of meta-updates. Fewer than two batches is an error (see
+    :func:`_check_epoch`)."""
     total, updates = 0.0, 0
-    for batch in bar:
+    for batch in batches:
         result = trainer.step(batch)
         total += result["loss"]
         updates += result["meta_step"]
-        bar.set_postfix(loss=f"{result['loss']:.4f}", mean=f"{total / trainer.num_steps:.4f}")
-    if trainer.num_steps == 0:
-        raise ValueError(f"epoch {label} got no batches (is `batches` a one-shot iterator?)")
+        bar.update()
+        bar.set_postfix(epoch=label, loss=f"{result['loss']:.4f}", mean=f"{total / trainer.num_steps:.4f}")
+    _check_epoch(label, trainer.num_steps)
     updates += trainer.flush() is not None
     return total / trainer.num_steps, updates
+
+
+def _length(batches: Iterable[Any]) -> int | None:
+    """The number of batches of an epoch, where ``batches`` knows it (a list, a DataLoader)."""
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _check_epoch(label: str, steps: int) -> None:
+    """An epoch must have two batches or more: the loss of its first batch is computed before any
+    MGG output has moved the parameters (each epoch is a fresh adaptation run), so it sends no
+    gradient to the MGG, and an epoch of one batch would return the MGG unchanged."""
+    if steps == 0:
+        raise ValueError(f"epoch {label} got no batches (is `batches` a one-shot iterator?)")
+    if steps == 1:
+        raise ValueError(
+            f"epoch {label.split('/')[0]} has 1 batch, and the first batch of an epoch gives the MGG no "
+            "meta-gradient (its loss comes before the epoch's first MGG update): training would "
+            "leave the MGG unchanged; give at least 2 batches per epoch (smaller batches or more images)"
+        )
 
 
 class _Snapshot:
@@ -366,6 +402,7 @@ class _Shuffler:
             raise ValueError("shuffle=True got no batches")
         self.images = torch.cat(inputs)
         self.batch_size = len(inputs[0])
+        self.batches = math.ceil(len(self.images) / self.batch_size)  # per epoch
         self.generator = torch.Generator().manual_seed(seed)
 
     def epoch(self) -> list[Tensor]:

@@ -1,5 +1,6 @@
 """The command line: help, one-line errors with a non-zero exit, tiny train/adapt/bench runs."""
 
+import re
 import subprocess
 import sys
 import warnings
@@ -114,6 +115,7 @@ def test_train_then_adapt_on_a_folder(capsys, tmp_path):
     )  # fmt: skip
     assert code == 0, err
     assert f"saved the MGG to {ckpt}" in out
+    assert re.search(r"meta-loss \(mean over the epoch's batches\): \d+\.\d{4}, one epoch", out), out
     assert isinstance(MGG.load(ckpt), MGG)
     (source,) = (cache / "models").glob("resnet-*.pt")  # the --source-* flags reached the recipe
     assert torch.load(source, weights_only=True)["config"]["n_train"] == 32
@@ -136,6 +138,36 @@ def test_bench_cpu(capsys):
     )
     assert code == 0, err
     assert "MGG reference" in out and "torch Adam(foreach)" in out and "1,536" in out
+    (fused,) = [line for line in out.splitlines() if line.startswith("MGG fused")]
+    assert "not timed" in fused and "CUDA GPU" in fused  # says it, and why, in one line
+
+
+def test_progress_bars_only_on_a_terminal(capsys, monkeypatch):
+    """Without --no-progress: no bar when stderr is a log file or a pipe (here: captured), a bar
+    when it is a terminal."""
+    import mgg_fast.cli.common
+
+    argv = ("bench", "--sizes", "768,1536", "--steps", "1", "--device", "cpu")
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0 and "sizes" not in err, err
+    monkeypatch.setattr(mgg_fast.cli.common, "stderr_is_terminal", lambda: True)
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0 and "sizes" in err, err
+
+
+def test_train_with_one_batch_per_epoch_is_refused_before_any_work(capsys, tmp_path, monkeypatch):
+    """8 images at --batch-size 8: one batch per epoch gives the MGG no meta-gradient (it would be
+    saved untrained): a one-line error naming the batch size that works, before the source model."""
+    import mgg_fast.cli.bundled
+
+    monkeypatch.setattr(mgg_fast.cli.bundled, "source_model", _must_not_run)
+    write_pngs(tmp_path / "imgs", [None] * 8)
+    code, _, err = run_cli(
+        capsys, "train", "--data", str(tmp_path / "imgs"), "--batch-size", "8", "--output",
+        str(tmp_path / "mgg.pt"), *SMALL_SOURCE,
+    )  # fmt: skip
+    assert_one_line_error(code, err, "8 image(s) at --batch-size 8 make 1 meta-training batch", "4 or less")
+    assert not (tmp_path / "mgg.pt").exists()
 
 
 # ---- issue 14, item 12: outputs checked up front, huge sizes, raw pickles --------------------------
@@ -159,10 +191,10 @@ def test_demo_out_is_checked_before_the_run(capsys, tmp_path, monkeypatch, kind)
 
 @pytest.mark.parametrize("kind", ["folder", "under-a-file"])
 def test_train_output_is_checked_before_the_run(capsys, tmp_path, monkeypatch, kind):
-    import mgg_fast.cli.train
+    import mgg_fast.cli.bundled
     import mgg_fast.tta.meta_training
 
-    monkeypatch.setattr(mgg_fast.cli.train, "source_model", _must_not_run)
+    monkeypatch.setattr(mgg_fast.cli.bundled, "source_model", _must_not_run)
     monkeypatch.setattr(mgg_fast.tta.meta_training, "train_mgg", _must_not_run)
     write_pngs(tmp_path / "imgs", [None] * 4)
     (tmp_path / "afile").write_text("x")

@@ -156,7 +156,7 @@ def test_torchrun_train_own_model_uneven_batches_is_one_line(own_model, tmp_path
     out.mkdir()
     done = torchrun(*own_train_args(own_model, out / "mgg.pt", 7))  # batches of 4 and 3
     assert done.returncode != 0
-    errors = [line for line in done.stderr.splitlines() if line.startswith("mgg-fast train: error:")]
+    errors = [line for line in done.stderr.splitlines() if " -m mgg_fast train: error:" in line]
     assert errors and "divide evenly" in errors[0], done.stderr[-3000:]
     assert not list(out.iterdir())
 
@@ -167,7 +167,7 @@ def test_torchrun_adapt_own_model_bad_input_is_one_line(own_model, tmp_path):
     argv[argv.index("--checkpoint") + 1] = own_model / "mgg.pt"  # an MGG is not the ViT's weights
     done = torchrun(*argv)
     assert done.returncode != 0
-    errors = [line for line in done.stderr.splitlines() if line.startswith("mgg-fast adapt: error:")]
+    errors = [line for line in done.stderr.splitlines() if " -m mgg_fast adapt: error:" in line]
     assert errors and "does not fit vit_tiny_patch16_224" in errors[0], done.stderr[-3000:]
     assert "mgg_fast/" not in done.stderr  # no worker traceback (the launcher prints its own)
     assert re.search(r"exitcode\s*: 2 ", done.stderr), done.stderr[-3000:]  # the usage-error status

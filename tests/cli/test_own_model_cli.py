@@ -2,6 +2,7 @@
 ImageFolder trees of tiny images, the published MGG and train_info.pt formats, resume, bad input."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -172,6 +173,8 @@ def test_adapt_unlabeled_folder_reports_confidence(capsys, world, tmp_path):
     assert results["methods"]["tent"]["images"] == 6
     assert "mean confidence" in (out / "results.md").read_text()
     assert not (out / "accuracy_vs_updates.png").exists()
+    (results_line,) = [line for line in stdout.splitlines() if line.startswith("Results:")]
+    assert results_line.endswith("; no plot: the images are unlabeled (no accuracy to plot)")
 
 
 def test_resume_after_an_interrupted_run(capsys, world, tmp_path, monkeypatch):
@@ -232,6 +235,7 @@ def test_train_then_stats_then_adapt(capsys, world, tmp_path):
     )
     assert code == 0, err
     assert "on 8 images" in stdout and "fog, contrast" in stdout and "loss foa" in stdout
+    assert "meta-loss (mean over the epoch's batches)" in stdout
     assert not torch.equal(MGG.load(tmp_path / "mgg.pt").W1, MGG().W1)
 
     code, _, err = cli(
@@ -307,8 +311,15 @@ def test_episodic_predicts_every_batch_with_the_source_model(capsys, world, tmp_
     assert predictions("tent") != source
 
 
-def test_progress_bar_shows_the_running_accuracy(capsys, world, tmp_path):
+def test_progress_bar_shows_the_running_accuracy(capsys, world, tmp_path, monkeypatch):
+    """On a terminal; and no bar at all when stderr is not one (a log file, a pipe: here captured)."""
+    import mgg_fast.cli.common
+
     command = VIT_RUN + " --data {w}/folder --method noadapt --out {out} --device cpu --workers 0"
+    code, _, err = cli(capsys, command, w=world, out=tmp_path / "piped")
+    assert code == 0, err
+    assert "noadapt folder" not in err and "acc=" not in err
+    monkeypatch.setattr(mgg_fast.cli.common, "stderr_is_terminal", lambda: True)
     code, _, err = cli(capsys, command, w=world, out=tmp_path / "out")
     assert code == 0, err
     assert "noadapt folder" in err and "acc=" in err
@@ -329,6 +340,105 @@ def test_corrupt_images_are_skipped_with_a_warning_and_a_count(capsys, world, tm
     assert "2 unreadable images skipped" in stdout
     pair = json.loads((tmp_path / "out" / "runs" / "tent" / "data.json").read_text())
     assert pair["skipped_images"] == 2 and pair["images"] == 12
+
+
+def test_adapt_model_without_method_runs_the_baselines_and_mgg_when_given(capsys, world, tmp_path):
+    """No --method: noadapt,tent,adam, and mgg as well when --mgg gives one (no error about a
+    --method the user never typed)."""
+    for extra, methods in (
+        ("", ["noadapt", "tent", "adam"]),
+        (" --mgg {w}/mgg.pth", ["noadapt", "tent", "adam", "mgg"]),
+    ):
+        out = tmp_path / f"out{len(methods)}"
+        code, stdout, err = cli(
+            capsys, VIT_RUN + " --data {w}/flat --out {out} " + FAST + extra, w=world, out=out
+        )
+        assert code == 0, err
+        assert f"methods {', '.join(methods)}," in stdout
+        assert list(json.loads((out / "results.json").read_text())["methods"]) == methods
+
+
+def test_train_model_with_one_batch_per_epoch_is_refused(capsys, world, tmp_path, monkeypatch):
+    """6 images at the default batch of 64 are one batch per epoch: the MGG would get no
+    meta-gradient and be saved untrained, so nothing is trained or saved."""
+    import mgg_fast.tta.meta_training
+
+    monkeypatch.setattr(mgg_fast.tta.meta_training, "train_mgg", _must_not_run)
+    vit = VIT_RUN.replace("adapt ", "train ")
+    command = (
+        vit + " --data {w}/flat --loss entropy --output {t}/mgg.pt --device cpu --workers 0 --no-progress"
+    )
+    code, _, err = cli(capsys, command, w=world, t=tmp_path)
+    assert_one_line_error(
+        code, err, "6 image(s) at --batch-size 64 make 1 meta-training batch", "use --batch-size 3 or less"
+    )
+    assert not (tmp_path / "mgg.pt").exists()
+
+
+def test_train_model_reports_the_meta_loss_of_the_first_and_last_epoch(capsys, world, tmp_path):
+    vit = VIT_RUN.replace("adapt ", "train ")
+    command = vit + " --data {w}/flat --loss entropy --epochs 2 --output {t}/mgg.pt " + FAST
+    code, stdout, err = cli(capsys, command, w=world, t=tmp_path)
+    assert code == 0, err
+    found = re.search(
+        r"meta-loss \(mean over an epoch's batches\): epoch 1 (\S+), epoch 2 (\S+) \((\S+)\)", stdout
+    )
+    assert found, stdout
+    first, last, change = map(float, found.groups())
+    assert change == pytest.approx(last - first, abs=2e-4)
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("meta-training started although the data cannot train the MGG")
+
+
+# ---- the plot of accuracy against updates ------------------------------------------------------------
+
+
+def captured_figures(monkeypatch):
+    """The figures plot_curves draws, kept open (it closes each after writing the PNG)."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    return figures
+
+
+def test_a_run_smaller_than_one_batch_writes_a_plot_that_says_why_it_has_no_curve(
+    capsys, world, tmp_path, monkeypatch
+):
+    figures = captured_figures(monkeypatch)
+    out = tmp_path / "out"
+    command = VIT_RUN + " --data {w}/folder --method noadapt,tent --out {out} " + FAST
+    code, stdout, err = cli(capsys, command.replace("--batch-size 4", "--batch-size 64"), w=world, out=out)
+    assert code == 0, err
+    assert (out / "accuracy_vs_updates.png").read_bytes()[:4] == b"\x89PNG"
+    (results_line,) = [line for line in stdout.splitlines() if line.startswith("Results:")]
+    assert "accuracy_vs_updates.png" in results_line
+    assert "the plot has no curve: no stream fills a batch of 64 images" in results_line
+    (fig,) = figures
+    (ax,) = fig.axes
+    assert not ax.get_lines() and any("no batch of the full size" in t.get_text() for t in ax.texts)
+
+
+def test_an_unreadable_image_does_not_cut_the_curve(capsys, world, tmp_path):
+    """13 files at batch 4 are the batches 4, 4, 5; one file cannot be read, so one batch holds
+    an image fewer. Every batch still gives a point of the curve (it was cut at the short batch)."""
+    from mgg_fast.evaluation.images import batch_indices, find_streams
+
+    root = tmp_path / "data"
+    shutil.copytree(world / "folder", root)
+    (root / "ant" / "broken.png").write_bytes(b"\x89PNG not really")
+    (stream,) = find_streams(root, "imagefolder", corruptions=None, severity=5, num_labels=4)
+    broken = stream.files.index(root / "ant" / "broken.png")
+    seed = next(s for s in range(50) if broken in batch_indices(len(stream), 4, s)[0])  # the first batch
+    out = tmp_path / "out"
+    command = VIT_RUN + f" --data {{root}} --method tent --out {{out}} --seed {seed} " + FAST
+    code, _, err = cli(capsys, command, w=world, root=root, out=out)
+    assert code == 0, err
+    pair = json.loads((out / "runs" / "tent" / "data.json").read_text())
+    assert [n for _, n in pair["batch_counts"]] == [3, 4, 5]
+    assert len(json.loads((out / "results.json").read_text())["methods"]["tent"]["curve"]) == 3
 
 
 # ---- bad input: one line, exit 2, nothing written --------------------------------------------------

@@ -152,6 +152,27 @@ def test_train_mgg_errors(vit_setup):
         train_mgg(nn.Sequential(nn.Linear(4, 2)), [torch.randn(2, 4)], loss="entropy", progress=False)
 
 
+def test_one_batch_per_epoch_is_refused(vit_setup):
+    """An epoch's first batch gives the MGG no meta-gradient (no MGG output precedes its loss), so
+    with one batch per epoch the MGG would come back bitwise untrained: refused, in every mode."""
+    model, stats, batches = vit_setup
+    for kw in ({}, {"shuffle": True}, {"unroll": 2}, {"reset_params": False, "epochs": 2}):
+        with pytest.raises(ValueError, match=r"epoch 1 has 1 batch.*no meta-gradient.*at least 2 batches"):
+            train_mgg(model, batches[:1], source_stats=stats, progress=False, **kw)
+    two = train_mgg(model, batches[:2], source_stats=stats, progress=False)
+    assert not torch.equal(two.W1, MGG().W1)  # two batches: the MGG learns
+
+
+def test_progress_is_one_bar_over_all_epochs(vit_setup, capsys):
+    model, stats, batches = vit_setup
+    history = []
+    train_mgg(model, batches, epochs=2, source_stats=stats, history=history, progress=True)
+    err = capsys.readouterr().err
+    assert "meta-train MGG" in err and "6/6" in err and "epoch=2/2" in err  # 3 batches x 2 epochs
+    assert "meta-train 1/2" not in err  # no bar per epoch
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
 # ---- MGG checkpoints --------------------------------------------------------------------------
 
 
