@@ -64,6 +64,8 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None, prog)
     args = parser.parse_args(argv)
     args.no_progress = args.no_progress or not common.stderr_is_terminal()  # no bars in a log
+    if getattr(args, "pin_numerics", False):  # before the command loads torch
+        common.pin_cpu_numerics()
     where = f"{prog} {args.command}"
     try:
         args.run(args)

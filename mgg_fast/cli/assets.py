@@ -39,7 +39,7 @@ def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     cache_options(p)
     common_options(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, pin_numerics=True)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -7,12 +7,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mgg_fast.cli.common import say, show_progress
-from mgg_fast.tta.data_parallel import is_rank_zero
+
+if TYPE_CHECKING:
+    import torch
 
 
 def benchmark_config(args: argparse.Namespace, device: torch.device) -> Any:
@@ -38,6 +38,7 @@ def benchmark_config(args: argparse.Namespace, device: torch.device) -> Any:
 
 def report(results: dict[str, Any], out: Path) -> None:
     from mgg_fast.evaluation.bundled.report import format_text, write_reports
+    from mgg_fast.tta.data_parallel import is_rank_zero
 
     say(format_text(results))
     if not is_rank_zero():  # under torchrun rank 0 writes the reports

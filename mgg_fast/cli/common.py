@@ -57,6 +57,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: {shown.replace('%', '%%')})"
 
 
+# Where the numbers of the bundled benchmark must not depend on the CPU: torch's vectorised kernels
+# at AVX2 (not AVX-512), MKL in its conditional-numerical-reproducibility mode at AVX2, and oneDNN
+# at most AVX2, so that AVX2 and AVX-512 machines run the same code paths. Read when torch loads.
+PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def pin_cpu_numerics() -> bool:
+    """Set :data:`PINNED_NUMERICS` (unless the user set them) if torch has not loaded yet; returns
+    whether the pins are in effect (a process that already imported torch keeps its own)."""
+    if "torch" in sys.modules:
+        return all(os.environ.get(k) == v for k, v in PINNED_NUMERICS.items())
+    for key, value in PINNED_NUMERICS.items():
+        os.environ.setdefault(key, value)
+    return all(os.environ.get(k) == v for k, v in PINNED_NUMERICS.items())
+
+
 # ---- argument types ------------------------------------------------------------------------------
 
 

@@ -58,11 +58,17 @@ def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
         "--methods", type=list_of(str), default=None, help="methods and reference rows (unset: all of them)"
     )
     p.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default=None,
+        help="evaluation dtype (unset: the regime's; float64 gives the same numbers on any x86-64 CPU)",
+    )
+    p.add_argument(
         "--threads", type=positive_int, default=None, help="torch CPU threads (fix it to reproduce a run)"
     )
     cache_options(p)
     common_options(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, pin_numerics=True)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -76,6 +82,8 @@ def run(args: argparse.Namespace) -> None:
     cfg.n_seeds, cfg.recipes, cfg.threads = args.seeds, tuple(args.recipes), args.threads
     cfg.loss, cfg.extra_losses = args.losses[0], tuple(args.losses[1:])
     cfg.use_bundled = not args.retrain
+    if args.dtype is not None:
+        cfg.dtype = args.dtype
     if args.methods:
         cfg.methods = tuple(args.methods)
     cfg.validate()

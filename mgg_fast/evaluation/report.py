@@ -31,6 +31,7 @@ def machine_info(device: str) -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
+        "numerics": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")},
         "torch": torch.__version__,
         "torchvision": _version_of("torchvision"),
         "triton": _version_of("triton"),

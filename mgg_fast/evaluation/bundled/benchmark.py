@@ -388,13 +388,15 @@ def run_seed(
     progress: bool = True,
     log: Callable[[str], None] = lambda _message: None,
     data_parallel: bool = False,
+    bar: Any = None,
 ) -> dict[str, Any]:
     """The whole protocol for one source architecture and one seed; JSON-ready results.
 
     ``log`` receives one line per finished stage (source model, data, tuning, evaluation).
     ``data_parallel``: every rank of the process group runs this with the same arguments; rank 0
     trains and caches the source model and data first, the shared-loss methods adapt
-    data-parallel (see :class:`Runner`)."""
+    data-parallel (see :class:`Runner`). ``bar``: a progress bar that advances twice per row
+    (tuned, evaluated), shared by the whole run for one overall estimate of the time left."""
     timings: dict[str, float] = {}
     rows = rows_of(cfg, mgg is not None)
     recipes = {r.recipe.method: r.recipe for r in rows if r.recipe is not None and mgg is None}
@@ -418,14 +420,17 @@ def run_seed(
     start = time.perf_counter()
     chosen: dict[str, dict[str, Choice]] = {}
     tuning: dict[str, Any] = {}
-    for row in tqdm(rows, desc=f"{tag}: tune lr", disable=not progress, leave=False):
+    bar = bar if bar is not None else tqdm(total=2 * len(rows), disable=not progress, leave=False)
+    for row in rows:
+        bar.set_postfix_str(f"{tag}: tuning {label(row.key)}")
         if REGISTERED[row.method].default_lr is None:  # NoAdapt: nothing to tune
             chosen[row.key] = {s: (None, None) for s in cfg.settings}
-            continue
-        candidates = _candidates(ctx, row, mgg, metas, seed)
-        chosen[row.key], tuning[row.key] = tune(
-            lambda lr, m, row=row: ctx.validation_scores(row, lr, m), candidates
-        )
+        else:
+            candidates = _candidates(ctx, row, mgg, metas, seed)
+            chosen[row.key], tuning[row.key] = tune(
+                lambda lr, m, row=row: ctx.validation_scores(row, lr, m), candidates
+            )
+        bar.update()
     for (recipe_key, loss), trained in ctx.trained.items():
         key = recipe_key if loss == cfg.loss else f"{recipe_key}+{loss}"
         histories = {f"{t.eval_lr:g}": t.history for t in trained}
@@ -440,7 +445,8 @@ def run_seed(
 
     start = time.perf_counter()
     methods = {}
-    for row in tqdm(rows, desc=f"{tag}: evaluate", disable=not progress, leave=False):
+    for row in rows:
+        bar.set_postfix_str(f"{tag}: evaluating {label(row.key)}")
         methods[row.key] = evaluate(
             lambda lr, m, row=row: ctx.runner(row.method, lr, m, row.loss),
             chosen[row.key],
@@ -448,6 +454,7 @@ def run_seed(
             cfg.batch_size,
             prepared.test_mixed,
         )
+        bar.update()
     mark_updates_to_tent(methods)
     timings["evaluate"] = time.perf_counter() - start
     log(f"{tag}: evaluated in {timings['evaluate']:.0f} s")
@@ -482,7 +489,11 @@ def run_benchmark(
     cfg.validate()
     start = time.perf_counter()
     archs = {}
-    with reproducible(cfg.threads):
+    rows = len(rows_of(cfg, mgg is not None))
+    with (
+        reproducible(cfg.threads),
+        tqdm(total=2 * rows * len(cfg.archs) * cfg.n_seeds, desc="demo", disable=not progress) as bar,
+    ):
         machine = machine_info(cfg.device)
         for arch in cfg.archs:
             seeds = [
@@ -493,8 +504,9 @@ def run_benchmark(
                     cache_dir=cache_dir,
                     mgg=mgg,
                     progress=progress,
-                    log=log,
+                    log=lambda message: bar.write(message) if progress else log(message),
                     data_parallel=data_parallel,
+                    bar=bar,
                 )
                 for s in cfg.seed_list()
             ]

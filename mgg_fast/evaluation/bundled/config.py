@@ -103,6 +103,11 @@ RECIPES = {
         patience=0,  # as published: every epoch, the best on validation kept
     ),
     "unroll": MetaRecipe("unroll", n_meta=512, unroll=4, stream="blocks"),
+    # Candidates beyond the paper, each tried once (bench/SHIFT_RESULTS.md): meta-train on long
+    # episodes that switch corruptions as the test streams do, so the memory is trained over as
+    # many steps as it is used for; and the same with 8-step unrolls through the memory.
+    "episodes": MetaRecipe("episodes", n_meta=2048, stream="blocks"),
+    "episodes-unroll8": MetaRecipe("episodes-unroll8", n_meta=2048, unroll=8, stream="blocks"),
 }
 
 

@@ -155,7 +155,7 @@ def _load_cached(path: Path, config: SourceConfig, device: torch.device | str) -
         model.to(device).eval(),
         config,
         float(payload["clean_accuracy"]),
-        float(payload["train_seconds"]),
+        float(payload.get("train_seconds", math.nan)),  # shipped models carry no timing
         True,
         path,
     )
