@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     merged = merge_results([json.loads(r.read_text()) for r in runs])
     print(format_text(merged))
     paths = write_reports(merged, out)
-    print(f"\nMerged {len(runs)} runs: {paths['json']}, {paths['markdown']}, plot {paths['plot']}")
+    print(f"\nMerged {len(runs)} runs: {', '.join(map(str, paths.values()))}")
     return 0
 
 

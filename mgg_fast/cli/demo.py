@@ -58,6 +58,12 @@ def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
         "--methods", type=list_of(str), default=None, help="methods and reference rows (unset: all of them)"
     )
     p.add_argument(
+        "--backend",
+        choices=("auto", "reference", "triton"),
+        default="auto",
+        help="the MGG optimizer's step (auto: fused on CUDA, the reference elsewhere)",
+    )
+    p.add_argument(
         "--dtype",
         choices=("float32", "float64"),
         default=None,
@@ -84,6 +90,7 @@ def run(args: argparse.Namespace) -> None:
     cfg.use_bundled = not args.retrain
     if args.dtype is not None:
         cfg.dtype = args.dtype
+    cfg.backend = args.backend
     if args.methods:
         cfg.methods = tuple(args.methods)
     cfg.validate()

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The study behind bench/SHIFT_RESULTS.md: each experiment is the demo command at a regime, run one
+# process per seed (single-threaded, PARALLEL of them at a time), its seeds then merged into one
+# report (merged/results.json, results.md, accuracy_vs_updates.png).
+#
+#   OUT=bench/shift_runs PARALLEL=2 bash bench/shift_experiments.sh [EXPERIMENT ...]
+#
+# Experiments (all by default): demo, long, small-batch, label-shift, mixed, beyond. Every run uses
+# the reference backend (the ground truth) in float32.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/shift_runs}
+PARALLEL=${PARALLEL:-2}
+PY=${PY:-.venv/bin/python}
+ALL=(noadapt bn-stats tent adam signum sar eata mgg mgg-memoryless supervised)
+LN=(noadapt tent adam signum sar eata mgg mgg-memoryless supervised)  # LayerNorm: no BN statistics row
+declare -A ARGS SEEDS
+ARGS[demo]="--regime demo --losses foa,entropy"
+SEEDS[demo]=5
+ARGS[long]="--regime long --methods $(IFS=,; echo "${LN[*]}") --losses foa,entropy"
+SEEDS[long]=5
+ARGS[small-batch]="--regime small-batch --methods $(IFS=,; echo "${ALL[*]}")"
+SEEDS[small-batch]=3
+ARGS[label-shift]="--regime label-shift --methods $(IFS=,; echo "${ALL[*]}")"
+SEEDS[label-shift]=3
+ARGS[mixed]="--regime mixed --methods $(IFS=,; echo "${ALL[*]}")"
+SEEDS[mixed]=3
+ARGS[beyond]="--regime long --methods noadapt,tent,adam,signum,mgg,mgg-memoryless --recipes demo,episodes,episodes-unroll8"
+SEEDS[beyond]=3
+if [ $# -gt 0 ]; then EXPERIMENTS=("$@"); else EXPERIMENTS=(demo long small-batch label-shift mixed beyond); fi
+
+run_one() {  # EXPERIMENT SEED
+  local dir="$OUT/$1/seed$2"
+  if [ -f "$dir/results.json" ]; then return 0; fi  # finished before: kept
+  mkdir -p "$dir"
+  # shellcheck disable=SC2086
+  $PY -m mgg_fast demo ${ARGS[$1]} --seed "$2" --threads 1 --dtype float32 --backend reference \
+    --no-progress --out "$dir" > "$dir/log.txt" 2>&1 || echo "failed: $1 seed $2 (see $dir/log.txt)"
+}
+for exp in "${EXPERIMENTS[@]}"; do
+  for ((s = 0; s < ${SEEDS[$exp]}; s++)); do
+    while [ "$(jobs -r | wc -l)" -ge "$PARALLEL" ]; do sleep 5; done
+    run_one "$exp" "$s" &
+  done
+done
+wait
+for exp in "${EXPERIMENTS[@]}"; do
+  $PY bench/merge_shift_runs.py "$OUT/$exp/merged" "$OUT/$exp"/seed*/ > "$OUT/$exp/merge.log" 2>&1 \
+    || echo "merge failed: $exp (see $OUT/$exp/merge.log)"
+done
