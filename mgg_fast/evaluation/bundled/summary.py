@@ -51,9 +51,13 @@ def _against_best_hand_made(seed_runs: list[dict[str, Any]], methods: list[str])
             best = max(hand, key=lambda h, s=s: np.mean([r["methods"][h][s]["mean"] for r in seed_runs]))
             entry["best"][s] = best
             entry[s] = paired(seed_runs, m, best, s)
-        entry["title"] = (
-            f"{label(m)} − best hand-made ({', '.join(sorted({label(b) for b in entry['best'].values()}))})"
+        best = {s: label(b.partition("+")[0]) for s, b in entry["best"].items()}
+        which = (
+            next(iter(best.values()))
+            if len(set(best.values())) == 1
+            else "; ".join(f"{s}: {b}" for s, b in best.items())
         )
+        entry["title"] = f"{label(m)} − best hand-made ({which})"
         out[f"{m}-best"] = entry
     return out
 
