@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 from collections.abc import Sequence
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -236,14 +237,18 @@ def cpu_mgg_step_(
     ):
         if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
             raise TypeError(f"{name} must be a contiguous float32 CPU tensor")
-    if memory_W.dtype not in (torch.float32, torch.bfloat16) or not memory_W.is_contiguous():
+    if memory_W.dtype not in (torch.float32, torch.bfloat16) or not memory_W.is_cpu or not memory_W.is_contiguous():
         raise TypeError(f"memory_W must be a contiguous float32 or bfloat16 tensor, got {memory_W.dtype}")
     wts = torch.cat([t.detach().reshape(-1) for t in weights])
     if wts.dtype != torch.float32 or wts.numel() != _num_weights(num_heads, head_dim):
         raise TypeError("weights must be the MGG's float32 tensors in MGGWeights order")
 
     copies: list[tuple[Tensor, Tensor]] = []  # (non-contiguous parameter, its contiguous working copy)
-    if all(map(_is_contiguous, params)) and None not in grads and all(map(_is_contiguous, grads)):
+    if (
+        not any(map(operator.is_, grads, repeat(None)))
+        and all(map(_is_contiguous, params))
+        and all(map(_is_contiguous, grads))
+    ):
         work_params, work_grads = params, grads  # the common case, in C-level passes
         codes = list(map(_DTYPE_CODE, map(_dtype, params)))
     else:
@@ -272,14 +277,14 @@ def cpu_mgg_step_(
         table, bcs, steps.numpy(), found, counter, wts_np, float(beta1), float(beta2), CHUNK
     )
     if chunks > 0:
-        kernel = jit._kernel(num_heads, head_dim)
+        kernel = jit._kernel(num_heads, head_dim, memory_W.dtype == torch.bfloat16)
         if threads is None:
             threads = default_threads(int(table[3, :n][table[2, :n] >= 0].sum()))
         helpers = min(threads, chunks) - 1
         ctrl = np.zeros(1 + helpers, np.int64)
         args = (
             table, bcs, chunks, CHUNK, wts_np,
-            _as_numpy(exp_avg), _as_numpy(exp_avg_sq), _as_numpy(memory_W), _as_numpy(memory_b),
+            exp_avg.data_ptr(), exp_avg_sq.data_ptr(), memory_W.data_ptr(), memory_b.data_ptr(),
             np.float32(lr), float(lr), np.float32(beta1), np.float32(1.0 - beta1),
             np.float32(beta2), np.float32(1.0 - beta2), np.float32(eps),
         )  # fmt: skip

@@ -83,6 +83,20 @@ _u16_ptr = _pointer_intrinsic(types.uint16)
 
 
 @intrinsic
+def _memory_ptr(typingctx, addr, bf16):
+    """``memory_W``'s address as a pointer to its storage type: uint16 (bf16 bits) where the
+    compile-time ``bf16`` is 1, else float32."""
+    if not (isinstance(addr, types.Integer) and isinstance(bf16, types.IntegerLiteral)):
+        return None
+    ptr_type = types.CPointer(types.uint16 if bf16.literal_value else types.float32)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr_type))
+
+    return ptr_type(addr, bf16), codegen
+
+
+@intrinsic
 def _data_ptr(typingctx, arr):
     """The data pointer of an array, typed by its dtype."""
     if not isinstance(arr, types.Array):
@@ -552,12 +566,13 @@ def _prepare(table, bcs, steps, found_inf, skipped, wts, beta1, beta2, chunk):
     return chunks
 
 
-def _build(num_heads, head_dim):
+def _build(num_heads, head_dim, bf16_memory):
     """The step kernel of an MGG of ``num_heads`` heads of dim ``head_dim`` (sizes are compile-time
     constants of the generated vector code), as a plain Python function for ``njit``."""
     NH, F, B = num_heads, head_dim, LANES
     SCR = _scratch_size(F, B)
     M, V, OUT = _S_M * B, _S_V * B, _S_OUT * B
+    MEM16 = int(bf16_memory)  # memory_W stored as bf16 bits
     LN_EPS, BASE_LR = _F32(reference.LN_EPS), _F32(reference.TTT_BASE_LR)  # closure cells: in the cache key
 
     def run(
@@ -568,10 +583,10 @@ def _build(num_heads, head_dim):
         nchunks,
         chunk,
         weights,
-        m_buf,
-        v_buf,
-        W_buf,
-        b_buf,
+        m_addr,
+        v_addr,
+        W_addr,
+        b_addr,
         lr32,
         lr64,
         beta1,
@@ -587,10 +602,10 @@ def _build(num_heads, head_dim):
         if claim > 0 and _compare_swap(ctrl, claim, 0, 1) != 0:
             return 0
         wts = _data_ptr(weights)
-        mp = _data_ptr(m_buf)
-        vp = _data_ptr(v_buf)
-        W = _data_ptr(W_buf)
-        bm = _data_ptr(b_buf)
+        mp = _f32_ptr(m_addr)
+        vp = _f32_ptr(v_addr)
+        W = _memory_ptr(W_addr, MEM16)
+        bm = _f32_ptr(b_addr)
         scr = _stack_f32(SCR)
         nparams = table.shape[1]
         while True:
@@ -648,8 +663,8 @@ def _jit(fn):
 
 
 @functools.cache
-def _kernel(num_heads: int, head_dim: int):
-    return _jit(_build(num_heads, head_dim))
+def _kernel(num_heads: int, head_dim: int, bf16_memory: bool):
+    return _jit(_build(num_heads, head_dim, bf16_memory))
 
 
 _prepare_jit = _jit(_prepare)
