@@ -1,7 +1,62 @@
 """Fused MGG optimizer step on the CPU: moments, bias correction, features, one memory-layer step
 and the parameter update in one pass over each coordinate's state.
 
-DOCSTRING TO BE WRITTEN
+Naive reference: :func:`mgg_fast.reference.optimizer_step` + :func:`mgg_fast.reference.apply_update`;
+the CUDA twin is :func:`mgg_fast.kernels.mgg_step.mgg_step_` (same arguments without its launch
+table and sizes, same state layout, same non-finite policy). Entry points: :func:`cpu_mgg_step_`,
+:func:`cpu_step_available` / :func:`cpu_step_unavailable_reason`, :func:`default_threads`.
+
+**What a call does.** Per stepped coordinate, one pass: read the gradient, the parameter, ``m``,
+``v``, ``W [nh, f, f]`` and ``b [nh, f]``; compute the moments (float32, in the reference's order
+of operations), the bias corrections of the parameter's step count (float64 rounded to float32,
+the published exponent ``t + 1``), the features, every head's ``q, k, v``, the inner-loss gradient
+with its layer norm fused, the rank-1 memory update, the dual-form output, the post-norm, o_proj
+and tanh; write ``W, b, m, v`` and ``p -= lr * out`` (computed in float32, in float64 for a
+float64 parameter, rounded once to the parameter's dtype). ``memory_W`` stored as bf16 is widened
+exactly and rounded to nearest-even on store (NaN to 0x7FC0), as torch rounds. Nothing per
+coordinate is allocated: the group's parameters and gradients stay separate tensors, reached
+through a table of their addresses (one int64 column per parameter, built per call); only a
+non-contiguous parameter or gradient gets a contiguous working copy (as the Triton launcher).
+
+**Parameter dtypes.** float32, float64, bfloat16 and float16, mixed freely in a group. numba has no
+16-bit float type, so bf16/fp16 parameters and gradients are read as their uint16 bits and
+converted in the kernel by integer arithmetic: widening is exact, narrowing rounds to
+nearest-even like torch (subnormals, overflow to inf, NaN), checked bit for bit against torch
+over every 16-bit pattern in ``tests/test_kernels_cpu.py``. No conversion pass in torch, no copy.
+
+**Tool: numba** (LLVM through llvmlite; a wheel on PyPI for Linux/macOS/Windows and Python
+3.10-3.14, no compiler needed on the user's machine). The per-coordinate math is generated as
+LLVM vector IR by :mod:`mgg_fast.kernels.cpu_step_jit` rather than left to LLVM's
+auto-vectoriser (measured: plain numba loops vectorised well for f = 8 and badly for f = 16/32,
+with gathers/scatters or scalar code depending on its unrolling heuristics): the lanes are the
+16 coordinates of a block (structure of arrays within the block: one AVX-512 register of fp32,
+two AVX2 ones), and each coordinate's ``W`` is read and written row by row as vectors of ``f``.
+No fast-math (no FMA contraction, no reassociation), and exp/sigmoid/tanh are a polynomial of
+ours (within ~2 ulp) rather than libm calls, so the results are bit-identical across x86 ISA
+levels and thread counts. See the report in the commit history for the numbers behind the choice
+(MEASUREMENTS below).
+
+**Threads.** The coordinates are cut into chunks of ``CHUNK`` (never straddling two tensors) that
+the threads take off an atomic counter, so a thread on a busy core simply takes fewer. The calling
+thread works too and never waits for a helper that has not started: a helper must claim its slot
+(compare-and-swap) before it works, and the caller closes the unclaimed slots when the chunks run
+out, so a helper the OS has not scheduled yet costs nothing. Helpers are plain daemon threads (the
+kernel releases the GIL), not numba's parallel layer: no OpenMP/TBB runtime, no spinning workers
+competing with torch's intra-op pool, fork-safe. ``threads=None`` is :func:`default_threads`.
+
+**Non-finite policy** (as the Triton kernel): ``found_inf`` set by the caller's check, or a
+non-finite MGG weight (checked on every call): nothing is written, no step count advances,
+``found_inf`` becomes 1 and ``skipped`` gains it.
+
+**Supported:** head dim f in {8, 16, 32}, ``nh * f <= 64`` (as the Triton kernels); float32
+state, ``memory_W`` float32 or bfloat16; CPU tensors.
+
+**Compile time.** The first call for an MGG size and memory dtype compiles its kernel
+(COMPILE_COLD); numba caches it on disk (``cache=True``: next to this module, or in
+``NUMBA_CACHE_DIR`` / the user's cache directory when the install is read-only; with no writable
+place it compiles in every process) and a later process loads it in COMPILE_WARM.
+
+MEASUREMENTS
 """
 
 from __future__ import annotations
@@ -14,7 +69,7 @@ import os
 import queue
 import threading
 from collections.abc import Sequence
-from itertools import repeat
+from itertools import compress, repeat
 
 import numpy as np
 import torch
@@ -166,6 +221,8 @@ _data_ptr_of = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
 _is_contiguous = torch.Tensor.is_contiguous
 _dtype = operator.attrgetter("dtype")
+_shape = operator.attrgetter("shape")
+_is_cpu = operator.attrgetter("is_cpu")
 _NO_SKIP_COUNTER = np.zeros(0, np.float32)
 
 
@@ -181,13 +238,6 @@ def _usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
-
-
-def _as_numpy(t: torch.Tensor) -> np.ndarray:
-    """A flat numpy view of a contiguous CPU tensor (bfloat16 as its uint16 bits)."""
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16).reshape(-1)
-    return t.numpy().reshape(-1)
 
 
 def cpu_mgg_step_(
@@ -235,12 +285,13 @@ def cpu_mgg_step_(
         ("memory_b", memory_b),
         ("steps", steps),
     ):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+        if t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous():
             raise TypeError(f"{name} must be a contiguous float32 CPU tensor")
-    if memory_W.dtype not in (torch.float32, torch.bfloat16) or not memory_W.is_cpu or not memory_W.is_contiguous():
+    memory_ok = memory_W.dtype in (torch.float32, torch.bfloat16) and memory_W.is_cpu
+    if not memory_ok or not memory_W.is_contiguous():
         raise TypeError(f"memory_W must be a contiguous float32 or bfloat16 tensor, got {memory_W.dtype}")
     wts = torch.cat([t.detach().reshape(-1) for t in weights])
-    if wts.dtype != torch.float32 or wts.numel() != _num_weights(num_heads, head_dim):
+    if wts.dtype != torch.float32 or not wts.is_cpu or wts.numel() != _num_weights(num_heads, head_dim):
         raise TypeError("weights must be the MGG's float32 tensors in MGGWeights order")
 
     copies: list[tuple[Tensor, Tensor]] = []  # (non-contiguous parameter, its contiguous working copy)
@@ -250,9 +301,9 @@ def cpu_mgg_step_(
         and all(map(_is_contiguous, grads))
     ):
         work_params, work_grads = params, grads  # the common case, in C-level passes
-        codes = list(map(_DTYPE_CODE, map(_dtype, params)))
+        stepped = None
     else:
-        work_params, work_grads, codes = [], [], []
+        work_params, work_grads, stepped = [], [], []
         for p, g in zip(params, grads, strict=True):
             if g is not None and not g.is_contiguous():
                 g = g.contiguous()
@@ -261,12 +312,37 @@ def cpu_mgg_step_(
                 p = copies[-1][1]
             work_params.append(p)
             work_grads.append(p if g is None else g)  # any address: not read
-            codes.append(NOT_STEPPED if g is None else DTYPE_CODES[p.dtype])
-    if list(map(_dtype, work_grads)) != list(map(_dtype, work_params)):
-        raise TypeError("each gradient must have its parameter's dtype")
+            stepped.append(g is not None)
+    # the kernel reads and writes through raw addresses: what could make it touch memory it
+    # should not is checked here (a few C-level passes), before anything changes
     n = len(work_params)
+    dtypes = list(map(_dtype, work_params))
+    if not set(dtypes) <= DTYPE_CODES.keys():
+        raise TypeError(
+            f"parameters must be float32/float64/bfloat16/float16, got {sorted(map(str, set(dtypes)))}"
+        )
+    if list(map(_dtype, work_grads)) != dtypes or list(map(_shape, work_grads)) != list(
+        map(_shape, work_params)
+    ):
+        raise TypeError("each gradient must have its parameter's dtype and shape")
+    if not all(map(_is_cpu, work_params)) or not all(map(_is_cpu, work_grads)):
+        raise ValueError("the CPU MGG step needs CPU parameters and gradients")
+    numels = list(map(_numel, work_params))
+    total, hidden = sum(numels), num_heads * head_dim
+    sizes = (exp_avg.numel(), exp_avg_sq.numel(), memory_W.numel(), memory_b.numel(), steps.numel())
+    if sizes != (total, total, total * hidden * head_dim, total * hidden, n):
+        raise ValueError(
+            f"state sizes {sizes} do not fit {n} parameters of {total} coordinates and an MGG of "
+            f"{num_heads} head(s) of {head_dim}"
+        )
+    for name, t in (("found_inf", found_inf), ("skipped", skipped)):
+        if t is not None and (t.dtype != torch.float32 or not t.is_cpu or t.numel() != 1):
+            raise TypeError(f"{name} must be a one-element float32 CPU tensor")
+    codes = list(map(_DTYPE_CODE, dtypes))
+    if stepped is not None:
+        codes = [c if s else NOT_STEPPED for c, s in zip(codes, stepped, strict=True)]
     columns = array.array("q", [*map(_data_ptr_of, work_params), 0, *map(_data_ptr_of, work_grads), 0])
-    columns.extend([*codes, NOT_STEPPED, *map(_numel, work_params), 0])
+    columns.extend([*codes, NOT_STEPPED, *numels, 0])
     columns.frombytes(bytes(16 * (n + 1)))  # rows 4, 5: filled by _prepare
     table = np.frombuffer(columns, dtype=np.int64).reshape(_TABLE_ROWS, n + 1)
     bcs = np.empty((2, n), np.float32)
@@ -279,7 +355,7 @@ def cpu_mgg_step_(
     if chunks > 0:
         kernel = jit._kernel(num_heads, head_dim, memory_W.dtype == torch.bfloat16)
         if threads is None:
-            threads = default_threads(int(table[3, :n][table[2, :n] >= 0].sum()))
+            threads = default_threads(total if stepped is None else sum(compress(numels, stepped)))
         helpers = min(threads, chunks) - 1
         ctrl = np.zeros(1 + helpers, np.int64)
         args = (

@@ -271,25 +271,43 @@ def test_bias_corrections_across_betas_and_steps(betas, start_step):
         twin.check()
 
 
-def test_unsupported_sizes_and_dtypes_raise():
-    twin = Twin(random_mgg(seed=13), make_params([(4,)]))
+def test_invalid_calls_raise_and_change_nothing():
+    """Sizes the kernel is not built for, and anything that would make it read or write through
+    an address it should not, raise before anything changes."""
+    twin = Twin(random_mgg(seed=13), make_params([(4,), (3,)]))
     grads = make_grads(twin.params, 0)
+    m, v, W, b, steps = twin.buffers()
+    z = torch.zeros(1)
+
+    def call(params=twin.params, grads=grads, buffers=(m, v, W, b, steps), **kw):
+        cpu_mgg_step_(params, grads, *buffers, twin.weights, **{**twin.kw, "found_inf": z, **kw})
+
     for heads, dim in [(1, 12), (3, 32), (9, 8), (0, 8)]:
         with pytest.raises(ValueError, match="head dim"):
-            cpu_mgg_step_(
-                twin.params, grads, *twin.buffers(), twin.weights, **{**twin.kw, "num_heads": heads, "head_dim": dim},
-                found_inf=torch.zeros(1),
-            )  # fmt: skip
-    m, v, W, b, steps = twin.buffers()
+            call(num_heads=heads, head_dim=dim)
     with pytest.raises(TypeError, match="exp_avg"):
-        cpu_mgg_step_(twin.params, grads, m.double(), v, W, b, steps, twin.weights, **twin.kw, found_inf=torch.zeros(1))
-    with pytest.raises(TypeError, match="gradient"):
-        cpu_mgg_step_(
-            twin.params, [grads[0].double()], m, v, W, b, steps, twin.weights, **twin.kw, found_inf=torch.zeros(1)
-        )
+        call(buffers=(m.double(), v, W, b, steps))
+    with pytest.raises(TypeError, match="memory_W"):
+        call(buffers=(m, v, W.half(), b, steps))
+    with pytest.raises(ValueError, match="state sizes"):
+        call(buffers=(m[:-1], v[:-1], W[:-1], b[:-1], steps))
+    with pytest.raises(ValueError, match="state sizes"):
+        call(params=twin.params[:1], grads=grads[:1])
+    with pytest.raises(TypeError, match="dtype and shape"):
+        call(grads=[grads[0].double(), grads[1]])
+    with pytest.raises(TypeError, match="dtype and shape"):
+        call(grads=[grads[0][:2], grads[1]])
+    with pytest.raises(TypeError, match="parameters must be"):
+        call(params=[twin.params[0].int(), twin.params[1]], grads=[grads[0].int(), grads[1]])
+    with pytest.raises(ValueError, match="CPU parameters"):
+        call(params=[twin.params[0].to("meta"), twin.params[1]], grads=[grads[0].to("meta"), grads[1]])
+    with pytest.raises(TypeError, match="found_inf"):
+        call(found_inf=torch.zeros(2))
+    with pytest.raises(TypeError, match="weights"):
+        cpu_mgg_step_(twin.params, grads, m, v, W, b, steps, [w.double() for w in twin.weights], **twin.kw, found_inf=z)
     with pytest.raises(ValueError, match="threads"):
-        cpu_mgg_step_(twin.params, grads, m, v, W, b, steps, twin.weights, **twin.kw, found_inf=torch.zeros(1), threads=0)
-    assert steps.tolist() == [0.0], "a call that raises changes nothing"
+        call(threads=0)
+    assert steps.tolist() == [0.0, 0.0] and torch.equal(m, torch.zeros(7)), "a call that raises changes nothing"
 
 
 def test_default_threads():
