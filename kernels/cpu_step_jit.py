@@ -24,6 +24,8 @@ from numba.extending import intrinsic
 from .cpu_step import reference
 
 LANES = 16  # coordinates per block: the lanes of the vector code (one AVX-512 register of fp32)
+ROW_WIDTH = 16  # a coordinate's memory is read and written in vectors of max(f, ROW_WIDTH) floats
+UNROLL = True  # full blocks with f <= 16: unrolled over the coordinates, transposed in registers
 
 _F32 = np.float32
 _I32 = ir.IntType(32)
@@ -283,32 +285,277 @@ class _Vec:
 
 def _no_loop_vectorize(builder):
     """An empty side-effecting inline asm: keeps LLVM's loop vectoriser off the enclosing loop over
-    coordinates, whose body is already vector code along a row of ``W``."""
+    coordinates, whose body is already vector code along a row of ``W`` (it would otherwise try
+    to vectorise across coordinates with gathers and scatters)."""
     builder.asm(ir.FunctionType(ir.VoidType(), []), "", "", [], side_effect=True)
 
 
-# scratch layout (float32, in units of LANES): G, M, V, OUT, then [F, B] tiles K, Q, Z, QW, BB, EG
-_S_G, _S_M, _S_V, _S_OUT, _S_TILES = 0, 1, 2, 3, 4
-_T_K, _T_Q, _T_Z, _T_QW, _T_B, _T_EG = range(6)
+# The scratch of a block (float32, on the stack): rows of LANES values, G M V OUT, then the
+# [F, LANES] tiles K Q Z QW B EG (a head's k, q; z = kW + b, qW, b as read per coordinate; eta_grad)
+_ROW_G, _ROW_M, _ROW_V, _ROW_OUT, _ROW_TILES = range(5)
+_TILE_K, _TILE_Q, _TILE_Z, _TILE_QW, _TILE_B, _TILE_EG = range(6)
 
 
 def _scratch_size(f: int, lanes: int) -> int:
-    return lanes * (_S_TILES + 6 * f)
+    return lanes * (_ROW_TILES + 6 * f)
+
+
+def _concat(builder, parts):
+    """The vectors ``parts`` (a power of two of them, of one type) end to end."""
+    while len(parts) > 1:
+        n = parts[0].type.count
+        mask = ir.Constant(ir.VectorType(_I32, 2 * n), list(range(2 * n)))
+        parts = [builder.shuffle_vector(x, y, mask) for x, y in zip(parts[::2], parts[1::2], strict=True)]
+    return parts[0]
+
+
+def _part(builder, vec, r: int, n: int):
+    """Elements ``r * n .. (r + 1) * n`` of ``vec``."""
+    return builder.shuffle_vector(
+        vec, vec, ir.Constant(ir.VectorType(_I32, n), list(range(r * n, (r + 1) * n)))
+    )
+
+
+_WORK = 16  # lanes of the vectors a transpose works on
+
+
+@functools.cache
+def _transpose_plan(n_in: int, len_in: int):
+    """A shuffle network transposing ``n_in`` vectors of ``len_in`` (a row-major matrix) into
+    ``len_in`` vectors of ``n_in``, on vectors of ``_WORK`` lanes: butterfly stages, each swapping
+    one bit of the vector index with one bit of the lane index (every output vector a two-source
+    shuffle), then one lane permutation per vector. Returns ``(stages, final)``: per stage the
+    ``(out, a, b, mask)`` of each output vector; ``final`` the ``(out, src, mask)`` permutations.
+    Planned by following every element (``n_in``, ``len_in``: powers of two, product >= 16)."""
+    lanes = _WORK
+    nv = n_in * len_in // lanes
+    lane_bits, vec_bits = lanes.bit_length() - 1, nv.bit_length() - 1
+    # state[v][x]: where element (a, b) at vector v, lane x must go, as a flat output index b*n_in + a
+    state = [[0] * lanes for _ in range(nv)]
+    for a in range(n_in):
+        for b in range(len_in):
+            flat = a * len_in + b
+            state[flat // lanes][flat % lanes] = b * n_in + a
+
+    def position_of(bit):  # the flat-index bit of the current layout that carries output bit `bit`
+        for k in range(lane_bits + vec_bits):
+            if all(
+                state[f // lanes][f % lanes] ^ state[(f ^ (1 << k)) // lanes][(f ^ (1 << k)) % lanes]
+                == 1 << bit
+                for f in range(nv * lanes)
+            ):
+                return k
+        raise AssertionError("not a bit permutation")
+
+    stages = []
+    for p in range(vec_bits):
+        q = position_of(lane_bits + p)
+        if q == lane_bits + p:
+            continue
+        if q >= lane_bits:
+            raise AssertionError("a relabelling of vectors is not needed for the shapes used")
+        stage, new = [], [None] * nv
+        for v in range(nv):
+            if (v >> p) & 1:
+                continue
+            v1 = v | (1 << p)
+            for s, out in ((0, v), (1, v1)):
+                mask, vals = [], []
+                for x in range(lanes):
+                    t = (x >> q) & 1
+                    lane = (x & ~(1 << q)) | (s << q)
+                    mask.append(t * lanes + lane)
+                    vals.append(state[v1 if t else v][lane])
+                new[out] = vals
+                stage.append((out, v, v1, mask))
+        state = new
+        stages.append(stage)
+    final = []
+    for v in range(nv):
+        out = state[v][0] // lanes
+        final.append((out, v, [state[v].index(out * lanes + x) for x in range(lanes)]))
+    return stages, final
+
+
+def _transpose(builder, vecs):
+    """``vecs``: ``n`` vectors of ``m`` floats (a row-major n x m matrix); returns its transpose,
+    ``m`` vectors of ``n``, by the shuffle network of :func:`_transpose_plan`."""
+    n, m = len(vecs), vecs[0].type.count
+    if m < _WORK:  # join consecutive inputs into work vectors
+        k = _WORK // m
+        work = [_concat(builder, vecs[i : i + k]) for i in range(0, n, k)]
+    else:  # split inputs into work vectors
+        work = [_part(builder, x, r, _WORK) for x in vecs for r in range(m // _WORK)]
+    stages, final = _transpose_plan(n, m)
+    i32 = ir.VectorType(_I32, _WORK)
+    for stage in stages:
+        new = [None] * len(work)
+        for out, a, b, mask in stage:
+            new[out] = builder.shuffle_vector(work[a], work[b], ir.Constant(i32, mask))
+        work = new
+    done = [None] * len(work)
+    for out, src, mask in final:
+        done[out] = builder.shuffle_vector(work[src], work[src], ir.Constant(i32, mask))
+    if n < _WORK:  # split work vectors into outputs of n
+        return [_part(builder, x, r, n) for x in done for r in range(_WORK // n)]
+    return [_concat(builder, done[i : i + n // _WORK]) for i in range(0, len(done), n // _WORK)]
+
+
+class _Block:
+    """Code generation for one block: ``v`` emits the lane-parallel math (a lane per coordinate),
+    ``wide`` one coordinate's math along ``rows`` consecutive rows of its memory at once (two
+    rows of 8 make one 16-wide vector)."""
+
+    def __init__(self, builder, scr, nh: int, f: int, lanes: int):
+        self.b, self.scr, self.nh, self.f, self.lanes = builder, scr, nh, f, lanes
+        self.rows = max(1, ROW_WIDTH // f)
+        self.v, self.row, self.wide = _Vec(builder, lanes), _Vec(builder, f), _Vec(builder, f * self.rows)
+
+    def offset(self, tile: int, j: int) -> int:
+        """Scratch offset of row ``j`` of ``tile``."""
+        return (_ROW_TILES + tile * self.f + j) * self.lanes
+
+    def lane(self, tile: int, j: int, c) -> ir.Value:
+        """Pointer to coordinate ``c``'s element ``j`` of ``tile``."""
+        return self.b.gep(self.scr, [self.b.add(c, ir.Constant(_I64, self.offset(tile, j)))])
+
+    def splats(self, tile: int, i: int, c) -> ir.Value:
+        """Coordinate ``c``'s elements ``i .. i + rows`` of ``tile``, each repeated ``f`` times."""
+        return _concat(
+            self.b, [self.row.splat(self.b.load(self.lane(tile, i + r, c))) for r in range(self.rows)]
+        )
+
+    def for_coords(self, n0, cnt, h):
+        """Loop over the block's coordinates ``c < cnt``: yields ``(c, base)`` with ``base`` the
+        index of coordinate ``n0 + c``'s head ``h`` in the ``[N, nh]`` rows of the memory."""
+        b = self.b
+        with cgutils.for_range(b, cnt) as loop:
+            _no_loop_vectorize(b)
+            base = b.add(b.mul(b.add(n0, loop.index), ir.Constant(_I64, self.nh)), ir.Constant(_I64, h))
+            yield loop.index, base
+
+    def memory_read(self, Wp, bm, n0, cnt, h, bf16: bool) -> None:
+        """Per coordinate, along the rows of its W: z = k W + b and q W into the Z/QW/B tiles
+        (with several rows per vector, each part sums every rows-th row, the parts are added)."""
+        b, row, wide, f, rows = self.b, self.row, self.wide, self.f, self.rows
+        for c, base in self.for_coords(n0, cnt, h):
+            wb = b.mul(base, ir.Constant(_I64, f * f))
+            z = qw = None
+            for i in range(0, f, rows):
+                w_i = wide.load(Wp, b.add(wb, ir.Constant(_I64, i * f)), bf16)
+                kz = wide.mul(self.splats(_TILE_K, i, c), w_i)
+                qz = wide.mul(self.splats(_TILE_Q, i, c), w_i)
+                z = kz if z is None else wide.add(z, kz)
+                qw = qz if qw is None else wide.add(qw, qz)
+            if rows > 1:
+                z = row.total([_part(b, z, r, f) for r in range(rows)])
+                qw = row.total([_part(b, qw, r, f) for r in range(rows)])
+            bias = row.load(bm, b.mul(base, ir.Constant(_I64, f)))
+            z = row.add(z, bias)
+            for j in range(f):
+                jj = ir.Constant(_I32, j)
+                for tile, val in ((_TILE_Z, z), (_TILE_QW, qw), (_TILE_B, bias)):
+                    b.store(b.extract_element(val, jj), self.lane(tile, j, c))
+
+    def coord_base(self, n0, c: int, h: int):
+        b = self.b
+        return b.add(b.mul(b.add(n0, ir.Constant(_I64, c)), ir.Constant(_I64, self.nh)), ir.Constant(_I64, h))
+
+    def memory_read_full(self, Wp, bm, n0, h, bf16: bool) -> None:
+        """:meth:`memory_read` of a full block, unrolled over its coordinates, the results
+        transposed in registers and stored as whole tile rows (no element-wise stores)."""
+        b, row, wide, f, rows = self.b, self.row, self.wide, self.f, self.rows
+        zs, qws, biases = [], [], []
+        for c in range(self.lanes):
+            base = self.coord_base(n0, c, h)
+            cc = ir.Constant(_I64, c)
+            wb = b.mul(base, ir.Constant(_I64, f * f))
+            z = qw = None
+            for i in range(0, f, rows):
+                w_i = wide.load(Wp, b.add(wb, ir.Constant(_I64, i * f)), bf16)
+                kz = wide.mul(self.splats(_TILE_K, i, cc), w_i)
+                qz = wide.mul(self.splats(_TILE_Q, i, cc), w_i)
+                z = kz if z is None else wide.add(z, kz)
+                qw = qz if qw is None else wide.add(qw, qz)
+            if rows > 1:
+                z = row.total([_part(b, z, r, f) for r in range(rows)])
+                qw = row.total([_part(b, qw, r, f) for r in range(rows)])
+            bias = row.load(bm, b.mul(base, ir.Constant(_I64, f)))
+            zs.append(row.add(z, bias))
+            qws.append(qw)
+            biases.append(bias)
+        for tile, vecs in ((_TILE_Z, zs), (_TILE_QW, qws), (_TILE_B, biases)):
+            for j, vec in enumerate(_transpose(b, vecs)):
+                self.v.store(vec, self.scr, self.offset(tile, j))
+
+    def memory_write_full(self, Wp, bm, n0, h, bf16: bool, eta_grad) -> None:
+        """:meth:`memory_write` of a full block, unrolled, ``eta_grad`` (the lane vectors)
+        transposed to per-coordinate vectors in registers."""
+        b, row, wide, f, rows = self.b, self.row, self.wide, self.f, self.rows
+        for c, eg in enumerate(_transpose(b, eta_grad)):
+            base = self.coord_base(n0, c, h)
+            cc = ir.Constant(_I64, c)
+            eg_rows = _concat(b, [eg] * rows)
+            wb = b.mul(base, ir.Constant(_I64, f * f))
+            for i in range(0, f, rows):
+                off = b.add(wb, ir.Constant(_I64, i * f))
+                k_i = self.splats(_TILE_K, i, cc)
+                wide.store(wide.sub(wide.load(Wp, off, bf16), wide.mul(k_i, eg_rows)), Wp, off, bf16)
+            bo = b.mul(base, ir.Constant(_I64, f))
+            row.store(row.sub(row.load(bm, bo), eg), bm, bo)
+
+    def memory_write(self, Wp, bm, n0, cnt, h, bf16: bool) -> None:
+        """Per coordinate: W -= k eta_grad^T, b -= eta_grad (eta_grad from the EG tile)."""
+        b, row, wide, f, rows = self.b, self.row, self.wide, self.f, self.rows
+        for c, base in self.for_coords(n0, cnt, h):
+            eg = ir.Constant(row.t, None)
+            for j in range(f):
+                eg = b.insert_element(eg, b.load(self.lane(_TILE_EG, j, c)), ir.Constant(_I32, j))
+            eg_rows = _concat(b, [eg] * rows)
+            wb = b.mul(base, ir.Constant(_I64, f * f))
+            for i in range(0, f, rows):
+                off = b.add(wb, ir.Constant(_I64, i * f))
+                k_i = self.splats(_TILE_K, i, c)
+                wide.store(wide.sub(wide.load(Wp, off, bf16), wide.mul(k_i, eg_rows)), Wp, off, bf16)
+            bo = b.mul(base, ir.Constant(_I64, f))
+            row.store(row.sub(row.load(bm, bo), eg), bm, bo)
 
 
 @intrinsic
 def _mgg_block(
-    typingctx, scr, wts, W, bm, n0, cnt, bc1, bc2, beta1, om1, beta2, om2, eps, ln_eps, base_lr, nh_l, f_l, b_l
+    typingctx,
+    scr,
+    wts,
+    W,
+    bm,
+    n0,
+    cnt,
+    bc1,
+    bc2,
+    beta1,
+    om1,
+    beta2,
+    om2,
+    eps,
+    ln_eps,
+    base_lr,
+    nh_l,
+    f_l,
+    b_l,
 ):
-    """The whole per-coordinate math of one block of B coordinates (those ``n0 .. n0+cnt``):
-    moments and features from the scratch's G/M/V (new M/V written back), every head's memory
-    step (its W/b rows read and written in place), the post-norm, o_proj and tanh into OUT."""
+    """The whole per-coordinate math of one block of ``LANES`` coordinates (those ``n0 .. n0+cnt``
+    count; the lanes past ``cnt`` compute on stale scratch values and are not stored): moments and
+    features from the scratch's G/M/V rows (the new M/V written back), each head's memory step
+    (its rows of ``W``/``b`` read and written in place), the post-norm, o_proj and tanh into OUT.
+    The operations follow :func:`mgg_fast.reference.memory_layer` term by term (same order of
+    additions where it has one), in float32."""
     lits = (nh_l, f_l, b_l)
     if not all(isinstance(x, types.IntegerLiteral) for x in lits):
         return None
     NH, F, B = (x.literal_value for x in lits)
-    H, FF = NH * F, F * F
+    H = NH * F
     bf16 = W.dtype == types.uint16
+    # offsets of the MGGWeights tensors in the flat weight vector
     o_q, o_k, o_v, o_o, o_pw, o_pb = 0, 2 * H, 4 * H, 6 * H, 7 * H, 8 * H
     o_lw, o_lb, o_lrw, o_lrb, o_tok = 9 * H, 10 * H, 11 * H, 11 * H + 2 * NH, 11 * H + 3 * NH
     sig = types.none(
@@ -317,34 +564,35 @@ def _mgg_block(
 
     def codegen(context, builder, sig, args):
         scr, wts, Wp, bm, n0, cnt, bc1, bc2, beta1, om1, beta2, om2, eps, ln_eps, base_lr = args[:15]
-        v = _Vec(builder, B)
+        blk = _Block(builder, scr, NH, F, B)
+        unroll = UNROLL and F * F <= 256 and B == _WORK  # full blocks unrolled, transposed in registers
+        v = blk.v
         eps_ln = v.splat(ln_eps)
-        row = _Vec(builder, F)
-        i64 = ir.IntType(64)
 
-        def tile(t, j):  # offset of row j of [F, B] tile t in the scratch
-            return (_S_TILES + t * F + j) * B
-
-        def w(i):  # MGG weight i, splat over the lanes
+        def w(i):  # MGG weight i, the same in every lane
             return v.splat(v.scalar(wts, i))
 
-        # moments (in place, as the reference: m * beta1 + (1 - beta1) g; v * beta2 + (1 - beta2) g g)
-        g = v.load(scr, _S_G * B)
-        m = v.add(v.mul(v.load(scr, _S_M * B), v.splat(beta1)), v.mul(v.splat(om1), g))
-        vv = v.add(v.mul(v.load(scr, _S_V * B), v.splat(beta2)), v.mul(v.mul(v.splat(om2), g), g))
-        v.store(m, scr, _S_M * B)
-        v.store(vv, scr, _S_V * B)
-        denom = v.add(v.sqrt(v.div(vv, v.splat(bc2))), v.splat(eps))
-        x0 = v.div(v.div(m, v.splat(bc1)), denom)
-        x1 = v.div(g, denom)
+        def layer_norm(xs, n):  # (x - mean) and the std over the list xs, biased, eps LN_EPS
+            mean = v.div(v.total(xs), v.const(n))
+            centered = [v.sub(x, mean) for x in xs]
+            return centered, v.sqrt(
+                v.add(v.div(v.total([v.mul(d, d) for d in centered]), v.const(n)), eps_ln)
+            )
+
+        # moments, in place as the reference: m * beta1 + (1 - beta1) g, v * beta2 + (1 - beta2) g g
+        g = v.load(scr, _ROW_G * B)
+        m = v.add(v.mul(v.load(scr, _ROW_M * B), v.splat(beta1)), v.mul(v.splat(om1), g))
+        sq = v.add(v.mul(v.load(scr, _ROW_V * B), v.splat(beta2)), v.mul(v.mul(v.splat(om2), g), g))
+        v.store(m, scr, _ROW_M * B)
+        v.store(sq, scr, _ROW_V * B)
+        denom = v.add(v.sqrt(v.div(sq, v.splat(bc2))), v.splat(eps))
+        x0, x1 = v.div(v.div(m, v.splat(bc1)), denom), v.div(g, denom)  # the features [m~, g~]
 
         tok = builder.fadd(ir.Constant(_FLOAT, 1.0), v.scalar(wts, o_tok))
-        tok = builder.select(
-            builder.fcmp_ordered(">", tok, ir.Constant(_FLOAT, 0.0)), tok, ir.Constant(_FLOAT, 0.0)
-        )
-        tok_eta = v.splat(tok)
-        inv_f = v.const(float(F))
-        heads = []
+        zero = ir.Constant(_FLOAT, 0.0)
+        token_eta = v.splat(builder.select(builder.fcmp_ordered(">", tok, zero), tok, zero))
+        f_ = v.const(F)
+        heads = []  # the post-norm's input, feature by feature
         for h in range(NH):
             hf = h * F
             q, k, vals = [], [], []
@@ -353,94 +601,68 @@ def _mgg_block(
                 q.append(v.add(v.mul(x0, w(o_q + r)), v.mul(x1, w(o_q + r + 1))))
                 k.append(v.add(v.mul(x0, w(o_k + r)), v.mul(x1, w(o_k + r + 1))))
                 vals.append(v.add(v.mul(x0, w(o_v + r)), v.mul(x1, w(o_v + r + 1))))
-                v.store(k[i], scr, tile(_T_K, i))
-                v.store(q[i], scr, tile(_T_Q, i))
-            gate = v.sigmoid(
-                v.add(v.add(v.mul(x0, w(o_lrw + 2 * h)), v.mul(x1, w(o_lrw + 2 * h + 1))), w(o_lrb + h))
-            )
-            eta = v.mul(tok_eta, v.div(v.mul(v.splat(base_lr), gate), inv_f))
+                v.store(k[i], scr, blk.offset(_TILE_K, i))
+                v.store(q[i], scr, blk.offset(_TILE_Q, i))
+            lr_in = v.add(v.add(v.mul(x0, w(o_lrw + 2 * h)), v.mul(x1, w(o_lrw + 2 * h + 1))), w(o_lrb + h))
+            eta = v.mul(token_eta, v.div(v.mul(v.splat(base_lr), v.sigmoid(lr_in)), f_))
 
-            # memory read, one coordinate at a time along the rows of its W: z = k W + b, q W
-            with cgutils.for_range(builder, cnt) as loop:
-                c = loop.index
-                _no_loop_vectorize(builder)
-                base = builder.add(builder.mul(builder.add(n0, c), ir.Constant(i64, NH)), ir.Constant(i64, h))
-                wb = builder.mul(base, ir.Constant(i64, FF))
-                accz = accq = None
-                for i in range(F):
-                    wrow = row.load(Wp, builder.add(wb, ir.Constant(i64, i * F)), bf16)
-                    ki = row.splat(row.scalar(scr, builder.add(c, ir.Constant(i64, tile(_T_K, i)))))
-                    qi = row.splat(row.scalar(scr, builder.add(c, ir.Constant(i64, tile(_T_Q, i)))))
-                    tz, tq = row.mul(ki, wrow), row.mul(qi, wrow)
-                    accz = tz if accz is None else row.add(accz, tz)
-                    accq = tq if accq is None else row.add(accq, tq)
-                brow = row.load(bm, builder.mul(base, ir.Constant(i64, F)))
-                z = row.add(accz, brow)
-                for j in range(F):
-                    jj = ir.Constant(_I32, j)
-                    for t, val in ((_T_Z, z), (_T_QW, accq), (_T_B, brow)):
-                        dst = builder.gep(scr, [builder.add(c, ir.Constant(i64, tile(t, j)))])
-                        builder.store(builder.extract_element(val, jj), dst)
-
-            z = [v.load(scr, tile(_T_Z, j)) for j in range(F)]
-            qw = [v.load(scr, tile(_T_QW, j)) for j in range(F)]
-            bb = [v.load(scr, tile(_T_B, j)) for j in range(F)]
+            if unroll:
+                full = builder.icmp_signed("==", cnt, ir.Constant(cnt.type, B))
+                with builder.if_else(full) as (then, otherwise):
+                    with then:
+                        blk.memory_read_full(Wp, bm, n0, h, bf16)
+                    with otherwise:
+                        blk.memory_read(Wp, bm, n0, cnt, h, bf16)
+            else:
+                blk.memory_read(Wp, bm, n0, cnt, h, bf16)
+            z = [v.load(scr, blk.offset(_TILE_Z, j)) for j in range(F)]
+            qw = [v.load(scr, blk.offset(_TILE_QW, j)) for j in range(F)]
+            bias = [v.load(scr, blk.offset(_TILE_B, j)) for j in range(F)]
             gam = [w(o_lw + hf + j) for j in range(F)]
             bet = [w(o_lb + hf + j) for j in range(F)]
+
             # inner loss 0.5 ||LN(z) - (v - k)||^2: its gradient wrt z with the layer norm fused
-            mu = v.div(v.total(z), inv_f)
-            cen = [v.sub(zj, mu) for zj in z]
-            sd = v.sqrt(v.add(v.div(v.total([v.mul(d, d) for d in cen]), inv_f), eps_ln))
-            zh = [v.div(d, sd) for d in cen]
+            centered, std = layer_norm(z, F)
+            z_hat = [v.div(d, std) for d in centered]
             e = [
-                v.mul(v.sub(v.add(bet[j], v.mul(gam[j], zh[j])), v.sub(vals[j], k[j])), gam[j])
+                v.mul(v.sub(v.add(bet[j], v.mul(gam[j], z_hat[j])), v.sub(vals[j], k[j])), gam[j])
                 for j in range(F)
             ]
-            e_sum = v.total(e)
-            e_dot = v.total([v.mul(e[j], zh[j]) for j in range(F)])
-            sdf = v.mul(sd, inv_f)
-            eg = [
-                v.mul(eta, v.div(v.sub(v.sub(v.mul(e[j], inv_f), e_sum), v.mul(zh[j], e_dot)), sdf))
-                for j in range(F)
+            e_sum, e_dot = v.total(e), v.total([v.mul(e[j], z_hat[j]) for j in range(F)])
+            std_f = v.mul(std, f_)
+            grad_z = [
+                v.div(v.sub(v.sub(v.mul(e[j], f_), e_sum), v.mul(z_hat[j], e_dot)), std_f) for j in range(F)
             ]
+            eta_grad = [v.mul(eta, gz) for gz in grad_z]
             for j in range(F):
-                v.store(eg[j], scr, tile(_T_EG, j))
-            # dual form: z_bar = q W - (q.k) eta_grad + b - eta_grad, then its layer norm
+                v.store(eta_grad[j], scr, blk.offset(_TILE_EG, j))
+            if unroll:
+                with builder.if_else(full) as (then, otherwise):
+                    with then:
+                        blk.memory_write_full(Wp, bm, n0, h, bf16, eta_grad)
+                    with otherwise:
+                        blk.memory_write(Wp, bm, n0, cnt, h, bf16)
+            else:
+                blk.memory_write(Wp, bm, n0, cnt, h, bf16)
+
+            # dual form: z_bar = q W - (q.k) eta_grad + (b - eta_grad), its layer norm, + q
             qk = v.total([v.mul(q[j], k[j]) for j in range(F)])
-            zb = [v.add(v.sub(qw[j], v.mul(qk, eg[j])), v.sub(bb[j], eg[j])) for j in range(F)]
-            mu = v.div(v.total(zb), inv_f)
-            cen = [v.sub(x, mu) for x in zb]
-            sd = v.sqrt(v.add(v.div(v.total([v.mul(d, d) for d in cen]), inv_f), eps_ln))
-            heads += [v.add(v.add(bet[j], v.mul(gam[j], v.div(cen[j], sd))), q[j]) for j in range(F)]
+            z_bar = [
+                v.add(v.sub(qw[j], v.mul(qk, eta_grad[j])), v.sub(bias[j], eta_grad[j])) for j in range(F)
+            ]
+            centered, std = layer_norm(z_bar, F)
+            heads += [v.add(v.add(bet[j], v.mul(gam[j], v.div(centered[j], std))), q[j]) for j in range(F)]
 
-            # memory write, one coordinate at a time: W -= k eta_grad^T, b -= eta_grad
-            with cgutils.for_range(builder, cnt) as loop:
-                c = loop.index
-                _no_loop_vectorize(builder)
-                base = builder.add(builder.mul(builder.add(n0, c), ir.Constant(i64, NH)), ir.Constant(i64, h))
-                wb = builder.mul(base, ir.Constant(i64, FF))
-                egv = ir.Constant(row.t, None)
-                for j in range(F):
-                    val = row.scalar(scr, builder.add(c, ir.Constant(i64, tile(_T_EG, j))))
-                    egv = builder.insert_element(egv, val, ir.Constant(_I32, j))
-                for i in range(F):
-                    off = builder.add(wb, ir.Constant(i64, i * F))
-                    ki = row.splat(row.scalar(scr, builder.add(c, ir.Constant(i64, tile(_T_K, i)))))
-                    row.store(row.sub(row.load(Wp, off, bf16), row.mul(ki, egv)), Wp, off, bf16)
-                bo = builder.mul(base, ir.Constant(i64, F))
-                row.store(row.sub(row.load(bm, bo), egv), bm, bo)
-
-        # post-norm over the H features, o_proj, tanh
-        inv_h = v.const(float(H))
-        mu = v.div(v.total(heads), inv_h)
-        cen = [v.sub(x, mu) for x in heads]
-        rs = v.div(
-            v.const(1.0), v.sqrt(v.add(v.div(v.total([v.mul(d, d) for d in cen]), inv_h), eps_ln))
+        # post-norm over the H features (affine), o_proj, tanh
+        centered, std = layer_norm(heads, H)
+        rstd = v.div(v.const(1.0), std)
+        out = v.total(
+            [
+                v.mul(v.add(v.mul(v.mul(centered[j], rstd), w(o_pw + j)), w(o_pb + j)), w(o_o + j))
+                for j in range(H)
+            ]
         )
-        r = v.total(
-            [v.mul(v.add(v.mul(v.mul(cen[j], rs), w(o_pw + j)), w(o_pb + j)), w(o_o + j)) for j in range(H)]
-        )
-        v.store(v.tanh(r), scr, _S_OUT * B)
+        v.store(v.tanh(out), scr, _ROW_OUT * B)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -571,7 +793,7 @@ def _build(num_heads, head_dim, bf16_memory):
     constants of the generated vector code), as a plain Python function for ``njit``."""
     NH, F, B = num_heads, head_dim, LANES
     SCR = _scratch_size(F, B)
-    M, V, OUT = _S_M * B, _S_V * B, _S_OUT * B
+    M, V, OUT = _ROW_M * B, _ROW_V * B, _ROW_OUT * B
     MEM16 = int(bf16_memory)  # memory_W stored as bf16 bits
     LN_EPS, BASE_LR = _F32(reference.LN_EPS), _F32(reference.TTT_BASE_LR)  # closure cells: in the cache key
 

@@ -140,7 +140,9 @@ def test_parity_vectors(step_vectors, case):
     c = d["cases"][case]
     mgg = mgg_from_parity(d, torch.float32)
     params = [p.float().clone() for p in c["params_init"]]
-    pack = PackedState.pack(params, [None] * len(params), mgg.W1, mgg.b1[:, 0, :], torch.float32, torch.float32)
+    pack = PackedState.pack(
+        params, [None] * len(params), mgg.W1, mgg.b1[:, 0, :], torch.float32, torch.float32
+    )
     kw = {"num_heads": 1, "head_dim": 8, "lr": d["adapt_lr"], "beta1": d["beta1"], "beta2": d["beta2"]}
     for t in range(d["T"]):
         grads = [g.float() for g in c["grads"][t]]
@@ -174,7 +176,9 @@ def test_bf16_memory(hidden, heads):
 
 @pytest.mark.parametrize(("hidden", "heads"), [(16, 2), (24, 3), (32, 1), (64, 2), (64, 4), (64, 8)])
 def test_mgg_sizes(hidden, heads):
-    twin = Twin(random_mgg(hidden, heads, seed=hidden + heads), make_params([(5, 7), (60,), ()]), betas=(0.8, 0.999))
+    twin = Twin(
+        random_mgg(hidden, heads, seed=hidden + heads), make_params([(5, 7), (60,), ()]), betas=(0.8, 0.999)
+    )
     for step in range(2):
         twin.step(make_grads(twin.params, 10 + step, scale=5.0))
         twin.check()
@@ -304,10 +308,14 @@ def test_invalid_calls_raise_and_change_nothing():
     with pytest.raises(TypeError, match="found_inf"):
         call(found_inf=torch.zeros(2))
     with pytest.raises(TypeError, match="weights"):
-        cpu_mgg_step_(twin.params, grads, m, v, W, b, steps, [w.double() for w in twin.weights], **twin.kw, found_inf=z)
+        cpu_mgg_step_(
+            twin.params, grads, m, v, W, b, steps, [w.double() for w in twin.weights], **twin.kw, found_inf=z
+        )
     with pytest.raises(ValueError, match="threads"):
         call(threads=0)
-    assert steps.tolist() == [0.0, 0.0] and torch.equal(m, torch.zeros(7)), "a call that raises changes nothing"
+    assert steps.tolist() == [0.0, 0.0] and torch.equal(m, torch.zeros(7)), (
+        "a call that raises changes nothing"
+    )
 
 
 def test_default_threads():
@@ -344,13 +352,16 @@ def test_dtype_conversions_match_torch():
         ok = ~want.isnan()
         assert torch.equal(torch.from_numpy(got)[ok].view(torch.int32), want[ok].view(torch.int32))
     gen = torch.Generator().manual_seed(0)
-    x = torch.cat([
-        torch.randn(100_000, generator=gen) * 10.0 ** torch.randint(-9, 6, (100_000,), generator=gen),
-        torch.from_numpy(w16), torch.from_numpy(wbf),  # exact values
-        (torch.from_numpy(w16[:-1]) + torch.from_numpy(w16[1:])) / 2,  # halfway: ties to even
-        torch.tensor([65504.0, 65519.0, 65520.0, 1e6, -1e6, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 0.0, -0.0]),
-        torch.tensor([float("inf"), -float("inf"), 3.4e38]),
-    ]).float()
+    x = torch.cat(
+        [
+            torch.randn(100_000, generator=gen) * 10.0 ** torch.randint(-9, 6, (100_000,), generator=gen),
+            torch.from_numpy(w16),
+            torch.from_numpy(wbf),  # exact values
+            (torch.from_numpy(w16[:-1]) + torch.from_numpy(w16[1:])) / 2,  # halfway: ties to even
+            torch.tensor([65504.0, 65519.0, 65520.0, 1e6, -1e6, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 0.0, -0.0]),
+            torch.tensor([float("inf"), -float("inf"), 3.4e38]),
+        ]
+    ).float()
     x = x[~x.isnan()]
     n16, nbf = np.empty(x.shape, np.uint16), np.empty(x.shape, np.uint16)
     narrow(x.numpy(), n16, nbf)
@@ -371,20 +382,36 @@ def test_fuzz_against_reference(seed):
     dtypes = [(torch.float32, torch.bfloat16, torch.float16, torch.float64)[(seed + i) % 4] for i in range(4)]
     params = []
     for dtype in dtypes[: rng.randint(1, 4)]:
-        shape = rng.choice([(0,), (), (1,), (rng.randint(2, 3000),), (rng.randint(1, 12), rng.randint(2, 40))])
+        shape = rng.choice(
+            [(0,), (), (1,), (rng.randint(2, 3000),), (rng.randint(1, 12), rng.randint(2, 40))]
+        )
         p = torch.randn(shape, generator=torch.Generator().manual_seed(rng.randint(0, 10**6))).to(dtype)
         params.append(p.t() if p.dim() == 2 and rng.random() < 0.3 else p)
     betas = (rng.choice([0.0, 0.5, 0.9]), rng.choice([0.9, 0.99, 0.999]))
-    twin = Twin(random_mgg(heads * f, heads, seed=seed), params, lr=rng.choice([1e-3, 0.05, 0.5]), betas=betas, memory_W_dtype=memory)
+    twin = Twin(
+        random_mgg(heads * f, heads, seed=seed),
+        params,
+        lr=rng.choice([1e-3, 0.05, 0.5]),
+        betas=betas,
+        memory_W_dtype=memory,
+    )
     for step in range(3):
         gen = torch.Generator().manual_seed(1000 * seed + step)
         lo, hi = (-3, 3) if torch.float16 in [p.dtype for p in params] else (-15, 12)
         grads = [
-            None if rng.random() < 0.15 else (torch.randn(p.shape, generator=gen, dtype=torch.float64) * 10.0 ** rng.uniform(lo, hi)).to(p.dtype)
+            None
+            if rng.random() < 0.15
+            else (torch.randn(p.shape, generator=gen, dtype=torch.float64) * 10.0 ** rng.uniform(lo, hi)).to(
+                p.dtype
+            )
             for p in params
         ]
         twin.step(grads, threads=rng.choice([1, 2, 3]))
-        tol = PARAM_TOL[torch.bfloat16] if any(p.dtype in (torch.bfloat16, torch.float16) for p in params) else F32
+        tol = (
+            PARAM_TOL[torch.bfloat16]
+            if any(p.dtype in (torch.bfloat16, torch.float16) for p in params)
+            else F32
+        )
         twin.check(tol)
         with torch.no_grad():  # re-synchronise the reference to the kernel
             for i, (p, q) in enumerate(zip(twin.params, twin.ref_params, strict=True)):
@@ -393,4 +420,3 @@ def test_fuzz_against_reference(seed):
                 if st:
                     for key in STATE_KEYS:
                         st[key].copy_(twin.pack.views[i][key])
-
