@@ -26,6 +26,7 @@ from .cpu_step import reference
 LANES = 16  # coordinates per block: the lanes of the vector code (one AVX-512 register of fp32)
 ROW_WIDTH = 16  # a coordinate's memory is read and written in vectors of max(f, ROW_WIDTH) floats
 UNROLL = True  # full blocks with f <= 16: unrolled over the coordinates, transposed in registers
+PREFETCH_AHEAD = 64  # coordinates: each block prefetches the W and b rows of the block this far ahead
 
 _F32 = np.float32
 _I32 = ir.IntType(32)
@@ -457,6 +458,22 @@ class _Block:
                 for tile, val in ((_TILE_Z, z), (_TILE_QW, qw), (_TILE_B, bias)):
                     b.store(b.extract_element(val, jj), self.lane(tile, j, c))
 
+    def prefetch(self, Wp, bm, n0, bf16: bool) -> None:
+        """Prefetch (for writing) the ``W``/``b`` rows of the coordinates ``PREFETCH_AHEAD`` on:
+        the hardware prefetcher alone leaves one thread latency-bound on these streams (measured
+        at 1M coordinates: 37 -> 25 ms on one thread, 19 -> 15.5 ms on two). A prefetch past the
+        end of a buffer is harmless (a hint: it cannot fault)."""
+        b, i8p = self.b, ir.PointerType(ir.IntType(8))
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32])
+        prefetch = cgutils.get_or_insert_function(b.module, fnty, "llvm.prefetch.p0")
+        ahead = b.add(n0, ir.Constant(_I64, PREFETCH_AHEAD))
+        per_coord = self.nh * self.f
+        for ptr, elems, size in ((Wp, per_coord * self.f, 2 if bf16 else 4), (bm, per_coord, 4)):
+            start = b.bitcast(b.gep(ptr, [b.mul(ahead, ir.Constant(_I64, elems))]), i8p)
+            for line in range(0, self.lanes * elems * size, 64):
+                args = [b.gep(start, [ir.Constant(_I64, line)]), *(ir.Constant(_I32, x) for x in (1, 3, 1))]
+                b.call(prefetch, args)  # write, keep in all cache levels, data
+
     def coord_base(self, n0, c: int, h: int):
         b = self.b
         return b.add(b.mul(b.add(n0, ir.Constant(_I64, c)), ir.Constant(_I64, self.nh)), ir.Constant(_I64, h))
@@ -566,6 +583,7 @@ def _mgg_block(
         scr, wts, Wp, bm, n0, cnt, bc1, bc2, beta1, om1, beta2, om2, eps, ln_eps, base_lr = args[:15]
         blk = _Block(builder, scr, NH, F, B)
         unroll = UNROLL and F * F <= 256 and B == _WORK  # full blocks unrolled, transposed in registers
+        blk.prefetch(Wp, bm, n0, bf16)
         v = blk.v
         eps_ln = v.splat(ln_eps)
 
