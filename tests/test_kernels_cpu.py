@@ -318,9 +318,16 @@ def test_invalid_calls_raise_and_change_nothing():
     )
 
 
-def test_default_threads():
-    assert default_threads(50 * 768) == 1
-    assert default_threads(8 << 20) >= 1
+def test_default_threads(monkeypatch):
+    import mgg_fast.kernels.cpu_step as cpu_step
+
+    monkeypatch.setattr(cpu_step, "_usable_cpus", lambda: 4)
+    assert default_threads(0) == default_threads(1000) == default_threads(16 * CHUNK - 1) == 1
+    assert default_threads(50 * 768) == 4  # 38,400 coordinates: 37 chunks
+    assert default_threads(16 * CHUNK) == 2
+    assert default_threads(8 << 20) == 4
+    monkeypatch.setattr(cpu_step, "_usable_cpus", lambda: 64)
+    assert default_threads(8 << 20) == cpu_step.MAX_DEFAULT_THREADS
 
 
 def test_dtype_conversions_match_torch():
