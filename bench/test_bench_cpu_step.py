@@ -2,10 +2,12 @@
 
 Group ``cpu-step-38400``: ViT-B/16 norm scale (50 tensors of 768), torch's ``Adam(foreach=True)``,
 the reference optimizer step and the kernel (called directly on packed buffers) with 1 and 2
-threads. Groups ``cpu-step-1M`` / ``cpu-step-8M`` (marked ``slow``: ~2.5 GB / ~10 GB of memory
-for 8M): the kernel against a torch copy that moves the step's traffic, 604 bytes per coordinate
-(302 read + 302 written; the step reads and writes W, b, m, v, the parameter and reads the
-gradient: 2 * (256 + 32 + 4 + 4 + 4) + 4 bytes, float32, one head of 8).
+threads. Groups ``cpu-step-1M`` / ``cpu-step-8M`` (marked ``slow``; 8M needs ~2.5 GB for the
+state and 5 GB for the copy): the kernel against a torch copy that moves the step's traffic,
+604 bytes per coordinate (302 read + 302 written; the step reads and writes W, b, m, v and the
+parameter and reads the gradient: 2 * (256 + 32 + 4 + 4 + 4) + 4 bytes, float32, one head of 8).
+This VM's copy bandwidth varies from run to run (38-78 GB/s at 8M on 2026-12-07): compare the
+kernel with the copy of the same run.
 
 Run with ``pytest bench/test_bench_cpu_step.py --benchmark-only`` (add ``-m 'not slow'`` for the
 small group only). ``MGG_BENCH_BUSY_CORE=1`` keeps one core busy with another process during

@@ -376,6 +376,56 @@ def test_dtype_conversions_match_torch():
     assert torch.equal(torch.from_numpy(nbf.view(np.int16)), x.bfloat16().view(torch.int16))
 
 
+_ISA_SCRIPT = """
+import hashlib, sys, torch
+sys.path.insert(0, {tests!r})
+from helpers import random_mgg
+from mgg_fast.kernels.cpu_step import cpu_mgg_step_
+from mgg_fast.packed_state import PackedState
+digests = []
+for heads, f, memory, dtype in [(1, 8, torch.float32, torch.float32), (2, 16, torch.bfloat16, torch.float16)]:
+    mgg = random_mgg(heads * f, heads, seed=f)
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(n, generator=gen).to(dtype) for n in (1000, 37)]
+    pack = PackedState.pack(params, [None, None], mgg.W1, mgg.b1[:, 0, :], torch.float32, memory)
+    for _ in range(2):
+        grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
+        cpu_mgg_step_(
+            params, grads, pack.exp_avg, pack.exp_avg_sq, pack.memory_W, pack.memory_b, pack.steps,
+            mgg.weights(), num_heads=heads, head_dim=f, lr=0.05, beta1=0.9, beta2=0.99, eps=1e-8,
+            found_inf=torch.zeros(1), threads=int(sys.argv[1]),
+        )
+    h = hashlib.sha256()
+    for t in [*params, pack.exp_avg, pack.exp_avg_sq, pack.memory_W, pack.memory_b]:
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    digests.append(h.hexdigest())
+print(" ".join(digests))
+"""
+
+
+@pytest.mark.slow
+def test_same_bits_on_other_x86_levels(tmp_path):
+    """No fast-math, no FMA contraction, no libm: the kernel compiled for AVX2 (Haswell) and for
+    baseline x86-64 gives the same bits as for this machine, on 1 and 2 threads."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "isa.py"
+    script.write_text(_ISA_SCRIPT.format(tests=str(Path(__file__).parent)))
+    results = set()
+    for cpu, threads in [(None, 1), ("haswell", 2), ("x86-64", 1)]:
+        env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / f"cache-{cpu}")}
+        if cpu is not None:
+            env["NUMBA_CPU_NAME"] = cpu
+        run = subprocess.run(
+            [sys.executable, str(script), str(threads)], env=env, capture_output=True, text=True, check=True
+        )
+        results.add(run.stdout.strip())
+    assert len(results) == 1, results
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(24))
 def test_fuzz_against_reference(seed):
