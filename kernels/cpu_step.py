@@ -26,7 +26,8 @@ over every 16-bit pattern in ``tests/test_kernels_cpu.py``. No conversion pass i
 
 **Tool: numba** (LLVM through llvmlite; a wheel on PyPI for Linux/macOS/Windows and Python
 3.10-3.14, no compiler needed on the user's machine). The per-coordinate math is generated as
-LLVM vector IR by :mod:`mgg_fast.kernels.cpu_step_jit` rather than left to LLVM's
+LLVM vector IR (:mod:`mgg_fast.kernels.cpu_block` on :mod:`mgg_fast.kernels.cpu_vector_ir`; the
+numba entry points are in :mod:`mgg_fast.kernels.cpu_step_jit`) rather than left to LLVM's
 auto-vectoriser (measured: plain numba loops vectorised well for f = 8 and badly for f = 16/32,
 with gathers/scatters or scalar code depending on its unrolling heuristics): the lanes are the
 16 coordinates of a block (structure of arrays within the block: one AVX-512 register of fp32,
@@ -390,7 +391,9 @@ def cpu_mgg_step_(
         table, bcs, steps.numpy(), found, counter, wts_np, float(beta1), float(beta2), CHUNK
     )
     if chunks > 0:
-        kernel = jit._kernel(num_heads, head_dim, memory_W.dtype == torch.bfloat16)
+        kernel = jit._kernel(
+            num_heads, head_dim, memory_W.dtype == torch.bfloat16, reference.LN_EPS, reference.TTT_BASE_LR
+        )
         if threads is None:
             threads = default_threads(total if stepped is None else sum(compress(numels, stepped)))
         helpers = min(threads, chunks) - 1
