@@ -1,7 +1,8 @@
 """CPU benchmark of the fused CPU MGG step (``mgg_fast.kernels.cpu_step``).
 
 Group ``cpu-step-38400``: ViT-B/16 norm scale (50 tensors of 768), torch's ``Adam(foreach=True)``,
-the reference optimizer step and the kernel (called directly on packed buffers) with 1 and 2
+the reference optimizer step, a plain validating ``MGGOptimizer.step()`` on the CPU backend
+(its default threads), and the kernel alone (called directly on packed buffers) with 1 and 2
 threads. Groups ``cpu-step-1M`` / ``cpu-step-8M`` (marked ``slow``; 8M needs ~2.5 GB for the
 state and 5 GB for the copy): the kernel against a torch copy that moves the step's traffic,
 604 bytes per coordinate (302 read + 302 written; the step reads and writes W, b, m, v and the
@@ -24,7 +25,7 @@ import torch
 from mgg_fast.kernels.cpu_step import cpu_mgg_step_, cpu_step_available
 
 from mgg_fast import MGG, MGGOptimizer
-from mgg_fast.packed_state import PackedState
+from mgg_fast.optim.packed_state import PackedState
 
 NUM_TENSORS, DIM = 50, 768
 BYTES_PER_COORD = 604
@@ -78,7 +79,17 @@ def _kernel_step(count: int, dim: int, threads: int):
 def test_adam_foreach_step(benchmark):
     params = _tensors(NUM_TENSORS, DIM)
     opt = torch.optim.Adam(params, lr=1e-3, foreach=True)
-    benchmark.extra_info["coords"] = NUM_TENSORS * DIM
+    benchmark.extra_info.update(coords=NUM_TENSORS * DIM, label="torch Adam(foreach)")
+    benchmark(opt.step)
+
+
+@pytest.mark.benchmark(group="cpu-step-38400")
+def test_optimizer_step_cpu_backend(benchmark):
+    """What a user's ``opt.step()`` costs: validation, the non-finite check and the kernel."""
+    params = _tensors(NUM_TENSORS, DIM)
+    opt = MGGOptimizer(params, MGG(hidden_size=8), lr=1e-3, backend="cpu")
+    opt.step()  # first step: state allocation (and the kernel compiled or loaded)
+    benchmark.extra_info.update(coords=NUM_TENSORS * DIM, label="MGG opt.step(), CPU backend")
     benchmark(opt.step)
 
 
@@ -88,7 +99,7 @@ def test_reference_step(benchmark):
     params = _tensors(NUM_TENSORS, DIM)
     opt = MGGOptimizer(params, MGG(hidden_size=8), lr=1e-3, backend="reference")
     opt.step()  # first step: state allocation
-    benchmark.extra_info["coords"] = NUM_TENSORS * DIM
+    benchmark.extra_info.update(coords=NUM_TENSORS * DIM, label="MGG opt.step(), reference")
     benchmark(opt.step)
 
 
@@ -96,7 +107,7 @@ def test_reference_step(benchmark):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_cpu_kernel_step(benchmark, threads):
     step, params = _kernel_step(NUM_TENSORS, DIM, threads)
-    benchmark.extra_info["coords"] = NUM_TENSORS * DIM
+    benchmark.extra_info.update(coords=NUM_TENSORS * DIM, label=f"CPU kernel alone, {threads} thread(s)")
     benchmark(step)
     assert all(torch.isfinite(p).all() for p in params)
 
@@ -104,15 +115,17 @@ def test_cpu_kernel_step(benchmark, threads):
 def _copy_case(benchmark, coords: int) -> None:
     src = torch.ones(coords * BYTES_PER_COORD // 2, dtype=torch.uint8)
     dst = torch.empty_like(src)
-    benchmark.extra_info["coords"] = coords
-    benchmark.extra_info["bytes_moved"] = coords * BYTES_PER_COORD
+    benchmark.extra_info.update(
+        coords=coords, bytes_moved=coords * BYTES_PER_COORD, label="torch copy, 604 B/coord"
+    )
     benchmark.pedantic(dst.copy_, args=(src,), rounds=5, warmup_rounds=1)
 
 
 def _big_kernel_case(benchmark, coords: int, threads: int) -> None:
     step, _ = _kernel_step(8, coords // 8, threads)
-    benchmark.extra_info["coords"] = coords
-    benchmark.extra_info["bytes_moved"] = coords * BYTES_PER_COORD
+    benchmark.extra_info.update(
+        coords=coords, bytes_moved=coords * BYTES_PER_COORD, label=f"CPU kernel, {threads} thread(s)"
+    )
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
 
 

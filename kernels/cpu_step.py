@@ -108,7 +108,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mgg_fast import reference  # the math and its constants (the package's only import here)
+from mgg_fast.core import reference  # the math and its constants (the package's only import here)
 
 SUPPORTED_HEAD_DIMS = (8, 16, 32)
 MAX_HIDDEN = 64  # nh * f

@@ -66,7 +66,13 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     args.no_progress = args.no_progress or not common.stderr_is_terminal()  # no bars in a log
     if getattr(args, "pin_numerics", False):  # before the command loads torch
         common.pin_cpu_numerics()
+    if args.threads is None:
+        args.threads = common.auto_threads()
     where = f"{prog} {args.command}"
+    import torch  # the command's options are checked: now load it, with its thread count
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     try:
         args.run(args)
     except CLIError as exc:
@@ -89,10 +95,10 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         print(f"{where}: interrupted", file=sys.stderr)
         return 130
     finally:
-        if "torch" in sys.modules:  # else no process group can exist
-            from mgg_fast.tta.data_parallel import close_process_group
+        from mgg_fast.tta.data_parallel import close_process_group
 
-            close_process_group()
+        close_process_group()
+        torch.set_num_threads(threads)
     return 0
 
 

@@ -36,9 +36,8 @@ def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
         "--n-meta", type=positive_int, default=None, help="meta-training images (unset: the regime's)"
     )
     p.add_argument("--meta-epochs", type=positive_int, default=None, help="most meta-training epochs")
-    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     cache_options(p)
-    common_options(p)
+    common_options(p, threads=1)
     p.set_defaults(run=run, pin_numerics=True)
 
 

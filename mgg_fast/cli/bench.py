@@ -68,16 +68,22 @@ def run(args: argparse.Namespace) -> None:
         ("MGG reference", lambda ps: MGGOptimizer(ps, MGG().to(device), backend="reference")),
         ("torch Adam(foreach)", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True)),
     ]
-    if cuda:
-        kinds[1:1] = [
-            (name, lambda ps, w=w: MGGOptimizer(ps, MGG().to(device), backend="triton", memory_W_dtype=w))
-            for name, w in (("MGG fused", None), ("MGG fused, bf16 W", torch.bfloat16))
-        ]
-    where = torch.cuda.get_device_name(device) if cuda else "CPU"
+    fused = "triton" if cuda else "cpu"
+    kinds[1:1] = [
+        (name, lambda ps, w=w: MGGOptimizer(ps, MGG().to(device), backend=fused, memory_W_dtype=w))
+        for name, w in (("MGG fused", None), ("MGG fused, bf16 W", torch.bfloat16))
+    ]
+    where = torch.cuda.get_device_name(device) if cuda else f"CPU, {args.threads} torch thread(s)"
     say(f"optimizer step on {where}, torch {torch.__version__}")
     if not cuda:
+        from mgg_fast.kernels.cpu_step import cpu_step_unavailable_reason
+
         why = "--device cpu" if torch.cuda.is_available() else "no CUDA GPU on this machine"
-        say(f"MGG fused: not timed, the fused Triton step runs on a CUDA GPU only ({why})")
+        say(f"MGG fused: the fused CPU step (the Triton step runs on a CUDA GPU only: {why})")
+        reason = cpu_step_unavailable_reason()
+        if reason is not None:
+            say(f"MGG fused: not timed, the fused CPU step cannot run here ({reason})")
+            kinds = [k for k in kinds if not k[0].startswith("MGG fused")]
     say(f"{'coords':>10}  {'optimizer':<20} {'µs/step':>10} {'coords/s':>10}")
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)

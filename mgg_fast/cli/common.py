@@ -11,6 +11,7 @@ imports no torch either.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -61,6 +62,26 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # at AVX2 (not AVX-512), MKL in its conditional-numerical-reproducibility mode at AVX2, and oneDNN
 # at most AVX2, so that AVX2 and AVX-512 machines run the same code paths. Read when torch loads.
 PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_threads() -> int:
+    """One torch thread per core that other processes leave free, judged by the 1-minute load
+    average, at least one: torch's threads wait on each other, so a thread on a core another
+    process holds slows the whole step many times over (bench/RESULTS.md)."""
+    cores = usable_cpus()
+    try:
+        busy = math.floor(os.getloadavg()[0] + 0.5)
+    except (AttributeError, OSError):
+        busy = 0
+    return max(1, cores - busy)
 
 
 def pin_cpu_numerics() -> bool:
@@ -192,11 +213,26 @@ def available_memory(device: torch.device) -> int:
 
 
 def common_options(
-    p: argparse.ArgumentParser, seed: str = "seed of the corruptions, source-model training and the MGG"
+    p: argparse.ArgumentParser,
+    seed: str = "seed of the corruptions, source-model training and the MGG",
+    threads: int | None = None,
 ) -> None:
-    """``--device``, ``--seed`` (``seed``: what it seeds in this command) and ``--no-progress``."""
+    """``--device``, ``--seed`` (``seed``: what it seeds in this command), ``--threads``
+    (``threads``: the command's fixed default; ``None``: :func:`auto_threads`) and
+    ``--no-progress``."""
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help=seed)
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=threads,
+        help="torch CPU threads"
+        + (
+            " (fixed: results depend on the thread count)"
+            if threads is not None
+            else "; unset: one per core that other processes leave free (the 1-minute load average)"
+        ),
+    )
     p.add_argument(
         "--no-progress",
         action="store_true",

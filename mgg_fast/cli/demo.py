@@ -69,11 +69,8 @@ def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
         default=None,
         help="evaluation dtype (unset: the regime's; float64 gives the same numbers on any x86-64 CPU)",
     )
-    p.add_argument(
-        "--threads", type=positive_int, default=None, help="torch CPU threads (fix it to reproduce a run)"
-    )
     cache_options(p)
-    common_options(p)
+    common_options(p, threads=1)
     p.set_defaults(run=run, pin_numerics=True)
 
 

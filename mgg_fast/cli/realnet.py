@@ -41,9 +41,6 @@ def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
     p.add_argument(
         "--mgg", type=Path, default=None, help="a saved MGG to use (unset: one meta-trained per seed)"
     )
-    p.add_argument(
-        "--threads", type=positive_int, default=None, help="torch CPU threads (fix it to reproduce a run)"
-    )
     p.add_argument("--out", type=Path, default=Path("mgg_fast_realnet"), help="report folder")
     common_options(
         p,

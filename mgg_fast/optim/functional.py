@@ -5,8 +5,10 @@ same lists, :func:`mgg_step` takes a packed group (its parameters, their gradien
 flat state of :class:`~mgg_fast.optim.packed_state.PackedState`) and runs it on
 
 * ``"reference"``: :func:`mgg_fast.core.reference.optimizer_step` in eager PyTorch (the ground
-  truth, any device and dtype);
-* ``"triton"``: the fused kernels of :mod:`mgg_fast.kernels` (CUDA, or the interpreter).
+  truth, any device and dtype; the one that meta-training differentiates through);
+* ``"triton"``: the fused kernels of :mod:`mgg_fast.kernels` (CUDA, or the interpreter);
+* ``"cpu"``: the fused CPU step of :mod:`mgg_fast.kernels.cpu_step` (numba; one pass over each
+  coordinate's state, threads that take work in turn so a busy core slows only its share).
 
 The caller (the optimizer) has validated everything and taken the whole-step non-finite
 decision; the fused backend also reads ``found_inf`` itself, so it needs no host sync.
@@ -25,7 +27,7 @@ from mgg_fast.core.mgg import MGG
 from mgg_fast.core.reference import apply_update, optimizer_step
 from mgg_fast.optim.packed_state import PackedState
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "cpu", "reference")
 
 
 @functools.cache
@@ -52,12 +54,37 @@ def fused_supported(mgg: MGG) -> bool:
     return mgg.W1.dtype == torch.float32 and sizes_ok
 
 
+def cpu_supported(mgg: MGG) -> bool:
+    """Whether the fused CPU step handles this MGG (float32, head dim 8/16/32, hidden size <= 64)
+    and runs here (numba installed, its kernel compiled and checked); ``backend="auto"`` falls
+    back to the reference otherwise."""
+    from mgg_fast.kernels.cpu_step import MAX_HIDDEN, SUPPORTED_HEAD_DIMS, cpu_step_available
+
+    sizes_ok = mgg.head_dim in SUPPORTED_HEAD_DIMS and mgg.hidden_size <= MAX_HIDDEN
+    return mgg.W1.dtype == torch.float32 and sizes_ok and cpu_step_available()
+
+
 def resolve_backend(backend: str, mgg: MGG, device: torch.device) -> str:
-    """The backend that steps parameters on ``device``: ``"auto"`` is the fused one on CUDA when
-    :func:`fused_supported`, else the reference; an explicit ``"triton"`` that cannot run here
-    is an error naming why."""
+    """The backend that steps parameters on ``device``: ``"auto"`` is the fused one of the device
+    (Triton on CUDA, the CPU step on the CPU) when it handles the MGG, else the reference; an
+    explicit fused backend that cannot run here is an error naming why."""
     if backend == "reference":
         return "reference"
+    if backend == "cpu":
+        from mgg_fast.kernels.cpu_step import check_cpu_shape, cpu_step_unavailable_reason
+
+        if device.type != "cpu":
+            raise RuntimeError(f"backend='cpu' steps CPU tensors; parameters are on {device}")
+        if mgg.W1.dtype != torch.float32:
+            raise TypeError(
+                f"the fused CPU step keeps float32 state, the MGG is {mgg.W1.dtype}; "
+                "use backend='reference' for float64"
+            )
+        check_cpu_shape(mgg.num_heads, mgg.head_dim)
+        reason = cpu_step_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"backend='cpu' cannot run here: {reason}; use backend='reference'")
+        return "cpu"
     if backend == "triton":
         if not triton_usable(device):
             raise RuntimeError(
@@ -72,7 +99,9 @@ def resolve_backend(backend: str, mgg: MGG, device: torch.device) -> str:
 
         check_mgg_shape(mgg.num_heads, mgg.head_dim)
         return "triton"
-    return "triton" if device.type == "cuda" and fused_supported(mgg) else "reference"
+    if device.type == "cuda":
+        return "triton" if fused_supported(mgg) else "reference"
+    return "cpu" if device.type == "cpu" and cpu_supported(mgg) else "reference"
 
 
 def mgg_step(
@@ -89,20 +118,32 @@ def mgg_step(
     found_inf: Tensor,
     skipped: Tensor | None = None,
     keep_alive: list[Tensor] | None = None,
+    threads: int | None = None,
 ) -> None:
     """One MGG optimizer step of a packed group, in place.
 
     ``params`` are the packed parameters (their local shards) in order, ``grads`` aligned with
     them (``None``: that parameter, its state and step count stay as they are). ``backend`` is
-    ``"reference"`` or ``"triton"`` (see :func:`resolve_backend`). ``found_inf``/``skipped``
-    and ``keep_alive`` serve the fused backend (see :func:`mgg_fast.kernels.mgg_step_`); the
-    reference is only called once the host has found the step finite."""
-    if backend == "triton":
+    ``"reference"``, ``"triton"`` or ``"cpu"`` (see :func:`resolve_backend`).
+    ``found_inf``/``skipped`` and ``keep_alive`` serve the fused backends (see
+    :func:`mgg_fast.kernels.mgg_step_`); ``threads`` the CPU step (``None``: its default, see
+    :func:`mgg_fast.kernels.cpu_step.default_threads`). The reference is only called once the
+    host has found the step finite."""
+    if backend == "cpu":
+        from mgg_fast.kernels.cpu_step import cpu_mgg_step_
+
+        cpu_mgg_step_(
+            params, grads, pack.exp_avg, pack.exp_avg_sq, pack.memory_W, pack.memory_b,
+            pack.steps, mgg.weights(), num_heads=mgg.num_heads, head_dim=mgg.head_dim,
+            lr=lr, beta1=beta1, beta2=beta2, eps=eps, found_inf=found_inf, skipped=skipped,
+            threads=threads,
+        )  # fmt: skip
+    elif backend == "triton":
         _triton_mgg_step(params, grads, pack, mgg, lr, beta1, beta2, eps, found_inf, skipped, keep_alive)
     elif backend == "reference":
         _reference_mgg_step(params, grads, pack, mgg, lr, beta1, beta2, eps)
     else:
-        raise ValueError(f"unknown backend {backend!r}; use 'reference' or 'triton'")
+        raise ValueError(f"unknown backend {backend!r}; use 'reference', 'triton' or 'cpu'")
 
 
 def _triton_mgg_step(

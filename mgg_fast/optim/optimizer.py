@@ -78,9 +78,9 @@ class MGGOptimizer(torch.optim.Optimizer):
         lr, betas, eps: as published (``adapt_lr``, ``beta1``/``beta2``, the 1e-8 in m̃/g̃).
             ``lr`` may be a one-element tensor (read on every step: a host synchronisation for a
             CUDA tensor, so not with ``capturable=True``).
-        backend: ``"auto"`` (fused kernels on CUDA when
-            :func:`~mgg_fast.optim.functional.fused_supported`, reference
-            elsewhere), ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` (the fused Triton step on CUDA, the fused CPU step on the CPU, each
+            where it handles the MGG: float32, head dim 8/16/32, hidden size <= 64; the reference
+            otherwise), ``"triton"``, ``"cpu"`` or ``"reference"`` (the eager ground truth).
         nonfinite: ``"skip"`` (default) drops a step whose gradients (or MGG weights) hold NaN/Inf,
             leaving everything unchanged and counting it in :attr:`num_skipped_steps`;
             ``"raise"`` raises ``FloatingPointError`` instead.
@@ -94,6 +94,9 @@ class MGGOptimizer(torch.optim.Optimizer):
         carry_memory: ``True`` (as published) carries each coordinate's memory from step to step;
             ``False`` is the *memoryless* MGG of the ablation: every step starts from the learned
             memory (``W1``, ``b1``), so only the moments carry history.
+        threads: threads of the fused CPU step (``None``: one for small groups, more for large
+            ones; a thread on a busy core takes less of the work, so the step does not collapse
+            when another process holds a core).
 
     ``state[p]`` holds ``step``, ``exp_avg``, ``exp_avg_sq``, ``memory_W`` and ``memory_b``.
     Internally a group's state sits in flat buffers and ``state[p]`` holds views of them; a
@@ -130,6 +133,7 @@ class MGGOptimizer(torch.optim.Optimizer):
         nonfinite: str = "skip",
         capturable: bool = False,
         carry_memory: bool = True,
+        threads: int | None = None,
         memory_W_dtype: torch.dtype | None = None,
     ):
         if not isinstance(mgg, MGG):
@@ -154,6 +158,9 @@ class MGGOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.capturable = capturable
         self.carry_memory = bool(carry_memory)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        self.threads = threads
         self._packs: list[PackedState | None] = []
         self._state_record: StateRecord | None = None  # what state held after the last checked step
         self._init_counters(torch.zeros((), dtype=torch.float32, device=mgg.W1.device))
@@ -298,7 +305,7 @@ class MGGOptimizer(torch.optim.Optimizer):
                 mgg_step(
                     w.locals, w.grads, pack, mgg, lr=w.lr, beta1=w.beta1, beta2=w.beta2, eps=w.eps,
                     backend=w.backend, found_inf=found_inf, skipped=self._skipped if counts_skip else None,
-                    keep_alive=self._graph_tensors,
+                    keep_alive=self._graph_tensors, threads=self.threads,
                 )  # fmt: skip
         self._record_state(work, state_unchanged)
         return loss
@@ -511,6 +518,7 @@ class MGGOptimizer(torch.optim.Optimizer):
             "nonfinite": self.nonfinite,
             "capturable": self.capturable,
             "carry_memory": self.carry_memory,
+            "threads": self.threads,
             "memory_W_dtype": self.memory_W_dtype,
             "skipped": self._skipped,
         }
@@ -518,6 +526,7 @@ class MGGOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         state.setdefault("carry_memory", True)
+        state.setdefault("threads", None)
         skipped = state.pop("skipped", None)
         super().__setstate__(state)
         if skipped is not None:  # a copy or an unpickled optimizer (torch keeps no hooks)

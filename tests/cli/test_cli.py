@@ -138,8 +138,10 @@ def test_bench_cpu(capsys):
     )
     assert code == 0, err
     assert "MGG reference" in out and "torch Adam(foreach)" in out and "1,536" in out
-    (fused,) = [line for line in out.splitlines() if line.startswith("MGG fused")]
-    assert "not timed" in fused and "CUDA GPU" in fused  # says it, and why, in one line
+    (fused,) = [line for line in out.splitlines() if line.startswith("MGG fused:")]
+    assert "fused CPU step" in fused and "CUDA GPU" in fused  # which fused step, and why, in one line
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("1,536  MGG fused")]
+    assert len(rows) == 2 and all(float(r[-2]) > 0 for r in rows)  # fp32 and bf16 memory, timed
 
 
 def test_progress_bars_only_on_a_terminal(capsys, monkeypatch):

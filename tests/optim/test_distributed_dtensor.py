@@ -18,7 +18,7 @@ from mgg_fast import MGGOptimizer
 from mgg_fast.testing import run_local_processes
 
 LR, BETAS = 0.05, (0.9, 0.99)
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "cpu")
 WORLD = 2
 
 

@@ -386,7 +386,7 @@ def test_bf16_memory_state_dict_round_trip_and_validation():
             MGGOptimizer(p, MGG(), memory_W_dtype=bad)
 
 
-@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU])
+@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU, "cpu"])
 @pytest.mark.parametrize("first", [True, False], ids=["first-step", "later-step"])
 def test_sparse_gradient_raises_and_changes_nothing(first, backend):
     """(torch refuses other sparse layouts as ``.grad`` already.)"""
@@ -405,7 +405,7 @@ def test_sparse_gradient_raises_and_changes_nothing(first, backend):
     assert len(opt.state_dict()["state"]) == len(before[1]["state"])
 
 
-@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU])
+@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU, "cpu"])
 def test_memoryless_mgg_equals_the_mgg_with_its_memory_reset_every_step(backend):
     """``carry_memory=False`` (the ablation) is the published step with ``state[p]``'s memory set
     back to the learned W1, b1 before every step; the moments still carry."""

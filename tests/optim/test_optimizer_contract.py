@@ -111,7 +111,7 @@ def save_atomic(obj, path: Path) -> None:
 # ---- state[p] is the truth ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU])
+@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU, "cpu"])
 def test_replaced_exp_avg_is_what_is_stepped(backend):
     params = make_params()
     opt = mgg_opt(params, backend)
@@ -137,7 +137,7 @@ def test_replaced_exp_avg_is_what_is_stepped(backend):
     assert float(opt.state[params[1]]["step"]) == 3.0
 
 
-@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU])
+@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU, "cpu"])
 def test_state_entry_replaced_by_copies_continues_identically(backend):
     """What ZeroRedundancyOptimizer.load_state_dict does: ``optim.state[p] = {...copies...}``."""
     params, twin = make_params(), make_params()
@@ -152,7 +152,7 @@ def test_state_entry_replaced_by_copies_continues_identically(backend):
     assert_same_state_dicts(opt.state_dict(), twin_opt.state_dict())
 
 
-@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU])
+@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU, "cpu"])
 def test_entry_replaced_while_its_group_has_no_gradient_is_seen_later(backend):
     """A step that leaves a group out (no gradients) must not take a replaced entry of that group
     as checked: the group's next step steps the replacement."""
@@ -180,7 +180,7 @@ def test_entry_replaced_while_its_group_has_no_gradient_is_seen_later(backend):
     assert_same_state_dicts(opts[0].state_dict(), opts[1].state_dict())
 
 
-@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU])
+@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU, "cpu"])
 def test_renamed_state_key_is_seen(backend):
     """Moving the last entry of ``state[p]`` under another key keeps every tensor in place, but
     ``state[p]`` now lacks ``memory_b``: the step says so, as it would on a fresh load."""
@@ -498,7 +498,7 @@ def test_ema_and_swa_average_the_mgg_trajectory():
         assert_close(w.detach(), torch.stack([t[i] for t in trajectory]).mean(0), **F32)
 
 
-@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU])
+@pytest.mark.parametrize("backend", ["reference", TRITON_ON_CPU, "cpu"])
 def test_clip_grad_norm_then_step(backend):
     params, by_hand = make_params(), make_params()
     opt, opt_hand = mgg_opt(params, backend), mgg_opt(by_hand, backend)

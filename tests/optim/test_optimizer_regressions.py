@@ -17,7 +17,7 @@ from torch.testing import assert_close
 from mgg_fast import MGG, MGGOptimizer
 from mgg_fast.optim.validation import SKIPPED_GROUP_KEY
 
-BACKENDS = [TRITON_ON_CPU, "reference"]
+BACKENDS = [TRITON_ON_CPU, "cpu", "reference"]
 NAN, INF = float("nan"), float("inf")
 
 

@@ -2,7 +2,7 @@
 
 Each test steps the same parameters twice: with the reference optimizer (``backend="reference"``)
 and with :func:`cpu_mgg_step_` on a pack made as the optimizer makes one
-(:class:`mgg_fast.packed_state.PackedState`), then compares parameters, state and step counts.
+(:class:`mgg_fast.optim.packed_state.PackedState`), then compares parameters, state and step counts.
 The first run compiles one kernel per MGG size and memory dtype (seconds each; cached on disk).
 The larger differential fuzz is marked ``slow``.
 """
@@ -23,7 +23,7 @@ from mgg_fast.kernels.cpu_step import (
 from torch.testing import assert_close
 
 from mgg_fast import MGGOptimizer
-from mgg_fast.packed_state import PackedState
+from mgg_fast.optim.packed_state import PackedState
 
 pytestmark = pytest.mark.skipif(not cpu_step_available(), reason=f"{cpu_step_unavailable_reason()}")
 
@@ -381,7 +381,7 @@ import hashlib, sys, torch
 sys.path.insert(0, {tests!r})
 from helpers import random_mgg
 from mgg_fast.kernels.cpu_step import cpu_mgg_step_
-from mgg_fast.packed_state import PackedState
+from mgg_fast.optim.packed_state import PackedState
 digests = []
 for heads, f, memory, dtype in [(1, 8, torch.float32, torch.float32), (2, 16, torch.bfloat16, torch.float16)]:
     mgg = random_mgg(heads * f, heads, seed=f)
@@ -413,7 +413,7 @@ def test_same_bits_on_other_x86_levels(tmp_path):
     from pathlib import Path
 
     script = tmp_path / "isa.py"
-    script.write_text(_ISA_SCRIPT.format(tests=str(Path(__file__).parent)))
+    script.write_text(_ISA_SCRIPT.format(tests=str(Path(__file__).parents[1])))
     results = set()
     for cpu, threads in [(None, 1), ("haswell", 2), ("x86-64", 1)]:
         env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / f"cache-{cpu}")}
