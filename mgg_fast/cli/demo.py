@@ -17,6 +17,7 @@ from mgg_fast.cli.common import (
     resolve_device,
     say,
 )
+from mgg_fast.evaluation.bundled.config import METHODS
 
 
 def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
@@ -55,7 +56,11 @@ def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
         "the main one, each other adds rows",
     )
     p.add_argument(
-        "--methods", type=list_of(str), default=None, help="methods and reference rows (unset: all of them)"
+        "--methods",
+        type=list_of(str),
+        default=None,
+        help="methods and reference rows, or 'all' (unset: the demo's: noadapt,tent,adam,signum,mgg,"
+        "mgg-memoryless,supervised)",
     )
     p.add_argument(
         "--backend",
@@ -89,7 +94,7 @@ def run(args: argparse.Namespace) -> None:
         cfg.dtype = args.dtype
     cfg.backend = args.backend
     if args.methods:
-        cfg.methods = tuple(args.methods)
+        cfg.methods = METHODS if args.methods == ["all"] else tuple(args.methods)
     cfg.validate()
     cache = resolve_cache_dir(args.cache_dir)
     say(

@@ -12,7 +12,7 @@ pytest.importorskip("imagecorruptions")
 import mgg_fast.evaluation.bundled.data as shift_data
 from mgg_fast.core.files import sha256_file
 from mgg_fast.evaluation.bundled.benchmark import BenchmarkConfig, run_benchmark
-from mgg_fast.evaluation.bundled.config import METHODS
+from mgg_fast.evaluation.bundled.config import DEMO_METHODS
 from mgg_fast.evaluation.bundled.data import corrupted_split, load_image_folder, mnist_split
 from mgg_fast.evaluation.bundled.report import write_reports
 from mgg_fast.evaluation.bundled.source_models import source_model
@@ -163,7 +163,7 @@ def test_pipeline_end_to_end(tmp_path):
     for r in results["archs"].values():
         assert [s["seed"] for s in r["seeds"]] == [0, 1]
         for run in r["seeds"]:
-            assert set(run["methods"]) == set(METHODS)  # every row of the default run
+            assert set(run["methods"]) == set(DEMO_METHODS)  # every row of the default run
             assert (
                 set(run["tuning"]["adam"]["episodic"])
                 == set(run["tuning"]["adam"]["continual"])
