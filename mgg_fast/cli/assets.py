@@ -26,8 +26,9 @@ def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
         **fmt,
         help="train the source models and MGGs the demo ships (into --out)",
         description="Train the bundled benchmark's source models and meta-train its MGGs exactly as a run "
-        "with --retrain would, into --out, with a manifest (sha256, command, versions, machine). Copy "
-        "--out over mgg_fast/evaluation/bundled/assets to ship them.",
+        "with --retrain would, into --out, with a manifest (sha256, command, versions, machine); without "
+        "--cache-dir in a fresh temporary cache, so the files depend on the command alone. To ship them: "
+        "--out mgg_fast/evaluation/bundled/assets.",
     )
     benchmark_options(p)
     p.add_argument("--seeds", type=positive_int, default=1, help="seeds --seed, --seed+1, ...")

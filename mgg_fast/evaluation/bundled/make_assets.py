@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -37,7 +38,12 @@ def make_assets(
     log: Callable[[str], None] = lambda _message: None,
 ) -> Path:
     """Train the models ``cfg`` uses into ``out`` and write its manifest; returns the manifest's
-    path. ``command`` is recorded as what made them (default: this process's command line)."""
+    path. ``command`` is recorded as what made them (default: this process's command line).
+    Without ``cache_dir`` everything is made anew in a temporary cache (nothing is taken from the
+    user's, so the files depend on the command alone)."""
+    if cache_dir is None:
+        with tempfile.TemporaryDirectory(prefix="mgg_fast_assets_") as fresh:
+            return make_assets(out, cfg, cache_dir=fresh, command=command, log=log)
     cfg = replace(cfg, use_bundled=False)
     cfg.validate()
     out = Path(out)
