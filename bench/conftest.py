@@ -19,7 +19,8 @@ from typing import Any
 
 QUESTIONS = {  # group name prefix: what the group's table answers
     "step-": "one plain opt.step(): the MGG's fused and reference steps vs torch Adam, same tensors",
-    "cpu-step-": "one opt.step() on the CPU: the MGG reference step vs torch Adam",
+    "cpu-step-": "one opt.step() on the CPU: the MGG's fused CPU and reference steps vs torch Adam "
+    "(1M/8M: the fused CPU step vs a copy of its traffic)",
     "graph-": "the fused step captured in a CUDA graph, one replay",
     "copy-": "a device copy of the step's least traffic: the bandwidth yardstick",
     "sweep-": "the fused kernel alone at its best BLOCK x warps of the sweep",

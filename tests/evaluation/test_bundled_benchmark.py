@@ -410,3 +410,33 @@ def test_tuning_runs_on_validation_streams_like_the_test_streams(tmp_path, monke
     )
     run_benchmark(cfg, cache_dir=tmp_path / "cache", progress=False)
     assert seen and all(lengths == [4, 4, 4] * len(TINY["val_corruptions"]) for lengths in seen)
+
+
+def test_headline_keeps_the_corruptions_with_room_and_pairs_on_them():
+    from mgg_fast.evaluation.bundled.summary import aggregate
+
+    def run(seed, acc):  # acc: method -> (corruption a, corruption b), the same in both settings
+        def result(a, b):
+            per = {"a": a, "b": b}
+            setting = {"per_corruption": per, "mean": (a + b) / 2, "curve": [a], "acc_at": {}}
+            return {"episodic": setting, "continual": setting, "updates_to_tent": None, "ms_per_batch": 1.0,
+                    "step_ms_per_batch": 0.0, "lr": {"episodic": 0.1, "continual": 0.1}}  # fmt: skip
+
+        return {
+            "seed": seed,
+            "source": {"clean_accuracy": 0.9},
+            "methods": {m: result(*v) for m, v in acc.items()},
+        }
+
+    base = {"noadapt": (0.5, 0.9), "supervised": (0.7, 0.92), "tent": (0.6, 0.9), "adam": (0.55, 0.9)}
+    runs = [
+        run(0, {**base, "mgg": (0.62, 0.9), "mgg-memoryless": (0.58, 0.9)}),
+        run(1, {**base, "mgg": (0.64, 0.9), "mgg-memoryless": (0.60, 0.9)}),
+    ]
+    head = aggregate(runs)["headline"]
+    assert head["kept"] == ["a"]  # b: the oracle gains 2 points only
+    assert head["methods"]["mgg"]["episodic"]["values"] == pytest.approx([0.62, 0.64])
+    best = head["paired"]["mgg − best hand-made"]
+    assert best["best"] == {"episodic": "tent", "continual": "tent"}
+    assert best["episodic"]["values"] == pytest.approx([0.02, 0.04])
+    assert head["paired"]["mgg − memoryless"]["continual"]["values"] == pytest.approx([0.04, 0.04])

@@ -64,37 +64,50 @@ def _against_best_hand_made(seed_runs: list[dict[str, Any]], methods: list[str])
 
 def _headline(seed_runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any] | None:
     """The corruptions with room (the oracle beats NoAdapt by :data:`ROOM`, episodic, mean over
-    seeds) and every method's episodic and continual means over them, with CIs; ``None``
-    without the oracle and NoAdapt rows."""
+    seeds), every method's episodic and continual means over them with CIs, and on those means the
+    paired differences of each MGG row to the best hand-made optimizer of its loss and to its
+    memoryless self; ``None`` without the oracle and NoAdapt rows."""
     if "supervised" not in methods or "noadapt" not in methods:
         return None
     per = [r["methods"] for r in seed_runs]
+
+    def at(p: dict[str, Any], m: str, s: str, n: str) -> float:
+        return p[m][s]["per_corruption"][n]
+
     names = list(per[0]["noadapt"]["episodic"]["per_corruption"])
     room = {
-        n: float(
-            np.mean(
-                [
-                    p["supervised"]["episodic"]["per_corruption"][n]
-                    - p["noadapt"]["episodic"]["per_corruption"][n]
-                    for p in per
-                ]
-            )
-        )
+        n: float(np.mean([at(p, "supervised", "episodic", n) - at(p, "noadapt", "episodic", n) for p in per]))
         for n in names
     }
     kept = [n for n in names if room[n] >= ROOM]
-    means = {}
-    for m in methods:
-        means[m] = {
-            s: mean_ci(
-                [
-                    float(np.mean([p[m][s]["per_corruption"][n] for n in kept])) if kept else float("nan")
-                    for p in per
-                ]
-            )
-            for s in ("episodic", "continual")
+    settings = ("episodic", "continual")
+    values = {  # per method and setting, each seed's mean over the kept corruptions
+        m: {
+            s: [float(np.mean([at(p, m, s, n) for n in kept])) if kept else float("nan") for p in per]
+            for s in settings
         }
-    return {"room": room, "kept": kept, "methods": means}
+        for m in methods
+    }
+    paired_rows = {}
+    for m in methods:
+        name, _, loss = m.partition("+")
+        suffix = f"+{loss}" if loss else ""
+        hand = [f"{h}{suffix}" for h in HAND_MADE if f"{h}{suffix}" in methods]
+        if not name.startswith("mgg") or "memoryless" in name or not hand:
+            continue
+        for s in settings:
+            best = max(hand, key=lambda h, s=s: np.mean(values[h][s]))
+            bases = {"best hand-made": best, "memoryless": f"{name}-memoryless{suffix}"}
+            for what, base in bases.items():
+                if base in values:
+                    diffs = [a - b for a, b in zip(values[m][s], values[base][s], strict=True)]
+                    row = paired_rows.setdefault(f"{m} − {what}", {"method": m, "base": base, "best": {}})
+                    row["best" if what == "best hand-made" else "memoryless"] = (
+                        {**row.get("best", {}), s: base} if what == "best hand-made" else base
+                    )
+                    row[s] = mean_ci(diffs)
+    means = {m: {s: mean_ci(values[m][s]) for s in settings} for m in methods}
+    return {"room": room, "kept": kept, "methods": means, "paired": paired_rows}
 
 
 def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
