@@ -41,19 +41,6 @@ def _n_test(cfg: dict[str, Any]) -> str:
     return "all" if cfg["n_test"] is None else str(cfg["n_test"])
 
 
-def _pair_title(d: dict[str, Any]) -> str:
-    """``MGG − best hand-made (Adam)``, naming the baseline per setting where it differs."""
-    if "memoryless" in d:
-        return f"{label(d['method'])} − {label(d['memoryless'])}"
-    best = {s: label(b.partition("+")[0]) for s, b in d["best"].items()}
-    which = (
-        next(iter(best.values()))
-        if len(set(best.values())) == 1
-        else "; ".join(f"{s}: {b}" for s, b in best.items())
-    )
-    return f"{label(d['method'])} − best hand-made ({which})"
-
-
 def headline_tables(summary: dict[str, Any]) -> list[tuple[list[str], list[list[str]]]]:
     """The headline's tables (``[]`` without one): every method's means over the corruptions with
     room, and the MGG rows' paired differences on them."""
@@ -63,7 +50,7 @@ def headline_tables(summary: dict[str, Any]) -> list[tuple[list[str], list[list[
     settings = ("episodic", "continual")
     kept = f"{len(head['kept'])} of {len(head['room'])} corruptions with room"
     means = [[label(m), *(pm(r[s]) for s in settings)] for m, r in head["methods"].items()]
-    pairs = [[_pair_title(d), *(pm(d[s], True) for s in settings)] for d in head["paired"].values()]
+    pairs = [[d["title"], *(pm(d[s], True) for s in settings)] for d in head["paired"].values()]
     return [
         ([f"headline: {kept}", *settings], means),
         (["headline paired difference (points)", *settings], pairs),

@@ -6,6 +6,8 @@ one seed at a time."""
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -23,12 +25,9 @@ def aggregate(seed_runs: list[dict[str, Any]]) -> dict[str, Any]:
     the headline means over the corruptions with room; the source model's clean accuracy."""
     methods = list(seed_runs[0]["methods"])
     pairs = []
-    for m in methods:
-        if m.startswith("mgg") and "memoryless" not in m:
-            name, _, loss = m.partition("+")
-            suffix = f"+{loss}" if loss else ""
-            bases = [f"tent{suffix}", f"adam{suffix}", f"{name}-memoryless{suffix}"]
-            pairs += [(m, b) for b in bases if b in methods]
+    for m, name, suffix, _ in _mgg_rows(methods):
+        bases = [f"tent{suffix}", f"adam{suffix}", f"{name}-memoryless{suffix}"]
+        pairs += [(m, b) for b in bases if b in methods]
     out = aggregate_methods(seed_runs, pairs)
     out["paired"].update(_against_best_hand_made(seed_runs, methods))
     out["clean_accuracy"] = mean_ci([r["source"]["clean_accuracy"] for r in seed_runs])
@@ -36,28 +35,36 @@ def aggregate(seed_runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _against_best_hand_made(seed_runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
-    """Per MGG row and setting: the paired difference to the hand-made optimizer of the same loss
-    with the best mean over the seeds (chosen on the test streams, which favours the baseline)."""
-    out = {}
+def _mgg_rows(methods: list[str]) -> Iterator[tuple[str, str, str, list[str]]]:
+    """Each MGG row that is not an ablation: its key, name, loss suffix (``""`` or ``"+loss"``) and
+    the hand-made rows of the same loss."""
     for m in methods:
         name, _, loss = m.partition("+")
         suffix = f"+{loss}" if loss else ""
         hand = [f"{h}{suffix}" for h in HAND_MADE if f"{h}{suffix}" in methods]
-        if not name.startswith("mgg") or "memoryless" in name or not hand:
-            continue
+        if name.startswith("mgg") and "memoryless" not in name and hand:
+            yield m, name, suffix, hand
+
+
+def best_title(method: str, best: dict[str, str]) -> str:
+    """``MGG − best hand-made (Adam)``, naming the baseline per setting where it differs."""
+    names = {s: label(b.partition("+")[0]) for s, b in best.items()}
+    shown = set(names.values())
+    which = shown.pop() if len(shown) == 1 else "; ".join(f"{s}: {b}" for s, b in names.items())
+    return f"{label(method)} − best hand-made ({which})"
+
+
+def _against_best_hand_made(seed_runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
+    """Per MGG row and setting: the paired difference to the hand-made optimizer of the same loss
+    with the best mean over the seeds (chosen on the test streams, which favours the baseline)."""
+    out = {}
+    for m, _, _, hand in _mgg_rows(methods):
         entry: dict[str, Any] = {"method": m, "base": "best", "best": {}}
         for s in settings_of(seed_runs[0]["methods"][m]):
             best = max(hand, key=lambda h, s=s: np.mean([r["methods"][h][s]["mean"] for r in seed_runs]))
             entry["best"][s] = best
             entry[s] = paired(seed_runs, m, best, s)
-        best = {s: label(b.partition("+")[0]) for s, b in entry["best"].items()}
-        which = (
-            next(iter(best.values()))
-            if len(set(best.values())) == 1
-            else "; ".join(f"{s}: {b}" for s, b in best.items())
-        )
-        entry["title"] = f"{label(m)} − best hand-made ({which})"
+        entry["title"] = best_title(m, entry["best"])
         out[f"{m}-best"] = entry
     return out
 
@@ -83,31 +90,26 @@ def _headline(seed_runs: list[dict[str, Any]], methods: list[str]) -> dict[str, 
     settings = ("episodic", "continual")
     values = {  # per method and setting, each seed's mean over the kept corruptions
         m: {
-            s: [float(np.mean([at(p, m, s, n) for n in kept])) if kept else float("nan") for p in per]
+            s: [float(np.mean([at(p, m, s, n) for n in kept])) if kept else math.nan for p in per]
             for s in settings
         }
         for m in methods
     }
-    paired_rows = {}
-    for m in methods:
-        name, _, loss = m.partition("+")
-        suffix = f"+{loss}" if loss else ""
-        hand = [f"{h}{suffix}" for h in HAND_MADE if f"{h}{suffix}" in methods]
-        if not name.startswith("mgg") or "memoryless" in name or not hand:
-            continue
-        for s in settings:
-            best = max(hand, key=lambda h, s=s: np.mean(values[h][s]))
-            bases = {"best hand-made": best, "memoryless": f"{name}-memoryless{suffix}"}
-            for what, base in bases.items():
-                if base in values:
-                    diffs = [a - b for a, b in zip(values[m][s], values[base][s], strict=True)]
-                    row = paired_rows.setdefault(f"{m} − {what}", {"method": m, "base": base, "best": {}})
-                    row["best" if what == "best hand-made" else "memoryless"] = (
-                        {**row.get("best", {}), s: base} if what == "best hand-made" else base
-                    )
-                    row[s] = mean_ci(diffs)
+
+    def pair(m: str, base: str, s: str) -> dict[str, Any]:
+        return mean_ci([a - b for a, b in zip(values[m][s], values[base][s], strict=True)])
+
+    rows: dict[str, Any] = {}
+    for m, name, suffix, hand in _mgg_rows(methods):
+        best = {s: max(hand, key=lambda h, s=s: np.mean(values[h][s])) for s in settings}
+        rows[f"{m}-best"] = {"method": m, "best": best, "title": best_title(m, best)}
+        rows[f"{m}-best"].update({s: pair(m, best[s], s) for s in settings})
+        memoryless = f"{name}-memoryless{suffix}"
+        if memoryless in values:
+            rows[f"{m}-{memoryless}"] = {"method": m, "title": f"{label(m)} − {label(memoryless)}"}
+            rows[f"{m}-{memoryless}"].update({s: pair(m, memoryless, s) for s in settings})
     means = {m: {s: mean_ci(values[m][s]) for s in settings} for m in methods}
-    return {"room": room, "kept": kept, "methods": means, "paired": paired_rows}
+    return {"room": room, "kept": kept, "methods": means, "paired": rows}
 
 
 def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
