@@ -17,7 +17,7 @@ from mgg_fast.cli.common import (
     resolve_device,
     say,
 )
-from mgg_fast.evaluation.bundled.config import METHODS
+from mgg_fast.evaluation.bundled.config import METHODS, RECIPES
 
 
 def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
@@ -41,7 +41,7 @@ def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
         "--recipes",
         type=list_of(str),
         default=["demo"],
-        help="MGG meta-training recipes side by side: demo, published, unroll",
+        help=f"MGG meta-training recipes side by side: {', '.join(RECIPES)}",
     )
     p.add_argument(
         "--retrain",
@@ -64,9 +64,10 @@ def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
     )
     p.add_argument(
         "--backend",
-        choices=("auto", "reference", "triton"),
+        choices=("auto", "reference", "cpu", "triton"),
         default="auto",
-        help="the MGG optimizer's step (auto: fused on CUDA, the reference elsewhere)",
+        help="the MGG optimizer's step (auto: the fused step of the device, Triton on CUDA and the "
+        "compiled one on the CPU, else the reference)",
     )
     p.add_argument(
         "--dtype",

@@ -114,3 +114,19 @@ def test_errors_name_the_program_as_invoked(capsys):
     assert re.match(rf"{python} -m mgg_fast adapt: error: the bundled models need --mgg FILE", error), error
     code, _, err = run_cli(capsys, "adapt", "--device", "cpu")  # the console script's main()
     assert code == 2 and err.startswith("mgg-fast adapt: error: the bundled models need --mgg")
+
+
+def test_demo_offers_every_backend_and_recipe(capsys):
+    """The demo's --backend choices were once auto/reference/triton, without the CPU step that
+    ``auto`` picks on the CPU, and its --recipes help named three of the five recipes."""
+    from mgg_fast.cli import build_parser
+    from mgg_fast.evaluation.bundled.config import RECIPES
+    from mgg_fast.optim.functional import BACKENDS
+
+    parser = build_parser("demo")
+    for backend in BACKENDS:
+        assert parser.parse_args(["demo", "--backend", backend]).backend == backend
+    _, out, _ = run_cli(capsys, "demo", "--help")
+    text = " ".join(out.split())
+    assert "auto: the fused step of the device" in text
+    assert f"side by side: {', '.join(RECIPES)}" in text
