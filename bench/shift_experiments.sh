@@ -5,7 +5,7 @@
 #
 #   OUT=bench/shift_runs PARALLEL=2 bash bench/shift_experiments.sh [EXPERIMENT ...]
 #
-# Experiments (all by default): demo, long, small-batch, label-shift, mixed, beyond. Every run is
+# Experiments (all by default): demo, long, small-batch, label-shift, mixed, beyond, recipes. Every run is
 # the demo command as a user runs it (its default backend: the fused CPU step; float32; one thread).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,11 @@ ARGS[mixed]="--regime mixed --methods $(IFS=,; echo "${ALL[*]}")"
 SEEDS[mixed]=3
 ARGS[beyond]="--regime long --methods noadapt,tent,adam,signum,mgg,mgg-memoryless --recipes demo,episodes,episodes-unroll8"
 SEEDS[beyond]=3
-if [ $# -gt 0 ]; then EXPERIMENTS=("$@"); else EXPERIMENTS=(demo long small-batch label-shift mixed beyond); fi
+# The paper's recipe beside the demo's and K = 4 unrolls, each selected and stopped as documented
+# (per-epoch validation and meta-loss curves in each seed's results.json).
+ARGS[recipes]="--regime demo --archs resnet --methods noadapt,tent,adam,signum,mgg,mgg-memoryless --recipes demo,published,unroll"
+SEEDS[recipes]=3
+if [ $# -gt 0 ]; then EXPERIMENTS=("$@"); else EXPERIMENTS=(demo long small-batch label-shift mixed beyond recipes); fi
 
 run_one() {  # EXPERIMENT SEED
   local dir="$OUT/$1/seed$2"
