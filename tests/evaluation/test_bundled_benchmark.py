@@ -226,6 +226,37 @@ def test_pipeline_end_to_end(tmp_path):
         assert "| MGG | " in md and f"{100 * ep['mean']:.1f} ± {100 * ep['ci95']:.1f}" in md
         assert "| MGG − Tent (SGD) |" in md
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths["meta_training"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the MGGs' curves
+    assert "| MGG (meta-training) | eval lr | meta-updates |" in md
+
+
+def test_meta_training_table_and_plot(tmp_path):
+    """Per MGG and eval lr over seeds: meta-updates and epochs run, the mean meta-loss of the first
+    and last epoch, the epoch a validated recipe kept; the plot is drawn only where MGGs were trained."""
+    from mgg_fast.evaluation.bundled.report import meta_training_rows, plot_meta_training
+
+    nan = float("nan")
+
+    def seed(key, losses, scores, kept):
+        history = [
+            {"epoch": e + 1, "mean_loss": loss, "meta_updates": 4 * (e + 1), "score": score}
+            for e, (loss, score) in enumerate(zip(losses, scores, strict=True))
+        ]
+        tuning = {"tent": {"episodic": {"0.1": 0.5}}, key: {"meta_history": {"0.001": history}}}
+        tuning[key]["selected_epoch"] = {"0.001": kept}
+        return {"tuning": tuning}
+
+    published = {"seeds": [seed("mgg-published", [2.0, 1.5, 1.5], [0.5, 0.6, 0.6], 3),
+                           seed("mgg-published", [3.0, 2.5], [0.7, 0.6], 1)]}  # fmt: skip
+    header, rows = meta_training_rows(published)
+    assert header[-1] == "epoch kept"
+    assert rows == [["MGG (published)", "0.001", "12/8", "3/2", "2.5000 → 2.0000", "3/1"]]
+    demo = {"seeds": [seed("mgg", [1.0, 0.9], [nan, nan], None)]}
+    assert meta_training_rows(demo)[1][0][-1] == "last"
+    assert plot_meta_training({"archs": {"vit": demo, "resnet": published}}, tmp_path / "m.png")
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    assert not plot_meta_training({"archs": {"vit": {"seeds": [{"tuning": {}}]}}}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_mean_ci_is_the_t_interval_and_paired_differences_cancel_seed_effects():

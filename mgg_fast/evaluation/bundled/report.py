@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import mgg_fast.evaluation.report as report
+from mgg_fast.core.files import atomic_write
 from mgg_fast.evaluation.bundled.summary import ROOM
 from mgg_fast.evaluation.report import (
     corruption_rows,
@@ -136,7 +137,92 @@ def format_markdown(results: dict[str, Any]) -> str:
             for table in headline_tables(r["summary"]):
                 parts += [md_table(*table), ""]
         parts.append(md_table(*corruption_rows(r)))
+        meta = meta_training_rows(r)
+        if meta[1]:
+            parts += ["", md_table(*meta)]
     return "\n".join(parts) + "\n"
+
+
+History = list[dict[str, float]]  # per epoch: epoch, mean_loss, meta_updates, score (NaN: unvalidated)
+
+
+def _histories(arch_result: dict[str, Any]) -> dict[tuple[str, str], list[tuple[History, int | None]]]:
+    """Each meta-trained MGG's per-epoch history and kept epoch (``None``: the last, unvalidated),
+    per seed: ``(row, eval lr) -> [(history, kept), ...]``."""
+    out: dict[tuple[str, str], list[tuple[History, int | None]]] = {}
+    for seed in arch_result["seeds"]:
+        for key, tuned in seed["tuning"].items():
+            for lr, history in tuned.get("meta_history", {}).items():
+                out.setdefault((key, lr), []).append((history, tuned["selected_epoch"][lr]))
+    return out
+
+
+def meta_training_rows(arch_result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """How each MGG was meta-trained, per row and eval lr over seeds: the meta-updates and epochs
+    run (the meta-loss's plateau or the recipe's epochs end it), the mean meta-loss of the first and
+    last epoch, and for a validated recipe the epoch kept per seed (the latest with the best score)."""
+    header = ["MGG (meta-training)", "eval lr", "meta-updates", "epochs", "meta-loss first → last"]
+    rows = []
+    for (key, lr), runs in _histories(arch_result).items():
+        first = sum(run[0]["mean_loss"] for run, _ in runs) / len(runs)
+        last = sum(run[-1]["mean_loss"] for run, _ in runs) / len(runs)
+        kept = [k for _, k in runs if k is not None]
+        rows.append(
+            [
+                label(key),
+                lr,
+                "/".join(str(run[-1].get("meta_updates", "?")) for run, _ in runs),
+                "/".join(str(len(run)) for run, _ in runs),
+                f"{first:.4f} → {last:.4f}",
+                "/".join(map(str, kept)) if kept else "last",
+            ]
+        )
+    return [*header, "epoch kept"], rows
+
+
+def plot_meta_training(results: dict[str, Any], path: Path) -> bool:
+    """A PNG of each MGG's meta-training, one row per architecture: the meta-loss per epoch against
+    the meta-updates so far, and for validated recipes the validation score per epoch (the kept
+    epoch circled); one line per seed. False (nothing written) without a history or matplotlib."""
+    archs = {a: _histories(r) for a, r in results["archs"].items()}
+    archs = {a: h for a, h in archs.items() if h}
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    if not archs:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [run for histories in archs.values() for seeds in histories.values() for run, _ in seeds]
+    validated = any(h["score"] == h["score"] for run in runs for h in run)
+    fig, axes = plt.subplots(len(archs), 1 + validated, figsize=(5.5 * (1 + validated), 3.6 * len(archs)),
+                             squeeze=False)  # fmt: skip
+    for row, (arch, histories) in zip(axes, archs.items(), strict=True):
+        for i, ((key, lr), runs) in enumerate(histories.items()):
+            color = f"C{i % 10}"
+            for j, (run, kept) in enumerate(runs):
+                name = f"{label(key)}, lr {lr}" if j == 0 else None
+                updates = [h.get("meta_updates", h["epoch"]) for h in run]
+                row[0].plot(updates, [h["mean_loss"] for h in run], color=color, alpha=0.7, label=name)
+                points = [(h["epoch"], 100 * h["score"]) for h in run if h["score"] == h["score"]]
+                if points:
+                    row[1].plot(*zip(*points, strict=True), color=color, alpha=0.7, label=name)
+                    row[1].plot(*points[[e for e, _ in points].index(kept)], "o", color=color,
+                                fillstyle="none", markersize=9)  # fmt: skip
+        row[0].set_title(f"{arch}: meta-loss per epoch (one line per seed)", fontsize=9)
+        row[0].set(xlabel="meta-updates", ylabel="mean meta-loss of the epoch")
+        row[0].legend(fontsize=7)
+        if validated:
+            row[1].set_title(f"{arch}: validation score per epoch (circled: the epoch kept)", fontsize=9)
+            row[1].set(xlabel="epoch", ylabel="validation accuracy (%)")
+        for ax in row:
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=80))
+    plt.close(fig)
+    return True
 
 
 def panels(results: dict[str, Any]) -> dict[str, report.Panel]:
@@ -157,6 +243,11 @@ def panels(results: dict[str, Any]) -> dict[str, report.Panel]:
 
 
 def write_reports(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``results.json`` (every per-seed number), ``results.md`` and ``accuracy_vs_updates.png``."""
+    """Write ``results.json`` (every per-seed number), ``results.md``, ``accuracy_vs_updates.png``
+    and, where MGGs were meta-trained (or shipped with their history), ``meta_training.png``."""
     title = f"Corrupted MNIST (severity {results['config']['severity']}), mean over corruptions, episodic"
-    return report.write_reports(results, out_dir, format_markdown(results), panels(results), title)
+    paths = report.write_reports(results, out_dir, format_markdown(results), panels(results), title)
+    meta = Path(out_dir) / "meta_training.png"
+    if plot_meta_training(results, meta):
+        paths["meta_training"] = meta
+    return paths
