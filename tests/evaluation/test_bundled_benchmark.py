@@ -379,6 +379,31 @@ def test_merge_results_of_single_seed_runs(tmp_path):
         merge_results([parts[0], other])
 
 
+def test_grid_end_note_names_the_rows_that_chose_an_end_of_their_grid():
+    """A learning rate at an end of the lrs tuned may be short of the best: the reports say which
+    rows, settings and ends, and in how many seeds (the bundled data once chose the ends only)."""
+    from mgg_fast.evaluation.bundled.report import grid_end_note
+
+    def seed(adam_lr, tent_lr):
+        tried = {"0.001": 0.5, "0.01": 0.6, "0.1": 0.6}
+        return {
+            "methods": {
+                "noadapt": {"lr": {"episodic": None, "continual": None}},
+                "adam": {"lr": {"episodic": adam_lr, "continual": 0.01}},
+                "tent": {"lr": {"episodic": tent_lr, "continual": 0.01}},
+            },
+            "tuning": {"adam": {"episodic": tried, "continual": tried}, "tent": {"episodic": {"0.1": 0.4},
+                       "continual": {"0.1": 0.4}}},
+        }  # fmt: skip
+
+    note = grid_end_note({"seeds": [seed(0.1, 0.1), seed(0.001, 0.1), seed(0.1, 0.1)]})
+    assert note == (
+        "Learning rates at an end of their grid (the best may lie beyond it): "
+        "Adam episodic highest (2/3); Adam episodic lowest (1/3)."
+    )  # Tent tuned a single lr: no end to speak of; continual chose inside the grid
+    assert grid_end_note({"seeds": [seed(0.01, 0.1)]}) == ""
+
+
 def test_published_recipe_configuration(tmp_path, monkeypatch):
     """The published recipe as the benchmark runs it: batch 2, 40 epochs over 128 images, train adapt
     lr 1e-4, eval lr 1e-3 in both settings, a shuffled loader, per-epoch validation keeping the best

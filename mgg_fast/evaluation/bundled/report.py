@@ -42,6 +42,25 @@ def _n_test(cfg: dict[str, Any]) -> str:
     return "all" if cfg["n_test"] is None else str(cfg["n_test"])
 
 
+def grid_end_note(arch_result: dict[str, Any]) -> str:
+    """Which rows chose a learning rate at an end of the lrs they tuned, per setting and end with
+    the number of seeds (the best may lie beyond the grid); ``""`` when none did."""
+    counts: dict[tuple[str, str, str], int] = {}
+    for seed in arch_result["seeds"]:
+        for key, method in seed["methods"].items():
+            for setting, lr in method["lr"].items():
+                tried = sorted(float(v) for v in seed["tuning"].get(key, {}).get(setting, {}))
+                if lr is None or len(tried) < 2 or tried[0] < lr < tried[-1]:
+                    continue
+                end = (key, setting, "lowest" if lr == tried[0] else "highest")
+                counts[end] = counts.get(end, 0) + 1
+    if not counts:
+        return ""
+    n = len(arch_result["seeds"])
+    ends = "; ".join(f"{label(k)} {s} {e} ({c}/{n})" for (k, s, e), c in counts.items())
+    return f"Learning rates at an end of their grid (the best may lie beyond it): {ends}."
+
+
 def headline_tables(summary: dict[str, Any]) -> list[tuple[list[str], list[list[str]]]]:
     """The headline's tables (``[]`` without one): every method's means over the corruptions with
     room, and the MGG rows' paired differences on them."""
@@ -74,6 +93,8 @@ def format_text(results: dict[str, Any]) -> str:
         for table in headline_tables(r["summary"]):
             parts += ["", text_table(*table)]
         parts += ["", text_table(*corruption_rows(r))]
+        if grid_end_note(r):
+            parts += ["", grid_end_note(r)]
     return "\n".join(parts)
 
 
@@ -128,6 +149,8 @@ def format_markdown(results: dict[str, Any]) -> str:
             md_table(summary_header(r["summary"]), summary_rows(r)),
             "",
         ]
+        if grid_end_note(r):
+            parts += [grid_end_note(r), ""]
         if r["summary"]["paired"]:
             parts += [md_table(paired_header(r["summary"]), paired_rows(r)), ""]
         head = r["summary"].get("headline")
