@@ -87,9 +87,9 @@ class _Block:
 
     def prefetch(self, Wp, bm, n0, bf16: bool) -> None:
         """Prefetch (for writing) the ``W``/``b`` rows of the coordinates ``PREFETCH_AHEAD`` on:
-        the hardware prefetcher alone leaves one thread latency-bound on these streams (measured
-        at 1M coordinates: 37 -> 25 ms on one thread, 19 -> 15.5 ms on two). A prefetch past the
-        end of a buffer is harmless (a hint: it cannot fault)."""
+        the hardware prefetcher alone leaves one thread latency-bound on these streams
+        (bench/RESULTS.md). A prefetch past the end of a buffer is harmless (a hint: it cannot
+        fault)."""
         b, i8p = self.b, ir.PointerType(ir.IntType(8))
         fnty = ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32])
         prefetch = cgutils.get_or_insert_function(b.module, fnty, "llvm.prefetch.p0")

@@ -28,18 +28,15 @@ over every 16-bit pattern in ``tests/test_kernels_cpu.py``. No conversion pass i
 3.10-3.14, no compiler needed on the user's machine). The per-coordinate math is generated as
 LLVM vector IR (:mod:`mgg_fast.kernels.cpu_block` on :mod:`mgg_fast.kernels.cpu_vector_ir`; the
 numba entry points are in :mod:`mgg_fast.kernels.cpu_step_jit`) rather than left to LLVM's
-auto-vectoriser (measured: plain numba loops vectorised well for f = 8 and badly for f = 16/32,
-with gathers/scatters or scalar code depending on its unrolling heuristics): the lanes are the
-16 coordinates of a block (structure of arrays within the block: one AVX-512 register of fp32,
-two AVX2 ones), and each coordinate's ``W`` is read and written row by row as vectors of ``f``.
-No fast-math (no FMA contraction, no reassociation), and exp/sigmoid/tanh are a polynomial of
-ours (within ~2 ulp) rather than libm calls, so the results are bit-identical across x86 ISA
-levels and thread counts (checked: the same bits compiled for Zen 5 with AVX-512, for Haswell
-with AVX2 and for baseline x86-64, on 1 and 2 threads). Why not torch's inductor C++ backend: it
-needs a C++ compiler on the user's machine and a fallback without one, and ``torch.compile`` of
-the reference step (g++ here) took 10.4 s to compile and then ran 29 ms a step at 38,400
-coordinates, slower than the eager reference (5.9 ms); numba needs no compiler, compiles this
-kernel in ~2 s, caches it, and runs it in 0.5-0.8 ms.
+auto-vectoriser, which vectorised plain numba loops well for f = 8 and badly for f = 16/32
+(gathers/scatters or scalar code, by its unrolling heuristics): the lanes are the 16 coordinates
+of a block (structure of arrays within the block: one AVX-512 register of fp32, two AVX2 ones),
+and each coordinate's ``W`` is read and written row by row as vectors of ``f``. No fast-math (no
+FMA contraction, no reassociation), and exp/sigmoid/tanh are a polynomial of ours (within ~2 ulp)
+rather than libm calls, so the results are bit-identical across x86 ISA levels and thread counts
+(tested: AVX-512, AVX2 and baseline x86-64, on 1 and 2 threads). torch's inductor C++ backend was
+the alternative: it needs a C++ compiler on the user's machine and a fallback without one, and
+its code for the reference step was slower than the eager reference (bench/RESULTS.md).
 
 **Threads.** The coordinates are cut into chunks of ``CHUNK`` (never straddling two tensors) that
 the threads take off an atomic counter, so a thread on a busy core simply takes fewer. The calling
@@ -56,40 +53,15 @@ non-finite MGG weight (checked on every call): nothing is written, no step count
 **Supported:** head dim f in {8, 16, 32}, ``nh * f <= 64`` (as the Triton kernels); float32
 state, ``memory_W`` float32 or bfloat16; CPU tensors.
 
-**Compile time.** The first call for an MGG size and memory dtype compiles its kernel: 1.8 s
-for the default MGG (one head of 8, with :func:`cpu_step_available`'s check), 1.3 s more for
-bf16 memory, 3.9 s for 2 heads of 32. numba caches the machine code on disk (``cache=True``: in
+**Compile time.** The first call for an MGG size and memory dtype compiles its kernel (seconds;
+bench/RESULTS.md has the figures). numba caches the machine code on disk (``cache=True``: in
 ``__pycache__`` next to this module, or in ``NUMBA_CACHE_DIR`` or the user's cache directory
 when the install is read-only; with no writable place at all it compiles in every process, which
-was checked with a read-only install): a later process imports numba and loads the kernel in
-0.24 s.
+was checked with a read-only install), so a later process only loads it.
 
-**Measured** (2026-12-07, this project's 2-core VM: AMD EPYC Zen 5 with AVX-512, Linux 6.18,
-Python 3.11, torch 2.14.1, numba 0.68.1; medians; only windows in which other processes used
-< 5% of a core; preliminary):
-
-==========================================  ==========  =========================
-50 tensors x 768 (38,400 coordinates)       idle        one core busy (spinning)
-==========================================  ==========  =========================
-torch ``Adam(foreach=True)``                0.49 ms     0.46-0.47 ms
-reference optimizer step                    5.9 ms
-this kernel, 1 thread                       0.77 ms     0.74-0.84 ms
-this kernel, 2 threads (the default)        0.48 ms     0.75-0.78 ms
-this kernel, 1 thread, bf16 ``memory_W``    0.87 ms
-one call per tensor (50 calls, 1 thread)    2.4 ms
-==========================================  ==========  =========================
-
-==========================================  ==========  ==========
-coordinates (one head of 8, float32)        1M          8M
-==========================================  ==========  ==========
-torch copy of 604 B/coordinate (2 threads)  14.9 ms     119 ms
-this kernel, 1 thread                       25.7 ms     205 ms
-this kernel, 2 threads                      15.4 ms     120 ms
-==========================================  ==========  ==========
-
-With a core busy, 1M: copy 16-24 ms, the kernel 25 ms on 1 or 2 threads. Other MGG sizes, one
-thread, 38,400 coordinates: 2 heads of 8 2.3 ms, 8 of 8 11.9 ms, 1 of 16 3.9 ms, 4 of 16 14.1
-ms, 1 of 32 12.9 ms, 2 of 32 23.1 ms (their memory is 2-32 times larger).
+Speed against torch Adam and the machine's copy bandwidth, idle and with a core busy, and of
+other MGG sizes: ``pytest bench/test_bench_cpu_step.py --benchmark-only``; the measured figures
+are in bench/RESULTS.md.
 """
 
 from __future__ import annotations

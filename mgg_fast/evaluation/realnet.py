@@ -73,7 +73,7 @@ WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"  # torchvision's name: the hash part 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle")
 # The clean crops (what test-batch normalisation alone costs: NoAdapt scores 100% there), then the
 # first corruption of each ImageNet-C family (noise, blur, weather, digital) and JPEG: 5 of the 15
-# keep the default run near 10 minutes on 2 CPU cores; ``corruption_names("test")`` for all.
+# keep the default run short on a small CPU; ``corruption_names("test")`` for all.
 DEFAULT_CORRUPTIONS = (CLEAN, "gaussian_noise", "defocus_blur", "snow", "contrast", "jpeg_compression")
 METHODS = names("method")  # every registered test-time method
 DEFAULT_LRS = {name: REGISTERED[name].default_lr for name in METHODS if name != "noadapt"}
@@ -196,7 +196,7 @@ def clean_predictions(model: nn.Module, images: np.ndarray, batch_size: int) -> 
 
 @dataclass
 class RealNetConfig:
-    """Sizes and settings of a real-network run (defaults: 10.6 minutes on 2 shared CPU cores, 1 thread)."""
+    """Sizes and settings of a real-network run (the defaults are sized for a 2-core CPU)."""
 
     corruptions: tuple[str, ...] = DEFAULT_CORRUPTIONS
     severity: int = 5

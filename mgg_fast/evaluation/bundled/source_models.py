@@ -49,8 +49,8 @@ class SourceConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-# Default recipes, chosen for accuracy within about a minute of 2-core CPU time (ViT: 87% clean
-# test accuracy at lr 1e-3 vs 86% at 2e-3 and 68% at 3e-3; ResNet: 95.5% at 3e-3, 94% at 2e-3).
+# Default recipes: the most accurate of a few learning rates within about a minute of 2-core CPU
+# time (the comparison: bench/RESULTS.md).
 RECIPES: dict[str, dict[str, Any]] = {"vit": {"epochs": 10, "lr": 1e-3}, "resnet": {"epochs": 3, "lr": 3e-3}}
 
 
