@@ -73,8 +73,10 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    finished = False
     try:
         args.run(args)
+        finished = True
     except CLIError as exc:
         print(f"{where}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -97,7 +99,7 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     finally:
         from mgg_fast.tta.data_parallel import close_process_group
 
-        close_process_group()
+        close_process_group(synchronize=finished)
         torch.set_num_threads(threads)
     return 0
 

@@ -57,11 +57,16 @@ def rank_zero_first(active: bool = True) -> Iterator[None]:
             dist.barrier()
 
 
-def close_process_group() -> None:
-    """Leave the default process group, if this process is in one."""
+def close_process_group(synchronize: bool = False) -> None:
+    """Leave the default process group, if this process is in one. With ``synchronize`` (a run
+    that ended well on this rank) the ranks first meet at a barrier, so that no rank tears its
+    connections down while another still works (rank 0 writing the reports); after an error
+    they do not wait for each other."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

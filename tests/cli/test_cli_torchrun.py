@@ -41,6 +41,13 @@ def torchrun(*argv) -> subprocess.CompletedProcess:
         pytest.fail(f"torchrun did not finish within {TIMEOUT_S} s")
 
 
+def why(done: subprocess.CompletedProcess) -> str:
+    """The workers' stderr for a failed assertion: its start (the first error, often a worker's
+    traceback) and its end (the launcher's summary)."""
+    err = done.stderr
+    return err if len(err) <= 6000 else f"{err[:3000]}\n[...]\n{err[-3000:]}"
+
+
 def one_process(capsys, *argv) -> tuple[int, str, str]:
     """The same command in this process (one thread, as each torchrun worker)."""
     threads = torch.get_num_threads()
@@ -64,7 +71,7 @@ def test_torchrun_train_on_two_processes_writes_once(tmp_path):
         "--output", ckpt, "--cache-dir", tmp_path / "cache", "--source-epochs", "1",
         "--source-images", "32", "--device", "cpu", "--no-progress",
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, why(done)
     assert done.stdout.count(f"saved the MGG to {ckpt}") == 1, done.stdout  # rank 0 only
     assert done.stdout.count("meta-training an MGG on 8 images") == 1, done.stdout
     assert sorted(p.name for p in out.iterdir()) == ["mgg.pt"]
@@ -100,7 +107,7 @@ def own_model_args(root, out):
 def test_torchrun_adapt_own_model_matches_one_process_and_writes_once(own_model, tmp_path, capsys):
     dp_out, single_out = tmp_path / "dp", tmp_path / "single"
     done = torchrun(*own_model_args(own_model, dp_out))
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, why(done)
     code, stdout, err = one_process(capsys, *own_model_args(own_model, single_out))
     assert code == 0, err
     table = stdout[stdout.index("\nstream ") : stdout.index("\nResults: ")]
@@ -140,7 +147,7 @@ def test_torchrun_train_own_model_matches_one_process_and_saves_once(own_model, 
     for path in (dp, single):
         path.parent.mkdir()
     done = torchrun(*own_train_args(own_model, dp, 8))
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, why(done)
     assert done.stdout.count(f"saved the MGG to {dp}") == 1, done.stdout  # rank 0 only
     assert sorted(p.name for p in dp.parent.iterdir()) == ["mgg.pt"]
     code, _, err = one_process(capsys, *own_train_args(own_model, single, 8))
@@ -157,7 +164,7 @@ def test_torchrun_train_own_model_uneven_batches_is_one_line(own_model, tmp_path
     done = torchrun(*own_train_args(own_model, out / "mgg.pt", 7))  # batches of 4 and 3
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if " -m mgg_fast train: error:" in line]
-    assert errors and "divide evenly" in errors[0], done.stderr[-3000:]
+    assert errors and "divide evenly" in errors[0], why(done)
     assert not list(out.iterdir())
 
 
@@ -168,9 +175,9 @@ def test_torchrun_adapt_own_model_bad_input_is_one_line(own_model, tmp_path):
     done = torchrun(*argv)
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if " -m mgg_fast adapt: error:" in line]
-    assert errors and "does not fit vit_tiny_patch16_224" in errors[0], done.stderr[-3000:]
+    assert errors and "does not fit vit_tiny_patch16_224" in errors[0], why(done)
     assert "mgg_fast/" not in done.stderr  # no worker traceback (the launcher prints its own)
-    assert re.search(r"exitcode\s*: 2 ", done.stderr), done.stderr[-3000:]  # the usage-error status
+    assert re.search(r"exitcode\s*: 2 ", done.stderr), why(done)  # the usage-error status
     assert not out.exists()
 
 
@@ -191,7 +198,7 @@ def test_torchrun_adapt_bundled_models_on_a_folder_matches_one_process(tmp_path,
         write_images(tmp_path / "digits" / str(digit), 3 + (digit < 2), rng, size=28)  # 11: 4, 4, 3
     MGG().save(tmp_path / "mgg.pt")
     done = torchrun(*bundled_folder_args(tmp_path, tmp_path / "cache"))
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, why(done)
     code, stdout, err = one_process(capsys, *bundled_folder_args(tmp_path, tmp_path / "cache"))
     assert code == 0, err
     assert done.stdout.count("vit on 11 images") == 1, done.stdout
@@ -212,7 +219,7 @@ def bundled_benchmark_args(root, out):
 def test_torchrun_adapt_bundled_benchmark_matches_one_process(tmp_path, capsys):
     MGG().save(tmp_path / "mgg.pt")
     done = torchrun(*bundled_benchmark_args(tmp_path, tmp_path / "dp"))
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, why(done)
     code, _, err = one_process(capsys, *bundled_benchmark_args(tmp_path, tmp_path / "single"))
     assert code == 0, err
     assert done.stdout.count("Results: ") == 1 and done.stdout.count("evaluated in") == 1, done.stdout
