@@ -464,8 +464,11 @@ def test_tuning_runs_on_validation_streams_like_the_test_streams(tmp_path, monke
     cfg = BenchmarkConfig(
         archs=("resnet",), methods=("noadapt", "tent"), **{**TINY, "n_tune": None, "n_test": 12}
     )
-    run_benchmark(cfg, cache_dir=tmp_path / "cache", progress=False)
+    results = run_benchmark(cfg, cache_dir=tmp_path / "cache", progress=False)
     assert seen and all(lengths == [4, 4, 4] * len(TINY["val_corruptions"]) for lengths in seen)
+    written = write_reports(results, tmp_path / "report")
+    header = (tmp_path / "report" / "results.md").read_text().split("\n\n")[2]
+    assert "(12 val images each, as the test streams)" in header and "None" not in header, written
 
 
 def test_headline_keeps_the_corruptions_with_room_and_pairs_on_them():

@@ -42,6 +42,13 @@ def _n_test(cfg: dict[str, Any]) -> str:
     return "all" if cfg["n_test"] is None else str(cfg["n_test"])
 
 
+def _n_tune(cfg: dict[str, Any]) -> str:
+    """Images per validation stream: ``n_tune`` when set, else as many as each test stream."""
+    if cfg.get("n_tune") is not None:
+        return f"{cfg['n_tune']} val images each"
+    return f"{_n_test(cfg)} val images each, as the test streams"
+
+
 def grid_end_note(arch_result: dict[str, Any]) -> str:
     """Which rows chose a learning rate at an end of the lrs they tuned, per setting and end with
     the number of seeds (the best may lie beyond the grid); ``""`` when none did."""
@@ -127,9 +134,7 @@ def format_markdown(results: dict[str, Any]) -> str:
         f"Severity {cfg['severity']}; {len(cfg['corruptions'])} test corruptions × {_n_test(cfg)} images; "
         f"batch {cfg['batch_size']}; loss `{cfg['loss']}` (SAR and EATA: their own filtered entropy); seeds "
         f"{', '.join(map(str, cfg['seeds']))}; learning rates tuned per setting on "
-        f"{', '.join(cfg['val_corruptions'])} ({cfg['n_tune']} val images each); MGG "
-        + mgg
-        + _memory_note(cfg),
+        f"{', '.join(cfg['val_corruptions'])} ({_n_tune(cfg)}); MGG " + mgg + _memory_note(cfg),
         "",
         "Accuracies are online (%), mean ± 95% CI (t-distribution) over seeds: each batch is predicted, "
         "then adapted on. *episodic*: reset before each corruption; *continual*: one stream over all "
