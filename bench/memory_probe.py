@@ -84,7 +84,7 @@ def probe(arch: str, lr: float, n_test: int, carry: bool) -> list[dict[str, floa
                     "b_drift_rms": float((b - b1).pow(2).mean().sqrt()),
                     "m_tilde_abs": float(x_in[:, 0].abs().mean()),
                     "g_tilde_abs": float(x_in[:, 1].abs().mean()),
-                    "eta_mean": float(inner_lr(x_in, w).mean()),
+                    "eta_mean": float(inner_lr(x_in, w).detach().mean()),
                     "u_abs": float(u.abs().mean()),
                     "u_saturated": float((u.abs() > 0.9).float().mean()),
                 }
