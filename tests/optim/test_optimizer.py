@@ -436,3 +436,30 @@ def test_memoryless_mgg_equals_the_mgg_with_its_memory_reset_every_step(backend)
             assert torch.equal(memoryless.state[p][key], reset.state[q][key]), key
     carried = MGGOptimizer([torch.zeros(3, requires_grad=True)], copy.deepcopy(mgg), lr=0.05)
     assert carried.carry_memory and not copy.deepcopy(memoryless).carry_memory
+
+
+def test_auto_falls_back_to_the_reference_where_the_cpu_step_cannot_run(monkeypatch):
+    """Where numba is missing or its kernel does not compile (e.g. a CPU it was never built for),
+    ``backend="auto"`` steps with the reference and gives its numbers; ``backend="cpu"`` says why."""
+    import mgg_fast.kernels.cpu_step as cpu_step
+
+    from mgg_fast.optim.functional import resolve_backend
+
+    mgg = MGG()
+    monkeypatch.setattr(cpu_step, "cpu_step_unavailable_reason", lambda: "ImportError: no numba here")
+    assert resolve_backend("auto", mgg, torch.device("cpu")) == "reference"
+    with pytest.raises(RuntimeError, match="backend='cpu' cannot run here: ImportError: no numba here"):
+        resolve_backend("cpu", mgg, torch.device("cpu"))
+    torch.manual_seed(0)
+    params = [torch.randn(300, requires_grad=True), torch.randn(7, 5, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    auto = MGGOptimizer(params, mgg=mgg, lr=1e-2)
+    ref = MGGOptimizer(twins, mgg=mgg, lr=1e-2, backend="reference")
+    for step in range(3):
+        for group in (params, twins):
+            for i, p in enumerate(group):
+                p.grad = torch.full_like(p, 0.1 * (step + 1)) * (i + 1)
+        auto.step()
+        ref.step()
+    for p, q in zip(params, twins, strict=True):
+        assert torch.equal(p, q)
