@@ -73,6 +73,8 @@ class Method:
 
 
 METHODS: dict[str, Method] = {}
+# The hand-made optimizers of the shared loss: what the MGG is compared with as an optimizer.
+HAND_MADE = ("tent", "adam", "signum")
 
 
 def register(method: Method) -> Method:

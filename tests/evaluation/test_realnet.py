@@ -71,7 +71,16 @@ def test_noadapt_agrees_with_itself_on_clean_crops(tiny_results):
 def test_results_carry_every_seed_and_the_pairs_to_tent(tiny_results, tmp_path):
     summary = tiny_results["summary"]
     assert set(summary["methods"]) == set(real_network.METHODS)
-    assert set(summary["paired"]) == {f"{m}-tent" for m in real_network.METHODS if m != "tent"}
+    assert set(summary["paired"]) == {f"{m}-tent" for m in real_network.METHODS if m != "tent"} | {"mgg-best"}
+    best = summary["paired"]["mgg-best"]
+    for setting in ("episodic", "continual"):  # the hand-made optimizer with the best mean, paired
+        means = {h: summary["methods"][h][setting]["mean"] for h in ("tent", "adam", "signum")}
+        assert best["best"][setting] == max(means, key=means.get)
+        diffs = [
+            r["methods"]["mgg"][setting]["mean"] - r["methods"][best["best"][setting]][setting]["mean"]
+            for r in tiny_results["seeds"]
+        ]
+        assert best[setting]["values"] == pytest.approx(diffs)
     for method, entry in summary["methods"].items():
         per_seed = [r["methods"][method]["episodic"]["mean"] for r in tiny_results["seeds"]]
         assert entry["episodic"]["values"] == pytest.approx(per_seed)
@@ -86,7 +95,8 @@ def test_results_carry_every_seed_and_the_pairs_to_tent(tiny_results, tmp_path):
         "clean",
         "gaussian_noise",
     }
-    assert "| MGG − Tent (SGD) |" in paths["markdown"].read_text()
+    report = paths["markdown"].read_text()
+    assert "| MGG − Tent (SGD) |" in report and "| MGG − best hand-made (" in report
 
 
 def test_missing_weights_package_is_a_clear_error(monkeypatch):

@@ -40,7 +40,6 @@ METHODS = (
 # optimizers of its loss and against itself without memory, NoAdapt and the oracle for the room);
 # SAR, EATA and the BN-statistics row are one --methods all away (they double the demo's time).
 DEMO_METHODS = ("noadapt", "tent", "adam", "signum", "mgg", "mgg-memoryless", "supervised")
-HAND_MADE = ("tent", "adam", "signum")  # the hand-made optimizers of the shared loss
 SETTINGS = ("episodic", "continual", "mixed")
 EATA_D_MARGIN = 0.4  # EATA's redundancy margin on the 10-class scale (ImageNet: 0.05); SHIFT_RESULTS.md
 # SGD's step scales with the gradient (tiny on small models' norm params): a wider, ×10 grid. Adam,

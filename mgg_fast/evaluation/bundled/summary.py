@@ -12,9 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from mgg_fast.evaluation.bundled.config import HAND_MADE
-from mgg_fast.evaluation.stats import aggregate_methods, mean_ci, paired, settings_of
-from mgg_fast.tta.registry import label
+from mgg_fast.evaluation.stats import (
+    against_best,
+    aggregate_methods,
+    best_title,
+    mean_ci,
+)
+from mgg_fast.tta.registry import HAND_MADE, label
 
 ROOM = 0.05  # a corruption counts in the headline when the oracle beats NoAdapt by 5 points
 
@@ -46,27 +50,9 @@ def _mgg_rows(methods: list[str]) -> Iterator[tuple[str, str, str, list[str]]]:
             yield m, name, suffix, hand
 
 
-def best_title(method: str, best: dict[str, str]) -> str:
-    """``MGG − best hand-made (Adam)``, naming the baseline per setting where it differs."""
-    names = {s: label(b.partition("+")[0]) for s, b in best.items()}
-    shown = set(names.values())
-    which = shown.pop() if len(shown) == 1 else "; ".join(f"{s}: {b}" for s, b in names.items())
-    return f"{label(method)} − best hand-made ({which})"
-
-
 def _against_best_hand_made(seed_runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
-    """Per MGG row and setting: the paired difference to the hand-made optimizer of the same loss
-    with the best mean over the seeds (chosen on the test streams, which favours the baseline)."""
-    out = {}
-    for m, _, _, hand in _mgg_rows(methods):
-        entry: dict[str, Any] = {"method": m, "base": "best", "best": {}}
-        for s in settings_of(seed_runs[0]["methods"][m]):
-            best = max(hand, key=lambda h, s=s: np.mean([r["methods"][h][s]["mean"] for r in seed_runs]))
-            entry["best"][s] = best
-            entry[s] = paired(seed_runs, m, best, s)
-        entry["title"] = best_title(m, entry["best"])
-        out[f"{m}-best"] = entry
-    return out
+    """Every MGG row's paired difference to the best hand-made optimizer of its loss."""
+    return {f"{m}-best": against_best(seed_runs, m, hand) for m, _, _, hand in _mgg_rows(methods)}
 
 
 def _headline(seed_runs: list[dict[str, Any]], methods: list[str]) -> dict[str, Any] | None:
