@@ -46,7 +46,8 @@ class MGTTA(nn.Module):
       the rule a saturated MGG approximates.
 
     Args:
-        model: the model to adapt; configured in place (train mode, only norm params trainable).
+        model: the model to adapt; configured in place (norm layers in train mode, the rest in
+            eval mode so dropout stays off; only norm params trainable).
         optimizer: ``"mgg"``, ``"sgd"``, ``"adam"`` or ``"signum"``.
         mgg: the trained MGG (``None``: an untrained ``MGG()``, with a warning). It is never
             modified; if it lives on another device than the model, a copy is moved there.

@@ -72,9 +72,14 @@ class AdaptationConfig:
 def configure_for_adaptation(model: nn.Module) -> AdaptationConfig:
     """Prepare ``model`` for norm-layer adaptation, in place; returns the handle that undoes it.
 
-    Train mode everywhere; ``requires_grad`` only on :func:`select_norm_params`; BatchNorm layers
-    normalise with the test batch's statistics (``track_running_stats=False``, running statistics
-    set to ``None``; the handle keeps the originals). Raises ``ValueError`` without norm params.
+    ``requires_grad`` only on :func:`select_norm_params`; BatchNorm layers normalise with the test
+    batch's statistics (``track_running_stats=False``, running statistics set to ``None``; the
+    handle keeps the originals). The norm layers are in train mode, every other module in eval
+    mode: dropout and stochastic depth stay off, so the predictions and the gradients are those of
+    the deployed model and a seed gives the same numbers every run. (The published Tent and
+    MGTTA code calls ``model.train()``; that differs only on models with dropout or drop-path
+    active, which the published ViT and ResNet are not.) Raises ``ValueError`` without norm
+    params.
     """
     norm_params = {id(p) for _, p in select_norm_params(model)}  # raises before any change
     config = AdaptationConfig(model)
@@ -82,10 +87,11 @@ def configure_for_adaptation(model: nn.Module) -> AdaptationConfig:
         config.training[m] = m.training
     for p in model.parameters():
         config.requires_grad[p] = p.requires_grad
-    model.train()
+    model.eval()
     for p in model.parameters():
         p.requires_grad_(id(p) in norm_params)
     for _, m in _norm_modules(model):
+        m.train()
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             config.batchnorm[m] = (m.track_running_stats, m.running_mean, m.running_var)
             m.track_running_stats = False

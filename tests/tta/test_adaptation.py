@@ -274,7 +274,7 @@ def test_restore_model_undoes_configuration(stats, trained_mgg):
     adapter = adapter_for("resnet", "mgg", stats, trained_mgg)
     model = adapter.model
     bn = model.bn1
-    assert model.training and bn.running_mean is None and not bn.track_running_stats
+    assert bn.training and bn.running_mean is None and not bn.track_running_stats
     assert not model.fc.weight.requires_grad and bn.weight.requires_grad
     adapter(batches(1)[0])
     restored = adapter.restore_model()
@@ -283,6 +283,25 @@ def test_restore_model_undoes_configuration(stats, trained_mgg):
     assert all(torch.equal(v, snapshot(make("resnet"))[k]) for k, v in snapshot(model).items())
     with pytest.raises(RuntimeError, match="restore_model"):
         adapter(batches(1)[0])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "mgg"])
+def test_dropout_stays_off_so_a_seed_gives_the_same_numbers(optimizer, trained_mgg):
+    """Regression: the whole model was put in train mode, so a model with dropout (torchvision's
+    MobileNetV2: p = 0.2) predicted and adapted with random masks and realnet's numbers changed
+    from run to run. Norm layers adapt in train mode; dropout and drop-path stay in eval mode."""
+
+    def run(rng_seed):
+        torch.manual_seed(0)
+        model = nn.Sequential(plain_cnn(), nn.Dropout(0.5), nn.Linear(10, 10))
+        adapter = MGTTA(model, optimizer=optimizer, mgg=trained_mgg if optimizer == "mgg" else None,
+                        lr=1e-2, loss="entropy")  # fmt: skip
+        assert not model[1].training and model[0][1].training and model[0][4].training
+        torch.manual_seed(rng_seed)  # the global RNG differs between the runs
+        return [adapter(x) for x in batches(3)]
+
+    for a, b in zip(run(1), run(2), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_batchnorm_uses_test_batch_statistics():
