@@ -77,6 +77,9 @@ def _updates(entry: dict[str, Any], n_seeds: int) -> str:
     return "–" if u["mean"] is None else f"{u['mean']:.1f} ({u['reached']}/{n_seeds})"
 
 
+SHORT = {"episodic": "epis.", "continual": "cont.", "mixed": "mixed"}  # the lr column's header
+
+
 def _settings(summary: dict[str, Any]) -> list[str]:
     return settings_of(next(iter(summary["methods"].values())))
 
@@ -86,7 +89,7 @@ def summary_header(summary: dict[str, Any]) -> list[str]:
     settings = _settings(summary)
     return [
         "method",
-        "lr " + "/".join(s[:4] + "." for s in settings),
+        "lr " + " / ".join(SHORT.get(s, s) for s in settings),
         *settings,
         *(f"acc@{k}" for k in ACC_AT),
         "updates to Tent",

@@ -91,3 +91,11 @@ def test_a_short_batch_inside_a_stream_does_not_cut_the_curve():
     result = summarize(counts, batch_size=4)
     assert result["curve"] == pytest.approx([(0.5 + 0.75) / 2, (1 / 3 + 0.5) / 2, (1.0 + 1.0) / 2])
     assert summarize({"small": [(1, 3)]}, batch_size=4)["curve"] == []
+
+
+def test_the_lr_column_names_every_setting_in_words():
+    """Regression: the mixed setting's lrs were headed ``mixe.`` (every name cut to 4 letters)."""
+    from mgg_fast.evaluation.report import summary_header
+
+    run = {"episodic": {}, "continual": {}, "mixed": {}}
+    assert summary_header({"methods": {"tent": run}})[1] == "lr epis. / cont. / mixed"
