@@ -45,23 +45,36 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or interpreter_requested()
 
 
+def _kernel_handles(mgg: MGG, kernel: ModuleType) -> bool:
+    """Whether a fused kernel module (its ``SUPPORTED_HEAD_DIMS`` and ``MAX_HIDDEN``) handles
+    this MGG: float32 weights, a supported head dim, a hidden size within its bound."""
+    sizes_ok = mgg.head_dim in kernel.SUPPORTED_HEAD_DIMS and mgg.hidden_size <= kernel.MAX_HIDDEN
+    return mgg.W1.dtype == torch.float32 and sizes_ok
+
+
+def _require_float32(mgg: MGG, step: str) -> None:
+    """The fused steps keep float32 state: a TypeError naming ``step`` for another MGG dtype."""
+    if mgg.W1.dtype != torch.float32:
+        raise TypeError(
+            f"{step} keeps float32 state, the MGG is {mgg.W1.dtype}; use backend='reference' for float64"
+        )
+
+
 def fused_supported(mgg: MGG) -> bool:
     """Whether the fused kernels handle this MGG (float32, head dim 8/16/32, hidden size <= 64);
     ``backend="auto"`` falls back to the reference otherwise."""
-    from mgg_fast.kernels.launch_policy import MAX_HIDDEN, SUPPORTED_HEAD_DIMS
+    from mgg_fast.kernels import launch_policy
 
-    sizes_ok = mgg.head_dim in SUPPORTED_HEAD_DIMS and mgg.hidden_size <= MAX_HIDDEN
-    return mgg.W1.dtype == torch.float32 and sizes_ok
+    return _kernel_handles(mgg, launch_policy)
 
 
 def cpu_supported(mgg: MGG) -> bool:
     """Whether the fused CPU step handles this MGG (float32, head dim 8/16/32, hidden size <= 64)
     and runs here (numba installed, its kernel compiled and checked); ``backend="auto"`` falls
     back to the reference otherwise."""
-    from mgg_fast.kernels.cpu_step import MAX_HIDDEN, SUPPORTED_HEAD_DIMS, cpu_step_available
+    from mgg_fast.kernels import cpu_step
 
-    sizes_ok = mgg.head_dim in SUPPORTED_HEAD_DIMS and mgg.hidden_size <= MAX_HIDDEN
-    return mgg.W1.dtype == torch.float32 and sizes_ok and cpu_step_available()
+    return _kernel_handles(mgg, cpu_step) and cpu_step.cpu_step_available()
 
 
 def resolve_backend(backend: str, mgg: MGG, device: torch.device) -> str:
@@ -75,11 +88,7 @@ def resolve_backend(backend: str, mgg: MGG, device: torch.device) -> str:
 
         if device.type != "cpu":
             raise RuntimeError(f"backend='cpu' steps CPU tensors; parameters are on {device}")
-        if mgg.W1.dtype != torch.float32:
-            raise TypeError(
-                f"the fused CPU step keeps float32 state, the MGG is {mgg.W1.dtype}; "
-                "use backend='reference' for float64"
-            )
+        _require_float32(mgg, "the fused CPU step")
         check_cpu_shape(mgg.num_heads, mgg.head_dim)
         reason = cpu_step_unavailable_reason()
         if reason is not None:
@@ -90,11 +99,7 @@ def resolve_backend(backend: str, mgg: MGG, device: torch.device) -> str:
             raise RuntimeError(
                 f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1); parameters are on {device}"
             )
-        if mgg.W1.dtype != torch.float32:
-            raise TypeError(
-                f"the fused MGG step keeps float32 state, the MGG is {mgg.W1.dtype}; "
-                "use backend='reference' for float64"
-            )
+        _require_float32(mgg, "the fused MGG step")
         from mgg_fast.kernels.memory_layer import check_mgg_shape
 
         check_mgg_shape(mgg.num_heads, mgg.head_dim)

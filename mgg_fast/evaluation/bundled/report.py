@@ -100,8 +100,8 @@ def format_text(results: dict[str, Any]) -> str:
         for table in headline_tables(r["summary"]):
             parts += ["", text_table(*table)]
         parts += ["", text_table(*corruption_rows(r))]
-        if grid_end_note(r):
-            parts += ["", grid_end_note(r)]
+        if note := grid_end_note(r):
+            parts += ["", note]
     return "\n".join(parts)
 
 
@@ -154,8 +154,8 @@ def format_markdown(results: dict[str, Any]) -> str:
             md_table(summary_header(r["summary"]), summary_rows(r)),
             "",
         ]
-        if grid_end_note(r):
-            parts += [grid_end_note(r), ""]
+        if note := grid_end_note(r):
+            parts += [note, ""]
         if r["summary"]["paired"]:
             parts += [md_table(paired_header(r["summary"]), paired_rows(r)), ""]
         head = r["summary"].get("headline")

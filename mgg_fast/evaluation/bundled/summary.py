@@ -12,12 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from mgg_fast.evaluation.stats import (
-    against_best,
-    aggregate_methods,
-    best_title,
-    mean_ci,
-)
+from mgg_fast.evaluation.stats import against_best, aggregate_methods, mean_ci, paired
 from mgg_fast.tta.registry import HAND_MADE, label
 
 ROOM = 0.05  # a corruption counts in the headline when the oracle beats NoAdapt by 5 points
@@ -74,27 +69,20 @@ def _headline(seed_runs: list[dict[str, Any]], methods: list[str]) -> dict[str, 
     }
     kept = [n for n in names if room[n] >= ROOM]
     settings = ("episodic", "continual")
-    values = {  # per method and setting, each seed's mean over the kept corruptions
-        m: {
-            s: [float(np.mean([at(p, m, s, n) for n in kept])) if kept else math.nan for p in per]
-            for s in settings
-        }
-        for m in methods
-    }
-
-    def pair(m: str, base: str, s: str) -> dict[str, Any]:
-        return mean_ci([a - b for a, b in zip(values[m][s], values[base][s], strict=True)])
-
+    # per seed, each method's mean over the kept corruptions: seed runs for the shared statistics
+    runs = [
+        {"methods": {m: {s: {"mean": float(np.mean([at(p, m, s, n) for n in kept])) if kept else math.nan}
+                         for s in settings} for m in methods}}
+        for p in per
+    ]  # fmt: skip
     rows: dict[str, Any] = {}
     for m, name, suffix, hand in _mgg_rows(methods):
-        best = {s: max(hand, key=lambda h, s=s: np.mean(values[h][s])) for s in settings}
-        rows[f"{m}-best"] = {"method": m, "best": best, "title": best_title(m, best)}
-        rows[f"{m}-best"].update({s: pair(m, best[s], s) for s in settings})
+        rows[f"{m}-best"] = against_best(runs, m, hand)
         memoryless = f"{name}-memoryless{suffix}"
-        if memoryless in values:
+        if memoryless in methods:
             rows[f"{m}-{memoryless}"] = {"method": m, "title": f"{label(m)} − {label(memoryless)}"}
-            rows[f"{m}-{memoryless}"].update({s: pair(m, memoryless, s) for s in settings})
-    means = {m: {s: mean_ci(values[m][s]) for s in settings} for m in methods}
+            rows[f"{m}-{memoryless}"].update({s: paired(runs, m, memoryless, s) for s in settings})
+    means = {m: {s: mean_ci([r["methods"][m][s]["mean"] for r in runs]) for s in settings} for m in methods}
     return {"room": room, "kept": kept, "methods": means, "paired": rows}
 
 
