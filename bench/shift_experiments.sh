@@ -24,7 +24,10 @@ ARGS[label-shift]="--regime label-shift --methods $(IFS=,; echo "${ALL[*]}")"
 SEEDS[label-shift]=3
 ARGS[mixed]="--regime mixed --methods $(IFS=,; echo "${ALL[*]}")"
 SEEDS[mixed]=3
-ARGS[beyond]="--regime long --methods noadapt,tent,adam,signum,mgg,mgg-memoryless --recipes demo,episodes,episodes-unroll8"
+# Two candidates beyond the paper on the long streams (the demo recipe's rows there: the long
+# experiment, same seeds), at the middle three lrs of the MGG grid (on the long regime 4e-5 leaves
+# every normalised optimizer at NoAdapt's level and 2.5e-2 and above diverge): 6 MGGs per seed.
+ARGS[beyond]="--regime long --methods noadapt,tent,adam,signum,mgg,supervised --recipes episodes,episodes-unroll8 --mgg-lrs 2e-4,1e-3,5e-3"
 SEEDS[beyond]=3
 # The paper's recipe beside the demo's and K = 4 unrolls, each selected and stopped as documented
 # (per-epoch validation and meta-loss curves in each seed's results.json).

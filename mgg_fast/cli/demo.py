@@ -13,11 +13,12 @@ from mgg_fast.cli.common import (
     check_output_folder,
     common_options,
     list_of,
+    positive_float,
     positive_int,
     resolve_device,
     say,
 )
-from mgg_fast.evaluation.bundled.config import METHODS, RECIPES
+from mgg_fast.evaluation.bundled.config import DEFAULT_GRID, METHODS, RECIPES
 
 
 def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
@@ -63,6 +64,13 @@ def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
         "mgg-memoryless,supervised)",
     )
     p.add_argument(
+        "--mgg-lrs",
+        type=list_of(positive_float),
+        default=None,
+        help="learning rates tuned for the MGG rows, one meta-trained MGG each, e.g. to fit a smaller "
+        f"budget (unset: {','.join(f'{lr:g}' for lr in DEFAULT_GRID['mgg'])})",
+    )
+    p.add_argument(
         "--backend",
         choices=("auto", "reference", "cpu", "triton"),
         default="auto",
@@ -94,6 +102,8 @@ def run(args: argparse.Namespace) -> None:
     if args.dtype is not None:
         cfg.dtype = args.dtype
     cfg.backend = args.backend
+    if args.mgg_lrs:
+        cfg.lr_grid["mgg"] = tuple(args.mgg_lrs)
     if args.methods:
         cfg.methods = METHODS if args.methods == ["all"] else tuple(args.methods)
     cfg.validate()

@@ -227,3 +227,29 @@ def test_raw_pickle_as_mgg_gives_the_error_alone(capsys, tmp_path):
         code, _, err = run_cli(capsys, "adapt", "--mgg", str(tmp_path / "raw.pkl"), "--device", "cpu")
     assert_one_line_error(code, err, "raw.pkl", "not a readable MGG checkpoint")
     assert [str(w.message) for w in caught] == []
+
+
+def test_demo_mgg_lrs_narrow_the_mgg_grid_alone(capsys, tmp_path, monkeypatch):
+    """--mgg-lrs replaces the MGG rows' grid (one meta-trained MGG per lr) and no other grid; a
+    non-positive lr is a one-line error before the run."""
+    import mgg_fast.cli.demo
+    import mgg_fast.evaluation.bundled.benchmark
+    from mgg_fast.evaluation.bundled.config import DEFAULT_GRID
+
+    seen = []
+
+    def fake_run(cfg, **kwargs):
+        seen.append(cfg)
+        return {}
+
+    monkeypatch.setattr(mgg_fast.evaluation.bundled.benchmark, "run_benchmark", fake_run)
+    monkeypatch.setattr(mgg_fast.cli.demo, "report", lambda results, out: None)
+    args = ("demo", "--out", str(tmp_path / "r"), "--device", "cpu", "--no-progress")
+    code, _, _ = run_cli(capsys, *args, "--mgg-lrs", "2e-4,1e-3")
+    assert code == 0
+    (cfg,) = seen
+    assert cfg.grid("mgg") == cfg.grid("mgg-memoryless") == (2e-4, 1e-3)
+    assert cfg.grid("adam") == cfg.grid("signum") == DEFAULT_GRID["adam"]
+    monkeypatch.setattr(mgg_fast.evaluation.bundled.benchmark, "run_benchmark", _must_not_run)
+    code, _, err = run_cli(capsys, *args, "--mgg-lrs", "1e-3,0")
+    assert_one_line_error(code, err, "--mgg-lrs", "expected a positive number, got 0")
