@@ -5,7 +5,8 @@
 #
 #   OUT=bench/shift_runs PARALLEL=2 bash bench/shift_experiments.sh [EXPERIMENT ...]
 #
-# Experiments (all by default): demo, long, small-batch, label-shift, mixed, beyond, recipes. Every run is
+# Experiments (all by default): demo, long, small-batch, label-shift, mixed, beyond, beyond-curriculum,
+# recipes. Every run is
 # the demo command as a user runs it (its default backend: the fused CPU step; float32; one thread).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,11 +30,15 @@ SEEDS[mixed]=3
 # every normalised optimizer at NoAdapt's level and 2.5e-2 and above diverge): 6 MGGs per seed.
 ARGS[beyond]="--regime long --methods noadapt,tent,adam,signum,mgg,supervised --recipes episodes,episodes-unroll8 --mgg-lrs 2e-4,1e-3,5e-3"
 SEEDS[beyond]=3
+# The third candidate, an unroll-length curriculum (K = 1, 2, 4, 8 on the same episodes), run apart
+# (the hand-made rows again: the same seeds give the same numbers).
+ARGS[beyond-curriculum]="--regime long --methods noadapt,tent,adam,signum,mgg,supervised --recipes episodes-curriculum --mgg-lrs 2e-4,1e-3,5e-3"
+SEEDS[beyond-curriculum]=3
 # The paper's recipe beside the demo's and K = 4 unrolls, each selected and stopped as documented
 # (per-epoch validation and meta-loss curves in each seed's results.json).
 ARGS[recipes]="--regime demo --archs resnet --methods noadapt,tent,adam,signum,mgg,mgg-memoryless --recipes demo,published,unroll"
 SEEDS[recipes]=3
-if [ $# -gt 0 ]; then EXPERIMENTS=("$@"); else EXPERIMENTS=(demo long small-batch label-shift mixed beyond recipes); fi
+if [ $# -gt 0 ]; then EXPERIMENTS=("$@"); else EXPERIMENTS=(demo long small-batch label-shift mixed beyond beyond-curriculum recipes); fi
 
 run_one() {  # EXPERIMENT SEED
   local dir="$OUT/$1/seed$2"

@@ -1,6 +1,8 @@
 """The distribution-shift benchmark at a tiny size: data cache, source-model cache, protocol, reports."""
 
 import json
+import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -434,6 +436,63 @@ def test_published_recipe_configuration(tmp_path, monkeypatch):
     assert kwargs["shuffle"] and not kwargs["reset_params"] and kwargs["unroll"] == 1
     assert run["methods"]["mgg-published"]["lr"] == {"episodic": 1e-3, "continual": 1e-3}
     assert "mgg" not in run["methods"] and "mgg-published-tent" in aggregate([run])["paired"]
+
+
+def test_curriculum_recipe_trains_each_window_in_turn_from_the_last_one(tmp_path, monkeypatch):
+    """An unroll-length curriculum: one train_mgg per window, each with K times the epochs and the
+    patience, the first from a fresh MGG and each later one from the MGG the previous kept; the
+    history counts epochs and meta-updates across the stages and names each stage's K."""
+    import mgg_fast.evaluation.bundled.benchmark as shift_benchmark
+    from mgg_fast import MGG
+    from mgg_fast.evaluation.bundled.benchmark import RECIPES
+
+    assert RECIPES["episodes-curriculum"].unrolls == (1, 2, 4, 8) and RECIPES["demo"].unrolls == (1,)
+    calls, made = [], []
+
+    def fake_train(model, batches, *, mgg=None, history=None, **kwargs):
+        calls.append((mgg, kwargs))
+        history += [{"epoch": e, "mean_loss": 1.0, "score": math.nan, "meta_updates": 3 * e} for e in (1, 2)]
+        made.append(MGG())
+        return made[-1]
+
+    monkeypatch.setattr(shift_benchmark, "train_mgg", fake_train)
+    recipe = replace(RECIPES["episodes-curriculum"], unroll=(1, 2, 4))
+    sizes = {**TINY, "meta_epochs": 5}
+    cfg = BenchmarkConfig(archs=("resnet",), recipes=(recipe,), methods=("mgg",), **sizes)
+    run = run_benchmark(cfg, cache_dir=tmp_path, progress=False)["archs"]["resnet"]["seeds"][0]
+    n_lrs = len(cfg.grid("mgg"))
+    assert len(calls) == 3 * n_lrs
+    for stage, (given, kwargs) in enumerate(calls[:3]):
+        k = (1, 2, 4)[stage]
+        assert (kwargs["unroll"], kwargs["epochs"], kwargs["patience"]) == (k, 5 * k, cfg.meta_patience * k)
+        assert given is (None if stage == 0 else made[stage - 1])
+    history = next(iter(run["tuning"]["mgg-episodes-curriculum"]["meta_history"].values()))
+    assert [(h["epoch"], h["meta_updates"], h["unroll"]) for h in history] == [
+        (1, 3, 1), (2, 6, 1), (3, 9, 2), (4, 12, 2), (5, 15, 4), (6, 18, 4)
+    ]  # fmt: skip
+
+
+def test_curriculum_recipe_runs_for_real_at_tiny_size(tmp_path):
+    """The curriculum through the real meta-training: K = 1 for one epoch (4 batches, 4
+    meta-updates), then K = 2 for two epochs (2 meta-updates each), one history."""
+    from mgg_fast.evaluation.bundled.benchmark import RECIPES
+
+    recipe = replace(RECIPES["episodes-curriculum"], n_meta=16, unroll=(1, 2))
+    cfg = BenchmarkConfig(archs=("resnet",), recipes=(recipe,), methods=("mgg",), **TINY)
+    run = run_benchmark(cfg, cache_dir=tmp_path, progress=False)["archs"]["resnet"]["seeds"][0]
+    (history,) = run["tuning"]["mgg-episodes-curriculum"]["meta_history"].values()
+    stages = [(h["epoch"], h["meta_updates"], h["unroll"]) for h in history]
+    assert stages == [(1, 4, 1), (2, 6, 2), (3, 8, 2)]
+    assert all(math.isfinite(h["mean_loss"]) for h in history)
+
+
+@pytest.mark.parametrize("unroll", [0, (), (1, 0), (2.0,)])
+def test_recipe_windows_must_be_positive_ints(unroll):
+    from mgg_fast.evaluation.bundled.benchmark import RECIPES
+
+    cfg = BenchmarkConfig(recipes=(replace(RECIPES["episodes"], unroll=unroll),))
+    with pytest.raises(ValueError, match="unroll must be a positive int or a tuple of them"):
+        cfg.validate()
 
 
 def test_meta_batches_streams():

@@ -230,29 +230,40 @@ def _meta_train(
 ) -> tuple[MGG, list[dict[str, float]]]:
     """One MGG by ``recipe`` with ``loss`` (validation at ``eval_lr`` after each epoch if the recipe
     says so), trained until its meta-loss stops improving; a K-step recipe gets K times the epochs
-    and the patience, so it is judged after as many meta-updates as a one-step recipe."""
+    and the patience, so it is judged after as many meta-updates as a one-step recipe. A
+    curriculum trains each window so in turn, from the MGG the previous one kept (a fresh Adam for
+    each); its history counts epochs and meta-updates across the stages and names each one's K."""
     cfg = ctx.cfg
     history: list[dict[str, float]] = []
     row = Row("mgg", "mgg", loss)
     validate = (lambda m: ctx.validation_scores(row, eval_lr, m)["episodic"]) if recipe.validate else None
     patience = cfg.meta_patience if recipe.patience is None else recipe.patience
-    mgg = train_mgg(
-        copy.deepcopy(ctx.model),
-        batches,
-        epochs=(recipe.epochs or cfg.meta_epochs) * recipe.unroll,
-        mgg_lr=cfg.mgg_lr,
-        adapt_lr=adapt_lr,
-        loss=loss,
-        source_stats=ctx.stats,
-        seed=seed,
-        validate=validate,
-        progress=False,
-        unroll=recipe.unroll,
-        shuffle=recipe.shuffle,
-        reset_params=recipe.reset_params,
-        history=history,
-        patience=patience * recipe.unroll if patience else None,
-    )
+    mgg = None
+    for k in recipe.unrolls:
+        stage: list[dict[str, float]] = []
+        mgg = train_mgg(
+            copy.deepcopy(ctx.model),
+            batches,
+            epochs=(recipe.epochs or cfg.meta_epochs) * k,
+            mgg=mgg,
+            mgg_lr=cfg.mgg_lr,
+            adapt_lr=adapt_lr,
+            loss=loss,
+            source_stats=ctx.stats,
+            seed=seed,
+            validate=validate,
+            progress=False,
+            unroll=k,
+            shuffle=recipe.shuffle,
+            reset_params=recipe.reset_params,
+            history=stage,
+            patience=patience * k if patience else None,
+        )
+        epochs, updates = (history[-1]["epoch"], history[-1]["meta_updates"]) if history else (0, 0)
+        history += [
+            {**h, "epoch": h["epoch"] + epochs, "meta_updates": h["meta_updates"] + updates, "unroll": k}
+            for h in stage
+        ]
     return mgg.to(next(ctx.model.parameters()).device), history
 
 

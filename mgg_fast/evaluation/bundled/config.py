@@ -71,7 +71,9 @@ class MetaRecipe:
     baselines' lrs. ``stream``: ``"round_robin"`` (one batch of each corruption in turn) or
     ``"blocks"`` (consecutive batches of one corruption, then the next: a stream that switches).
     ``patience``: stop once the meta-loss has not improved for that many epochs (``None``: the
-    benchmark's ``meta_patience``; 0: run every epoch).
+    benchmark's ``meta_patience``; 0: run every epoch). ``unroll``: the truncation window K, or a
+    curriculum of windows (e.g. ``(1, 2, 4, 8)``): each trained until its meta-loss stops
+    improving, the next one starting from the MGG the last one kept.
     """
 
     name: str
@@ -80,12 +82,17 @@ class MetaRecipe:
     n_meta: int | None = None
     adapt_lr: float | None = None
     eval_lr: float | None = None
-    unroll: int = 1
+    unroll: int | tuple[int, ...] = 1
     shuffle: bool = False
     validate: bool = False  # per-epoch validation (episodic accuracy on the tuning streams), best kept
     reset_params: bool = True  # False: the norm params drift across epochs (published init_state)
     stream: str = "round_robin"
     patience: int | None = None
+
+    @property
+    def unrolls(self) -> tuple[int, ...]:
+        """The windows in the order they are trained (one for a plain K-step recipe)."""
+        return self.unroll if isinstance(self.unroll, tuple) else (self.unroll,)
 
     @property
     def method(self) -> str:
@@ -113,6 +120,10 @@ RECIPES = {
     # many steps as it is used for; and the same with 8-step unrolls through the memory.
     "episodes": MetaRecipe("episodes", n_meta=2048, stream="blocks"),
     "episodes-unroll8": MetaRecipe("episodes-unroll8", n_meta=2048, unroll=8, stream="blocks"),
+    # and an unroll-length curriculum on the same episodes: K = 1, then 2, 4 and 8.
+    "episodes-curriculum": MetaRecipe(
+        "episodes-curriculum", n_meta=2048, unroll=(1, 2, 4, 8), stream="blocks"
+    ),
 }
 
 
@@ -228,6 +239,10 @@ class BenchmarkConfig:
         for r in recipes:
             if r.stream not in ("round_robin", "blocks"):
                 raise ValueError(f"recipe {r.name!r}: stream must be round_robin or blocks, got {r.stream!r}")
+            if not r.unrolls or any(not isinstance(k, int) or k < 1 for k in r.unrolls):
+                raise ValueError(
+                    f"recipe {r.name!r}: unroll must be a positive int or a tuple of them, got {r.unroll!r}"
+                )
 
     def grid(self, method: str) -> tuple[float, ...]:
         """The learning rates tuned for ``method`` (the MGG's for its memoryless ablation; a

@@ -105,6 +105,11 @@ def format_text(results: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _windows(unroll: int | list[int]) -> str:
+    """A recipe's truncation window, or its curriculum as ``1→2→4→8``."""
+    return "→".join(map(str, unroll)) if isinstance(unroll, list) else str(unroll)
+
+
 def _recipe_note(cfg: dict[str, Any]) -> str:
     notes = []
     for r in cfg["recipes"]:
@@ -114,7 +119,7 @@ def _recipe_note(cfg: dict[str, Any]) -> str:
             f"`{r['name']}`: batch {r['batch_size'] or cfg['batch_size']}, "
             f"{r['epochs'] or cfg['meta_epochs']} epochs over {r['n_meta'] or cfg['n_meta']} images "
             f"({r['stream'].replace('_', '-')}"
-            f"{', shuffled' if r['shuffle'] else ''}), K = {r['unroll']}, {lr}{ev}"
+            f"{', shuffled' if r['shuffle'] else ''}), K = {_windows(r['unroll'])}, {lr}{ev}"
             + (", best epoch on validation" if r["validate"] else "")
             + ("" if r["reset_params"] else ", norm params drift across epochs")
         )
