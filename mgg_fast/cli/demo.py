@@ -21,6 +21,18 @@ from mgg_fast.cli.common import (
 from mgg_fast.evaluation.bundled.config import DEFAULT_GRID, METHODS, RECIPES
 
 
+def method_lrs(text: str) -> tuple[str, tuple[float, ...]]:
+    """``METHOD=LR,LR,...`` → ``(method, lrs)``: a tuned method (the MGG's memoryless row follows
+    ``mgg``) and positive learning rates."""
+    method, sep, lrs = text.partition("=")
+    tuned = [m for m in DEFAULT_GRID if m != "bn-stats"]
+    if not sep or method.strip() not in tuned:
+        raise argparse.ArgumentTypeError(
+            f"expected METHOD=LR,LR,... with METHOD one of {', '.join(tuned)}, got {text!r}"
+        )
+    return method.strip(), tuple(list_of(positive_float)(lrs))
+
+
 def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
     """The ``demo`` subcommand's options."""
     p = sub.add_parser(
@@ -64,11 +76,15 @@ def add_parser(sub: Any, fmt: dict[str, Any]) -> None:
         "mgg-memoryless,supervised)",
     )
     p.add_argument(
-        "--mgg-lrs",
-        type=list_of(positive_float),
-        default=None,
-        help="learning rates tuned for the MGG rows, one meta-trained MGG each, e.g. to fit a smaller "
-        f"budget (unset: {','.join(f'{lr:g}' for lr in DEFAULT_GRID['mgg'])})",
+        "--lrs",
+        type=method_lrs,
+        action="append",
+        default=[],
+        metavar="METHOD=LR,LR,...",
+        help="the learning rates tuned for METHOD instead of its grid (repeatable; the MGG rows: one "
+        "meta-trained MGG per lr), e.g. mgg=2e-4,1e-3 to fit a smaller budget (grids: "
+        + "; ".join(f"{m} {','.join(f'{lr:g}' for lr in DEFAULT_GRID[m])}" for m in ("tent", "adam", "mgg"))
+        + ")",
     )
     p.add_argument(
         "--backend",
@@ -102,8 +118,8 @@ def run(args: argparse.Namespace) -> None:
     if args.dtype is not None:
         cfg.dtype = args.dtype
     cfg.backend = args.backend
-    if args.mgg_lrs:
-        cfg.lr_grid["mgg"] = tuple(args.mgg_lrs)
+    for method, lrs in args.lrs:
+        cfg.lr_grid[method] = lrs
     if args.methods:
         cfg.methods = METHODS if args.methods == ["all"] else tuple(args.methods)
     cfg.validate()

@@ -229,9 +229,10 @@ def test_raw_pickle_as_mgg_gives_the_error_alone(capsys, tmp_path):
     assert [str(w.message) for w in caught] == []
 
 
-def test_demo_mgg_lrs_narrow_the_mgg_grid_alone(capsys, tmp_path, monkeypatch):
-    """--mgg-lrs replaces the MGG rows' grid (one meta-trained MGG per lr) and no other grid; a
-    non-positive lr is a one-line error before the run."""
+def test_demo_lrs_replace_the_named_grids_alone(capsys, tmp_path, monkeypatch):
+    """--lrs METHOD=... replaces that method's grid (mgg: also its memoryless row, one meta-trained
+    MGG per lr) and no other; a non-positive lr or an unknown method is a one-line error before
+    the run."""
     import mgg_fast.cli.demo
     import mgg_fast.evaluation.bundled.benchmark
     from mgg_fast.evaluation.bundled.config import DEFAULT_GRID
@@ -245,11 +246,13 @@ def test_demo_mgg_lrs_narrow_the_mgg_grid_alone(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(mgg_fast.evaluation.bundled.benchmark, "run_benchmark", fake_run)
     monkeypatch.setattr(mgg_fast.cli.demo, "report", lambda results, out: None)
     args = ("demo", "--out", str(tmp_path / "r"), "--device", "cpu", "--no-progress")
-    code, _, _ = run_cli(capsys, *args, "--mgg-lrs", "2e-4,1e-3")
+    code, _, _ = run_cli(capsys, *args, "--lrs", "mgg=2e-4,1e-3", "--lrs", "tent=0.01")
     assert code == 0
     (cfg,) = seen
-    assert cfg.grid("mgg") == cfg.grid("mgg-memoryless") == (2e-4, 1e-3)
+    assert cfg.grid("mgg") == cfg.grid("mgg-memoryless") == (2e-4, 1e-3) and cfg.grid("tent") == (0.01,)
     assert cfg.grid("adam") == cfg.grid("signum") == DEFAULT_GRID["adam"]
     monkeypatch.setattr(mgg_fast.evaluation.bundled.benchmark, "run_benchmark", _must_not_run)
-    code, _, err = run_cli(capsys, *args, "--mgg-lrs", "1e-3,0")
-    assert_one_line_error(code, err, "--mgg-lrs", "expected a positive number, got 0")
+    code, _, err = run_cli(capsys, *args, "--lrs", "mgg=1e-3,0")
+    assert_one_line_error(code, err, "--lrs", "expected a positive number, got 0")
+    code, _, err = run_cli(capsys, *args, "--lrs", "noadapt=1e-3")
+    assert_one_line_error(code, err, "--lrs", "METHOD one of tent,", "'noadapt=1e-3'")
