@@ -486,6 +486,23 @@ def test_curriculum_recipe_runs_for_real_at_tiny_size(tmp_path):
     assert all(math.isfinite(h["mean_loss"]) for h in history)
 
 
+def test_recipe_note_says_how_many_epochs_each_recipe_may_run():
+    """The report's recipe line: the published recipe runs its 40 epochs; the others stop with
+    their meta-loss ("at most"), and K-step windows and curricula get K times the epochs."""
+    from dataclasses import asdict
+
+    from mgg_fast.evaluation.bundled.benchmark import RECIPES
+    from mgg_fast.evaluation.bundled.report import _recipe_note
+
+    names = ("published", "demo", "episodes-curriculum")
+    cfg = {"recipes": json.loads(json.dumps([asdict(RECIPES[n]) for n in names])), "batch_size": 16,
+           "meta_epochs": 40, "n_meta": 256}  # fmt: skip
+    published, demo, curriculum = _recipe_note(cfg).split("; ")
+    assert "batch 2, 40 epochs over 128 images" in published
+    assert "batch 16, at most 40 epochs over 256 images (round-robin), K = 1," in demo
+    assert "at most 40 × K epochs over 2048 images (blocks), K = 1→2→4→8," in curriculum
+
+
 @pytest.mark.parametrize("unroll", [0, (), (1, 0), (2.0,)])
 def test_recipe_windows_must_be_positive_ints(unroll):
     from mgg_fast.evaluation.bundled.benchmark import RECIPES

@@ -115,9 +115,12 @@ def _recipe_note(cfg: dict[str, Any]) -> str:
     for r in cfg["recipes"]:
         lr = "each grid lr (tuned)" if r["adapt_lr"] is None else f"train lr {r['adapt_lr']:g}"
         ev = "" if r["eval_lr"] is None else f", eval lr {r['eval_lr']:g}"
+        most = "" if r["patience"] == 0 else "at most "  # the others stop when the meta-loss does
+        per_k = "" if r["unroll"] == 1 else " × K"  # K-step windows get K times the epochs
+        epochs = f"{most}{r['epochs'] or cfg['meta_epochs']}{per_k}"
         notes.append(
             f"`{r['name']}`: batch {r['batch_size'] or cfg['batch_size']}, "
-            f"{r['epochs'] or cfg['meta_epochs']} epochs over {r['n_meta'] or cfg['n_meta']} images "
+            f"{epochs} epochs over {r['n_meta'] or cfg['n_meta']} images "
             f"({r['stream'].replace('_', '-')}"
             f"{', shuffled' if r['shuffle'] else ''}), K = {_windows(r['unroll'])}, {lr}{ev}"
             + (", best epoch on validation" if r["validate"] else "")
