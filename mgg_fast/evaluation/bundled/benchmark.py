@@ -238,7 +238,7 @@ def _meta_train(
     row = Row("mgg", "mgg", loss)
     validate = (lambda m: ctx.validation_scores(row, eval_lr, m)["episodic"]) if recipe.validate else None
     patience = cfg.meta_patience if recipe.patience is None else recipe.patience
-    mgg = None
+    mgg: MGG | None = None
     for k in recipe.unrolls:
         stage: list[dict[str, float]] = []
         mgg = train_mgg(
