@@ -29,13 +29,14 @@ SEEDS[mixed]=3
 # experiment, same seeds), at the middle three lrs of the MGG grid (on the long regime 4e-5 leaves
 # every normalised optimizer at NoAdapt's level and at 2.5e-2 and above the MGGs lose 3-48 points on
 # validation): 6 MGGs per seed.
-ARGS[beyond]="--regime long --methods noadapt,tent,adam,signum,mgg,supervised --recipes episodes,episodes-unroll8 --lrs mgg=2e-4,1e-3,5e-3"
+BEYOND="--regime long --methods noadapt,tent,adam,signum,mgg,supervised"
+SAME="2e-4,1e-3,5e-3"  # the MGG's three lrs
+ARGS[beyond]="$BEYOND --recipes episodes,episodes-unroll8 --lrs mgg=$SAME"
 SEEDS[beyond]=3
 # The three candidates (the third an unroll-length curriculum, K = 1, 2, 4, 8 on the same
 # episodes) against the hand-made optimizers tuned on the same narrowed grids (Tent: 1e-3 … 1e-1;
 # Adam, sign momentum and the MGG: 2e-4 … 5e-3), so no row can pick the grid's do-nothing end.
-SAME="2e-4,1e-3,5e-3"
-ARGS[beyond-same-grids]="--regime long --methods noadapt,tent,adam,signum,mgg,supervised --recipes episodes,episodes-unroll8,episodes-curriculum --lrs mgg=$SAME --lrs adam=$SAME --lrs signum=$SAME --lrs tent=1e-3,1e-2,1e-1"
+ARGS[beyond-same-grids]="$BEYOND --recipes episodes,episodes-unroll8,episodes-curriculum --lrs mgg=$SAME --lrs adam=$SAME --lrs signum=$SAME --lrs tent=1e-3,1e-2,1e-1"
 SEEDS[beyond-same-grids]=3
 # The paper's recipe beside the demo's and K = 4 unrolls, each selected and stopped as documented
 # (per-epoch validation and meta-loss curves in each seed's results.json).
